@@ -1,0 +1,51 @@
+"""Typed configuration: one schema, YAML presets, `key.sub=value` overrides."""
+
+from pipeline.config.loading import (
+    ConfigError,
+    apply_overrides,
+    config_to_yaml,
+    describe_options,
+    load_config,
+    preset_names,
+    read_preset_or_file,
+    validate,
+)
+from pipeline.config.schema import (
+    AugmentConfig,
+    CheckpointConfig,
+    ClusterConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    ScheduleConfig,
+    StorageConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "AugmentConfig",
+    "CheckpointConfig",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "StorageConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_to_yaml",
+    "describe_options",
+    "load_config",
+    "preset_names",
+    "read_preset_or_file",
+    "validate",
+]

@@ -1,0 +1,227 @@
+"""The one configuration schema: every setting the pipeline reads, with its default and its limits.
+
+Configs are data (big_vision style): a preset YAML plus `key.sub=value` overrides resolve to one `Config`, which is
+validated before any cluster resource is requested and saved beside every checkpoint. Nothing else in the code
+holds a default for something that is configurable here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys and silent type coercions are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Xception and its head (paper section 4; PAPER.md)."""
+
+    name: Literal["xception"] = "xception"
+    num_classes: PositiveInt = 17000
+    fc_layers: list[PositiveInt] = Field(default_factory=list, description="widths of FC layers before the logits")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="before the logistic layer (and after each FC layer)")
+    head_bias: float | Literal["auto"] = Field(
+        "auto", description="initial logit bias; auto = -log(num_classes) for sigmoid loss, 0 for softmax"
+    )
+    width_multiplier: PositiveFloat = Field(1.0, description="scales every channel count; < 1 only for fast tests")
+    middle_blocks: PositiveInt = Field(8, description="middle-flow depth; the paper's model has 8")
+    checkpoint_middle_flow: bool = Field(False, description="activation checkpointing of the middle flow")
+
+
+class AugmentConfig(Section):
+    """Inception-style training augmentation; evaluation uses a center crop."""
+
+    random_resized_crop: bool = True
+    min_area: float = Field(0.08, gt=0.0, le=1.0, description="smallest crop as a fraction of the image area")
+    max_area: float = Field(1.0, gt=0.0, le=1.0)
+    min_aspect: PositiveFloat = 3 / 4
+    max_aspect: PositiveFloat = 4 / 3
+    horizontal_flip: bool = True
+    eval_crop_fraction: float = Field(0.875, gt=0.0, le=1.0, description="center crop before resizing for eval")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        if self.min_area > self.max_area:
+            raise ValueError(f"min_area={self.min_area} must be <= max_area={self.max_area}")
+        if self.min_aspect > self.max_aspect:
+            raise ValueError(f"min_aspect={self.min_aspect} must be <= max_aspect={self.max_aspect}")
+        return self
+
+
+class DataConfig(Section):
+    """Where shards live and how they are streamed (dataset prefixes hold a manifest.json)."""
+
+    train: str | None = Field(None, description="URL of the training dataset prefix (holds manifest.json)")
+    eval: str | None = Field(None, description="URL of the densely labelled evaluation dataset prefix")
+    image_size: int = Field(299, ge=71, description="square input side; 71 is Xception's smallest")
+    loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per training worker")
+    shuffle_buffer: int = Field(1000, ge=0, description="samples held for in-stream shuffling; 0 disables")
+    shuffle_shards: bool = True
+    seed: int = 0
+    decoder: Literal["pil_draft", "simplejpeg"] = "pil_draft"
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail the run above this corrupt fraction")
+    cache_dir: str | None = Field(None, description="local shard cache directory (LRU); None disables")
+    cache_max_gb: PositiveFloat = 50.0
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class StorageConfig(Section):
+    """Object-store access. Credentials come from the standard places (env, AWS profile, instance role), not here."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
+    region: str | None = None
+    profile: str | None = Field(None, description="AWS profile name from ~/.aws/credentials")
+    anonymous: bool = False
+    retries: int = Field(5, ge=0, description="attempts after the first on transient errors")
+    retry_backoff_s: PositiveFloat = 0.5
+
+
+class OptimizerConfig(Section):
+    """RMSprop as TensorFlow defines it (the paper's JFT runs) or SGD with momentum (its ImageNet runs)."""
+
+    name: Literal["rmsprop_tf", "sgd"] = "rmsprop_tf"
+    lr: PositiveFloat = Field(0.001, description="learning rate at reference_batch_size")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    rmsprop_decay: float = Field(0.9, gt=0.0, lt=1.0, description="TF RMSprop 'decay' (rho) of the mean square")
+    epsilon: PositiveFloat = Field(1.0, description="TF RMSprop epsilon, added inside the square root")
+    weight_decay: float = Field(1e-5, ge=0.0, description="L2 coefficient added to the gradient (paper's L2)")
+    grad_clip_norm: PositiveFloat | None = Field(None, description="global grad-norm clip; None disables")
+    reference_batch_size: PositiveInt = Field(256, description="global batch at which lr applies as given")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="how lr scales with global_batch_size / reference_batch_size"
+    )
+
+
+class ScheduleConfig(Section):
+    """Step decay: lr * decay_rate ** floor(progress / decay_every), progress counted in samples or epochs."""
+
+    name: Literal["step", "constant"] = "step"
+    decay_rate: float = Field(0.9, gt=0.0, le=1.0)
+    decay_every: PositiveInt = 3_000_000
+    unit: Literal["samples", "epochs"] = "samples"
+    warmup_samples: int = Field(0, ge=0, description="linear warm-up from 0 over this many samples")
+
+
+class LossConfig(Section):
+    """Per-class sigmoid (multi-label, JFT) or softmax (one label, ImageNet)."""
+
+    name: Literal["sigmoid", "softmax"] = "sigmoid"
+    reduction: Literal["sum_classes_mean_batch", "mean"] = Field(
+        "sum_classes_mean_batch",
+        description="sigmoid only: sum over classes then mean over images (default; gradients do not shrink "
+        "with the class count), or mean over all image x class terms",
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainConfig(Section):
+    """The loop: how many steps, how big, in what precision."""
+
+    global_batch_size: PositiveInt = 256
+    total_steps: PositiveInt = 1000
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast to bfloat16 (CPU or CUDA)")
+    channels_last: bool = False
+    compile: bool = False
+    ema_decay: float | None = Field(0.9999, ge=0.0, lt=1.0, description="Polyak averaging; None disables")
+    ema_warmup: bool = Field(True, description="use min(decay, (1+n)/(10+n)) so early EMA is not stuck at init")
+    log_every: PositiveInt = 10
+    nonfinite: Literal["error", "skip"] = Field("error", description="NaN/Inf loss or grads: stop, or skip+count")
+    seed: int = 0
+
+
+class CheckpointConfig(Section):
+    """Checkpoints under <run>/checkpoints/step-NNNNNNNNN/, published by a LATEST pointer written last."""
+
+    every_steps: PositiveInt = 1000
+    keep_last: PositiveInt = 3
+    keep_every: int = Field(0, ge=0, description="also keep every step divisible by this; 0 = none")
+    background: bool = Field(True, description="upload in a background thread so training does not stall")
+
+
+class EvalConfig(Section):
+    """MAP@K evaluation on the dense held-out set."""
+
+    k: PositiveInt = 100
+    orientation: Literal["class", "image"] = Field(
+        "class", description="rank images per class (the paper's) or classes per image"
+    )
+    class_weights: str = Field(
+        "uniform", description="'uniform', 'train_frequency' (from the classes file), or a URL of a class_id,weight CSV"
+    )
+    weights: Literal["ema", "raw"] = "ema"
+    batch_size: PositiveInt = 64
+    max_images: int | None = Field(None, ge=1, description="evaluate only the first N eval images")
+    poll_seconds: PositiveFloat = 30.0
+    with_training: bool = Field(False, description="launch the checkpoint-watching evaluator alongside training")
+
+
+class ClusterConfig(Section):
+    """Ray Train scaling: one DDP rank per worker."""
+
+    address: str | None = Field(None, description="Ray address; None = RAY_ADDRESS or a local cluster")
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    max_failures: int = Field(3, ge=-1, description="restarts from the last checkpoint; -1 = unlimited")
+
+
+class RunConfig(Section):
+    """Where a run's checkpoints, reports and logs go: <storage>/<name>/."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    storage: str = Field("./runs", description="URL under which the run directory is created")
+
+
+class Config(Section):
+    """Everything a training or evaluation run reads."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        workers = self.cluster.num_workers
+        if self.train.global_batch_size % workers:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} must be divisible by "
+                f"cluster.num_workers={workers} (the global batch is split evenly across DDP ranks)"
+            )
+        if self.loss.name == "softmax" and self.loss.reduction != "mean" and "loss.reduction" in self.model_fields_set:
+            raise ValueError("loss.reduction applies to the sigmoid loss only; softmax always averages over images")
+        if self.cluster.use_gpu and self.cluster.gpus_per_worker == 0:
+            raise ValueError("cluster.use_gpu=true needs cluster.gpus_per_worker > 0")
+        return self
+
+    @property
+    def head_bias(self) -> float:
+        """The initial logit bias, with 'auto' resolved to the class prior -log(C) for the sigmoid loss."""
+        if self.model.head_bias != "auto":
+            return float(self.model.head_bias)
+        return -math.log(self.model.num_classes) if self.loss.name == "sigmoid" else 0.0
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.train.global_batch_size // self.cluster.num_workers
+
+    @property
+    def scaled_lr(self) -> float:
+        """The base learning rate after scaling from reference_batch_size to global_batch_size."""
+        ratio = self.train.global_batch_size / self.optimizer.reference_batch_size
+        scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.optimizer.lr_scaling]
+        return self.optimizer.lr * scale

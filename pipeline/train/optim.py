@@ -1,0 +1,95 @@
+"""Optimizers as the paper ran them: TensorFlow's RMSprop (JFT) and SGD with momentum (ImageNet), with L2.
+
+PyTorch's `torch.optim.RMSprop` is not the paper's optimizer: it adds epsilon outside the square root (1e-8 by
+default) and starts the mean square at zero, so early steps divide by ~|g| and are huge. TensorFlow's
+`RMSPropOptimizer` (Inception V3 recipe: decay 0.9, momentum 0.9, epsilon 1.0) does, per parameter p with
+gradient g:
+
+    ms  <- decay * ms + (1 - decay) * g^2          (ms starts at 1, not 0)
+    mom <- momentum * mom + lr * g / sqrt(ms + epsilon)
+    p   <- p - mom
+
+Note lr sits inside the momentum buffer, as in TF. No library ships this in a form we can depend on (timm's
+`RMSpropTF` is the public reference; timm is not a dependency), so it is written here, and tests check it
+against the update rule written out in numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pipeline.config import Config
+
+
+class RMSpropTF(torch.optim.Optimizer):
+    """TensorFlow-semantics RMSprop with momentum (see module docstring). Weight decay is L2 added to the gradient."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 0.001,
+        decay: float = 0.9,
+        momentum: float = 0.9,
+        epsilon: float = 1.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0 or not 0.0 < decay < 1.0 or not 0.0 <= momentum < 1.0 or epsilon <= 0 or weight_decay < 0:
+            raise ValueError(
+                f"RMSpropTF: need lr >= 0, 0 < decay < 1, 0 <= momentum < 1, epsilon > 0, weight_decay >= 0; got "
+                f"lr={lr}, decay={decay}, momentum={momentum}, epsilon={epsilon}, weight_decay={weight_decay}"
+            )
+        defaults = {"lr": lr, "decay": decay, "momentum": momentum, "epsilon": epsilon, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, decay, momentum = group["lr"], group["decay"], group["momentum"]
+            epsilon, weight_decay = group["epsilon"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                if weight_decay:
+                    grad = grad.add(p.float(), alpha=weight_decay)
+                state = self.state[p]
+                if not state:
+                    state["mean_square"] = torch.ones_like(p, dtype=torch.float32)  # TF initialises ms to 1
+                    state["momentum"] = torch.zeros_like(p, dtype=torch.float32)
+                mean_square, mom = state["mean_square"], state["momentum"]
+                mean_square.mul_(decay).addcmul_(grad, grad, value=1.0 - decay)
+                update = grad.div_(mean_square.add(epsilon).sqrt_())
+                if momentum > 0:
+                    mom.mul_(momentum).add_(update, alpha=lr)
+                    p.sub_(mom.to(p.dtype))
+                else:
+                    p.sub_(update.mul_(lr).to(p.dtype))
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """L2 on conv and dense kernels only; BN scales/offsets and biases are not decayed (as in TF-slim Inception)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    """The optimizer named by `config.optimizer`, at the batch-scaled base learning rate."""
+    opt = config.optimizer
+    groups = param_groups(model, opt.weight_decay)
+    if opt.name == "rmsprop_tf":
+        return RMSpropTF(groups, lr=config.scaled_lr, decay=opt.rmsprop_decay, momentum=opt.momentum,
+                         epsilon=opt.epsilon)
+    # SGD: torch's weight_decay is exactly L2 added to the gradient, and torch's momentum is TF's
+    # MomentumOptimizer up to where lr is applied, which only differs when lr changes mid-run.
+    return torch.optim.SGD(groups, lr=config.scaled_lr, momentum=opt.momentum)

@@ -1,0 +1,103 @@
+"""Configuration: presets load, overrides apply, and every kind of bad input is refused with the key named."""
+
+import math
+
+import pytest
+
+from pipeline.config import ConfigError, config_to_yaml, describe_options, load_config, preset_names, validate
+from pipeline.config.loading import apply_overrides, read_preset_or_file
+
+
+def test_presets_ship_and_load():
+    assert {"demo", "jft_xception", "jft_xception_fc", "imagenet_xception"} <= set(preset_names())
+    for name in preset_names():
+        load_config(name)
+
+
+def test_jft_preset_matches_paper():
+    c = load_config("jft_xception")
+    assert c.optimizer.name == "rmsprop_tf" and c.optimizer.momentum == 0.9 and c.optimizer.lr == 0.001
+    assert c.optimizer.weight_decay == 1e-5 and c.model.dropout == 0.0 and c.loss.name == "sigmoid"
+    assert c.schedule.decay_rate == 0.9 and c.schedule.decay_every == 3_000_000 and c.schedule.unit == "samples"
+    assert c.train.ema_decay is not None and c.model.fc_layers == [] and c.eval.k == 100
+    assert math.isclose(c.head_bias, -math.log(17000))
+    assert load_config("jft_xception_fc").model.fc_layers == [4096, 4096]
+
+
+def test_imagenet_preset_matches_paper():
+    c = load_config("imagenet_xception")
+    assert (c.optimizer.name, c.optimizer.lr, c.optimizer.momentum) == ("sgd", 0.045, 0.9)
+    assert (c.schedule.decay_rate, c.schedule.decay_every, c.schedule.unit) == (0.94, 2, "epochs")
+    assert c.model.dropout == 0.5 and c.loss.name == "softmax" and c.head_bias == 0.0
+
+
+def test_overrides_parse_yaml_values():
+    c = load_config("demo", ["model.fc_layers=[64, 32]", "train.ema_decay=null", "optimizer.lr=0.5",
+                             "data.train=s3://bucket/train", "train.precision=bf16"])
+    assert c.model.fc_layers == [64, 32] and c.train.ema_decay is None and c.optimizer.lr == 0.5
+    assert c.data.train == "s3://bucket/train" and c.train.precision == "bf16"
+
+
+def test_round_trip_through_yaml(tmp_path):
+    c = load_config("jft_xception_fc", ["optimizer.lr_scaling=sqrt"])
+    path = tmp_path / "saved.yaml"
+    path.write_text(config_to_yaml(c))
+    assert load_config(str(path)) == c
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.nope=1"], "unknown config key 'model.nope'; allowed in this section: name, num_classes"),
+        (["nosuch.key=1"], "unknown config section 'nosuch'; allowed here: model, data"),
+        (["model.num_classes=many"], "config key 'model.num_classes' = 'many': Input should be a valid integer"),
+        (["optimizer.name=adam"], "config key 'optimizer.name' = 'adam': must be one of 'rmsprop_tf' or 'sgd'"),
+        (["model.dropout=1.5"], "config key 'model.dropout' = 1.5"),
+        (["train.global_batch_size=0"], "config key 'train.global_batch_size' = 0"),
+        (["train.global_batch_size=33", "cluster.num_workers=2"], "must be divisible by cluster.num_workers=2"),
+        (["data.augment.min_area=0.9", "data.augment.max_area=0.5"], "min_area=0.9 must be <= max_area=0.5"),
+        (["run.name=../escape"], "config key 'run.name'"),
+        (["cluster.use_gpu=true", "cluster.gpus_per_worker=0"], "needs cluster.gpus_per_worker > 0"),
+        (["model.num_classes"], "is not of the form key.sub=value"),
+    ],
+)
+def test_bad_overrides_are_refused_with_the_key_named(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config("demo", overrides)
+    assert expected in str(info.value)
+
+
+def test_bad_yaml_files(tmp_path):
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  num_clases: 10\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.num_clases'"):
+        load_config(str(unknown))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(broken))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(str(scalar))
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_all_problems_reported_at_once():
+    raw = apply_overrides(read_preset_or_file("demo"), ["optimizer.momentum=2", "eval.k=0"])
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    assert "optimizer.momentum" in str(info.value) and "eval.k" in str(info.value)
+
+
+def test_lr_scaling_and_help():
+    c = load_config("demo", ["train.global_batch_size=128", "optimizer.reference_batch_size=32",
+                             "optimizer.lr_scaling=sqrt"])
+    assert math.isclose(c.scaled_lr, 0.001 * 2)
+    c = load_config("demo", ["train.global_batch_size=128", "optimizer.reference_batch_size=32",
+                             "optimizer.lr_scaling=linear"])
+    assert math.isclose(c.scaled_lr, 0.001 * 4)
+    lines = describe_options()
+    assert any(line.startswith("optimizer.epsilon = 1.0") for line in lines)
+    assert any(line.startswith("data.augment.min_area = 0.08") for line in lines)
