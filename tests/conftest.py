@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -32,3 +33,37 @@ def local_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
 def s3_prefix(local_s3: LocalS3) -> str:
     """A fresh, empty prefix `s3://test/<uuid>` on the session's local S3 server (no trailing slash)."""
     return f"s3://test/{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class DemoShards:
+    """A small tiny-variant demo dataset written as shards: train (sparse labels) and eval (dense labels)."""
+
+    train: str
+    eval: str
+    num_classes: int
+
+
+def _write_tiny_demo(root: str) -> DemoShards:
+    from pipeline.data.manifest import read_classes, read_manifest
+    from pipeline.data.shards import ShardOptions, write_demo_shards
+
+    options = ShardOptions(samples_per_shard=40, workers=1, progress=False)
+    train, evaluation = f"{root}/train", f"{root}/eval"
+    write_demo_shards("tiny", "train", 320, 0, train, image_size=80, options=options)
+    manifest = read_manifest(train)
+    write_demo_shards("tiny", "eval", 80, 1, evaluation, image_size=80, options=options,
+                      vocabulary=read_classes(train, manifest))
+    return DemoShards(train=train, eval=evaluation, num_classes=manifest.num_classes)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoShards:
+    """The tiny demo dataset (320 train images in 8 shards, 80 eval images) in a local directory."""
+    return _write_tiny_demo(str(tmp_path_factory.mktemp("tiny-demo")))
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_s3(local_s3: LocalS3) -> DemoShards:
+    """The same tiny demo dataset on the session's local S3 server, under s3://test/tiny-demo."""
+    return _write_tiny_demo(f"s3://test/tiny-demo-{uuid.uuid4().hex[:8]}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.resources
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -50,13 +50,21 @@ def read_preset_or_file(name_or_path: str) -> dict[str, Any]:
     raise ConfigError(f"--config {name_or_path!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file")
 
 
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The section class behind a field annotation (`Section` or `Section | None`), else None."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def _section_fields(model: type[BaseModel], dotted: list[str]) -> tuple[type[BaseModel], str]:
     """Walk `dotted` (all but the leaf) through nested sections; return the leaf's owner and the leaf name."""
     owner = model
     for depth, part in enumerate(dotted[:-1]):
         field = owner.model_fields.get(part)
-        sub = field.annotation if field else None
-        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+        sub = _section(field.annotation) if field else None
+        if sub is None:
             where = ".".join(dotted[: depth + 1])
             raise ConfigError(f"unknown config section '{where}'; allowed here: {', '.join(owner.model_fields)}")
         owner = sub
@@ -90,10 +98,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 def _allowed_keys(loc: tuple[Any, ...]) -> str:
     owner: type[BaseModel] = Config
     for part in loc[:-1]:
-        field = owner.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        sub = _section(owner.model_fields[str(part)].annotation) if str(part) in owner.model_fields else None
+        if sub is None:
             return ""
-        owner = field.annotation
+        owner = sub
     return ", ".join(owner.model_fields)
 
 
@@ -134,8 +142,9 @@ def describe_options(model: type[BaseModel] = Config, prefix: str = "") -> list[
     lines = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            lines += describe_options(field.annotation, f"{key}.")
+        section = _section(field.annotation)
+        if section is not None:
+            lines += describe_options(section, f"{key}.")
             continue
         default = field.get_default(call_default_factory=True)
         note = f"  # {field.description}" if field.description else ""

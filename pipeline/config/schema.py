@@ -54,6 +54,20 @@ class AugmentConfig(Section):
         return self
 
 
+class DemoConfig(Section):
+    """The built-in demo dataset, generated on first use when `data.train` is not set (pipeline.data.demo)."""
+
+    variant: Literal["openmoji", "tiny"] = Field(
+        "openmoji", description="openmoji: real emoji art on photo textures (needs the 'demo' extra); tiny: shapes"
+    )
+    train_images: PositiveInt = 3000
+    eval_images: PositiveInt = 500
+    image_size: int = Field(160, ge=71, description="side of the generated images (crops are data.image_size)")
+    seed: int = 0
+    images_per_shard: PositiveInt = 250
+    location: str = Field("~/.cache/xception-pipeline/demo", description="where the shards are written (any URL)")
+
+
 class DataConfig(Section):
     """Where shards live and how they are streamed (dataset prefixes hold a manifest.json)."""
 
@@ -64,11 +78,19 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(1000, ge=0, description="samples held for in-stream shuffling; 0 disables")
     shuffle_shards: bool = True
     seed: int = 0
-    decoder: Literal["pil_draft", "simplejpeg"] = "pil_draft"
+    decoder: Literal["pil_draft", "simplejpeg"] = Field(
+        "simplejpeg",
+        description="JPEG decoder: simplejpeg scales by any M/8 while decoding (faster at every size in "
+        "tests/benchmarks/input_pipeline.py); pil_draft scales by 1/2, 1/4, 1/8 only",
+    )
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail the run above this corrupt fraction")
+    bad_fraction_min_samples: int = Field(
+        1000, ge=1, description="check max_bad_fraction once a rank has read this many samples (and at epoch ends)"
+    )
     cache_dir: str | None = Field(None, description="local shard cache directory (LRU); None disables")
     cache_max_gb: PositiveFloat = 50.0
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    demo: DemoConfig | None = Field(None, description="generate the demo dataset when data.train is not set")
 
 
 class StorageConfig(Section):
@@ -124,6 +146,7 @@ class TrainConfig(Section):
     """The loop: how many steps, how big, in what precision."""
 
     global_batch_size: PositiveInt = 256
+    micro_batches: PositiveInt = Field(1, description="gradient accumulation: split each rank's batch into this many")
     total_steps: PositiveInt = 1000
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast to bfloat16 (CPU or CUDA)")
     channels_last: bool = False
@@ -132,6 +155,9 @@ class TrainConfig(Section):
     ema_warmup: bool = Field(True, description="use min(decay, (1+n)/(10+n)) so early EMA is not stuck at init")
     log_every: PositiveInt = 10
     nonfinite: Literal["error", "skip"] = Field("error", description="NaN/Inf loss or grads: stop, or skip+count")
+    log_samples: bool = Field(
+        False, description="audit trail: each rank writes the keys it trained on to <run>/samples/ at checkpoints"
+    )
     seed: int = 0
 
 
@@ -202,6 +228,11 @@ class Config(Section):
                 f"train.global_batch_size={self.train.global_batch_size} must be divisible by "
                 f"cluster.num_workers={workers} (the global batch is split evenly across DDP ranks)"
             )
+        if self.per_worker_batch_size % self.train.micro_batches:
+            raise ValueError(
+                f"train.micro_batches={self.train.micro_batches} must divide the per-worker batch "
+                f"{self.per_worker_batch_size} (train.global_batch_size / cluster.num_workers)"
+            )
         if self.loss.name == "softmax" and self.loss.reduction != "mean" and "loss.reduction" in self.model_fields_set:
             raise ValueError("loss.reduction applies to the sigmoid loss only; softmax always averages over images")
         if self.cluster.use_gpu and self.cluster.gpus_per_worker == 0:
@@ -214,6 +245,11 @@ class Config(Section):
         if self.model.head_bias != "auto":
             return float(self.model.head_bias)
         return -math.log(self.model.num_classes) if self.loss.name == "sigmoid" else 0.0
+
+    @property
+    def run_dir(self) -> str:
+        """The run's directory URL: <run.storage>/<run.name> (checkpoints/, reports/, tensorboard/)."""
+        return f"{self.run.storage.rstrip('/')}/{self.run.name}"
 
     @property
     def per_worker_batch_size(self) -> int:

@@ -7,6 +7,7 @@ non-finite check, optional clipping, optimizer, EMA: nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -87,6 +88,9 @@ def train_step(state: TrainState, config: Config, images: torch.Tensor, targets:
                global_batch_size: int | None = None) -> StepResult:
     """One optimizer step on a (per-rank) batch; `global_batch_size` advances the sample counter (default: this batch).
 
+    With `train.micro_batches` = m the batch is processed as m equal chunks whose gradients accumulate (BN
+    statistics are then per chunk, as they are per rank under DDP).
+
     Under DDP the gradients are all-reduced in backward, so the non-finite decision (made on the gradient norm)
     is the same on every rank and no rank is left waiting.
     """
@@ -95,17 +99,21 @@ def train_step(state: TrainState, config: Config, images: torch.Tensor, targets:
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
-    with autocast(config, images.device):
-        logits = model(images)
-    loss = compute_loss(config.loss, logits, targets)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    micro = config.train.micro_batches
+    loss_value = 0.0
+    for index, (x, y) in enumerate(zip(images.chunk(micro), targets.chunk(micro), strict=True)):
+        # Under DDP only the last micro-batch all-reduces; the others accumulate locally.
+        sync = index == micro - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync(), autocast(config, images.device):
+            loss = compute_loss(config.loss, model(x), y) / micro
+        loss.backward()
+        loss_value += float(loss.detach())
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if config.optimizer.grad_clip_norm:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip_norm))
     else:
         grad_norm = float(torch.nn.utils.get_total_norm(grads))
-    loss_value = float(loss.detach())
     # Decided on the all-reduced gradient norm, identical on every rank (a NaN loss anywhere makes it NaN).
     finite = math.isfinite(grad_norm)
     state.step += 1

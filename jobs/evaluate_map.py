@@ -1,0 +1,60 @@
+"""Evaluate a run's checkpoints with MAP@100 on the dense evaluation set and write the reports.
+
+    python jobs/evaluate_map.py --config jft_xception data.eval=s3://bucket/jft/eval \\
+        run.storage=s3://bucket/runs run.name=x1                     # watch: evaluate each new checkpoint
+    python jobs/evaluate_map.py --config jft_xception ... --once       # evaluate what is there, then exit
+    python jobs/evaluate_map.py --checkpoint s3://bucket/runs/x1/checkpoints/step-000100000
+
+Results: <run>/reports/map100.jsonl (one line per checkpoint) and <run>/reports/report.html. A checkpoint already
+in map100.jsonl is not evaluated again, so the evaluator can be restarted at any time. Runs standalone or as its
+own Ray job (`ray job submit --working-dir . -- python jobs/evaluate_map.py ...`); `--workers N` scores the eval
+set in N parallel Ray tasks (GPUs when cluster.use_gpu=true).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from a copy
+
+from pipeline.config import ConfigError, describe_options, load_config, preset_names
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="settings (key = default  # meaning):\n  " + "\n  ".join(describe_options()))
+    parser.add_argument("--config", default="demo", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
+    parser.add_argument("--checkpoint", help="evaluate this one checkpoint URL (its run directory gets the report)")
+    parser.add_argument("--once", action="store_true", help="evaluate the checkpoints present now, then exit")
+    parser.add_argument("--until-step", type=int, help="stop once a checkpoint at or after this step is evaluated")
+    parser.add_argument("--workers", type=int, default=1, help="parallel Ray tasks scoring the eval set")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="settings that replace the preset's")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from pipeline.evaluation.watcher import CheckpointWatcher, run_dir_of
+
+    run_dir = run_dir_of(args.checkpoint) if args.checkpoint else config.run_dir
+    watcher = CheckpointWatcher(run_dir, eval_prefix=config.data.eval, weights=config.eval.weights,
+                                storage=config.storage, workers=args.workers, poll_seconds=config.eval.poll_seconds)
+    evaluations = watcher.run(once=args.once or bool(args.checkpoint), until_step=args.until_step,
+                              only=args.checkpoint)
+    for evaluation in evaluations:
+        print(f"step {evaluation.step}: MAP@{evaluation.result.k} {100 * evaluation.result.map_at_k:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

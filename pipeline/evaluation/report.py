@@ -1,0 +1,162 @@
+"""Reports people read: `reports/map100.jsonl` (one line per checkpoint) and a self-contained `report.html`.
+
+The HTML embeds its PNG plots as data URIs, so the one file can be downloaded from object storage and opened
+anywhere; the PNGs are also written beside it. Plots: MAP@100 vs training samples, per-class AP vs class
+frequency, the best and worst classes, and example eval images with their top predictions vs true labels.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are rendered on cluster nodes
+import matplotlib.pyplot as plt
+import numpy as np
+
+from pipeline.config import StorageConfig
+from pipeline.evaluation.evaluator import Evaluation
+from pipeline.storage import exists, join_url, read_bytes, write_bytes
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "map100.jsonl"
+HTML_FILE = "report.html"
+
+
+def read_records(reports_dir: str, storage: StorageConfig | None = None) -> list[dict[str, Any]]:
+    """Every evaluation recorded so far, in step order (a torn last line from a crash is ignored, with a warning)."""
+    url = join_url(reports_dir, RESULTS_FILE)
+    if not exists(url, storage):
+        return []
+    records = []
+    for number, line in enumerate(read_bytes(url, storage).decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s:%d: unreadable line ignored", url, number)
+    return sorted(records, key=lambda r: r["step"])
+
+
+def append_record(reports_dir: str, record: dict[str, Any], storage: StorageConfig | None = None) -> None:
+    """Rewrite the JSONL with the new line (object stores cannot append; the write is atomic)."""
+    records = [r for r in read_records(reports_dir, storage) if r["step"] != record["step"]] + [record]
+    body = "".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: r["step"]))
+    write_bytes(join_url(reports_dir, RESULTS_FILE), body.encode("utf-8"), storage)
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot_map_curve(records: list[dict[str, Any]], k: int) -> bytes:
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = [r.get("samples_seen") or r["step"] for r in records]
+    for key, label in ((f"map@{k}", f"MAP@{k} (per class, paper)"), (f"image_map@{k}", f"MAP@{k} (per image)")):
+        ax.plot(x, [100 * r.get(key, float("nan")) for r in records], marker="o", label=label)
+    ax.set_xlabel("training samples seen" if records and records[0].get("samples_seen") else "step")
+    ax.set_ylabel("%")
+    ax.set_title(f"MAP@{k} on the evaluation set")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def plot_ap_vs_frequency(ap: np.ndarray, frequency: np.ndarray, valid: np.ndarray, k: int) -> bytes:
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.scatter(np.maximum(frequency[valid], 1), 100 * ap[valid], s=8, alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("class frequency (training labels, log)")
+    ax.set_ylabel(f"AP@{k} (%)")
+    ax.set_title("per-class AP vs how common the class is")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_best_worst(ap: np.ndarray, valid: np.ndarray, names: list[str], k: int, count: int = 10) -> bytes:
+    ids = np.flatnonzero(valid)
+    order = ids[np.argsort(-ap[ids], kind="stable")]
+    best, worst = order[:count], order[::-1][:count]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.3 * count + 1.5))
+    for ax, chosen, title in ((axes[0], best, "best classes"), (axes[1], worst, "worst classes")):
+        ax.barh([names[i][:30] for i in chosen][::-1], (100 * ap[chosen])[::-1])
+        ax.set_title(title)
+        ax.set_xlabel(f"AP@{k} (%)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_examples(examples: list[dict[str, Any]], names: list[str]) -> bytes:
+    cols = max(1, min(4, len(examples)))
+    rows = max(1, -(-len(examples) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, ex in zip(axes.flat, examples, strict=False):
+        ax.imshow(ex["image"])
+        truth = set(ex["labels"])
+        lines = [f"{'+' if c in truth else '-'} {names[c][:22]} {p:.2f}" for c, p in ex["top"][:4]]
+        ax.set_title("\n".join(lines), fontsize=7, loc="left", family="monospace")
+        ax.text(0, -0.02, f"{ex['key']}: {len(truth)} true labels", transform=ax.transAxes, fontsize=7, va="top")
+    fig.suptitle("top predictions (+ = a true label) with probabilities", fontsize=9)
+    return _png(fig)
+
+
+def write_report(reports_dir: str, latest: Evaluation, class_names: list[str], class_frequency: np.ndarray,
+                 storage: StorageConfig | None = None) -> str:
+    """Regenerate the PNGs and `report.html` from all records plus the latest evaluation; returns the HTML URL."""
+    records = read_records(reports_dir, storage)
+    result = latest.result
+    k = result.k
+    ap = result.per_class_ap.cpu().numpy()
+    valid = result.class_valid.cpu().numpy()
+    plots = {
+        "map_curve.png": plot_map_curve(records, k),
+        "ap_vs_frequency.png": plot_ap_vs_frequency(ap, class_frequency, valid, k),
+        "best_worst_classes.png": plot_best_worst(ap, valid, class_names, k),
+    }
+    if latest.examples:
+        plots["examples.png"] = plot_examples(latest.examples, class_names)
+    for name, png in plots.items():
+        write_bytes(join_url(reports_dir, name), png, storage)
+    write_bytes(join_url(reports_dir, HTML_FILE), render_html(records, latest, plots).encode("utf-8"), storage)
+    return join_url(reports_dir, HTML_FILE)
+
+
+def render_html(records: list[dict[str, Any]], latest: Evaluation, plots: dict[str, bytes]) -> str:
+    k = latest.result.k
+    columns = ["step", "samples_seen", f"map@{k}", f"image_map@{k}", f"class_recall@{k}", "precision@1",
+               "precision@5", "num_images", "eval_seconds"]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) and not float(value).is_integer() else html.escape(str(value))
+
+    rows = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in records)
+    images = "".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{html.escape(name)}</figcaption></figure>" for name, png in plots.items())
+    scalars = latest.result.scalars()
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>MAP@{k} report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
+<h1>MAP@{k}: {100 * scalars[f"map@{k}"]:.2f}% at step {latest.step}</h1>
+<p>Checkpoint <code>{html.escape(latest.checkpoint)}</code>; {scalars["num_images"]:.0f} images,
+{scalars["num_classes_with_positives"]:.0f} classes with positives. MAP@{k} ranks the images for each class
+(AP normalised by min({k}, positives), as TensorFlow's <code>average_precision_at_k</code>).</p>
+<table><tr>{head}</tr>{rows}</table>
+{images}
+</body></html>
+"""

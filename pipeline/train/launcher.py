@@ -1,0 +1,121 @@
+"""Launch DDP training on a Ray cluster with Ray Train: one rank per worker, restarts from the last checkpoint.
+
+`launch()` checks everything it can on the submitting machine first (config, manifest, class count, shards vs
+ranks x loader workers), then builds a `TorchTrainer`: `ScalingConfig` from `cluster.*`, gloo on CPUs or NCCL on
+GPUs (Ray Train sets up the process group and `ray.train.torch.get_device()`), `FailureConfig(max_failures)` so a
+lost worker or node restarts the whole group, which then resumes from the run's latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from pipeline.config import Config, validate
+from pipeline.data import check_shard_split, read_manifest
+from pipeline.storage import join_url, read_bytes
+from pipeline.storage.checkpoints import COMMIT, latest_checkpoint
+from pipeline.train.loop import WorkerContext, train
+
+log = logging.getLogger(__name__)
+
+# Non-secret settings forwarded to workers on other nodes; credentials come from each node's own chain
+# (instance role / workload identity / profile), never from the driver's environment.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+
+
+def preflight(config: Config) -> None:
+    """Refuse a launch that cannot work, before any cluster resource is requested."""
+    if config.data.train is None:
+        raise ValueError("data.train is not set: give the URL of a training dataset prefix (holds manifest.json)")
+    manifest = read_manifest(config.data.train, config.storage)
+    if manifest.num_classes != config.model.num_classes:
+        raise ValueError(f"model.num_classes={config.model.num_classes} but the training data at {config.data.train} "
+                         f"has {manifest.num_classes} classes; set model.num_classes={manifest.num_classes}")
+    check_shard_split(manifest, config.cluster.num_workers, config.data.loader_workers)
+
+
+def train_worker(raw_config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker: rank and device from Ray Train's context, then the loop."""
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    context = ray.train.get_context()
+    ctx = WorkerContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
+                        local_rank=context.get_local_rank(), node_rank=context.get_node_rank(),
+                        device=ray.train.torch.get_device())
+    train(validate(raw_config), ctx, report=ray.train.report)
+
+
+def _ray_storage(config: Config) -> dict[str, Any]:
+    """Ray Train's own run storage (`RunConfig.storage_path`), next to our run directory."""
+    storage = config.run.storage
+    if storage.startswith("s3://"):
+        import pyarrow.fs
+
+        kwargs: dict[str, Any] = {"region": config.storage.region or os.environ.get("AWS_REGION", "us-east-1")}
+        endpoint = config.storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host, scheme=scheme)
+        return {"storage_path": storage.removeprefix("s3://") + "/_ray",
+                "storage_filesystem": pyarrow.fs.S3FileSystem(**kwargs)}
+    if "://" in storage and not storage.startswith("file://"):
+        return {"storage_path": f"{storage.rstrip('/')}/_ray"}
+    return {"storage_path": os.path.abspath(os.path.join(storage.removeprefix("file://"), "_ray"))}
+
+
+def prepare(config: Config) -> Config:
+    """The config to launch: the demo dataset generated and filled in when `data.demo` stands in for `data.train`,
+    then every pre-launch check (`preflight`)."""
+    if config.data.train is None and config.data.demo is not None:
+        from pipeline.data.demo.prepare import prepare_demo_data
+
+        config = prepare_demo_data(config)
+    preflight(config)
+    return config
+
+
+def launch(config: Config) -> dict[str, Any]:
+    """Run training on the Ray cluster at `cluster.address` (or RAY_ADDRESS, or a new local one).
+
+    Returns the final metrics of rank 0. Call `prepare` first.
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    preflight(config)
+    if not ray.is_initialized():
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        ray.init(address=config.cluster.address, runtime_env={"env_vars": env} if env else None)
+    cluster = config.cluster
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config.model_dump(mode="json"),
+        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=config.run.name, failure_config=FailureConfig(max_failures=cluster.max_failures),
+                             **_ray_storage(config)),
+    )
+    log.info("training %s on %d worker(s) -> %s", config.run.name, cluster.num_workers, config.run_dir)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return final_metrics(config)
+
+
+def final_metrics(config: Config) -> dict[str, Any]:
+    """The last metrics record of a run, as committed with its latest checkpoint (Ray's own copy may be empty)."""
+    ref = latest_checkpoint(config.run_dir, config.storage)
+    if ref is None:
+        return {}
+    commit = json.loads(read_bytes(join_url(ref.url, COMMIT), config.storage))
+    return {"step": commit["step"], "samples_seen": commit["samples_seen"], **(commit.get("metrics") or {})}

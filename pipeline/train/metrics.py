@@ -1,0 +1,71 @@
+"""Training metrics to three places: a console progress line, Ray Train (`ray.train.report`), TensorBoard.
+
+Only rank 0 writes to the console and TensorBoard; every rank calls the reporter, because Ray Train's report is a
+barrier that all workers must reach the same number of times. TensorBoard event files go straight into
+`<run>/tensorboard/` when the run directory is local; for object storage they are written to a local directory
+and uploaded on `flush()`/`close()` (TensorBoard cannot append to S3 objects).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.storage import join_url, upload_file
+
+log = logging.getLogger(__name__)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+class MetricsWriter:
+    """Writes one record per logging step; `last` holds the latest record (returned by the loop)."""
+
+    def __init__(self, run_dir: str, config: Config, *, enabled: bool, report: Callable[[dict], None] | None) -> None:
+        self.config = config
+        self.enabled = enabled
+        self.report = report
+        self.last: dict | None = None
+        self._remote = None if _is_local(run_dir) else join_url(run_dir, "tensorboard")
+        self._writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            local = (tempfile.mkdtemp(prefix="tensorboard-") if self._remote
+                     else os.path.join(run_dir.removeprefix("file://"), "tensorboard"))
+            self._local_dir = local
+            self._writer = SummaryWriter(local)
+
+    def write(self, record: dict) -> None:
+        self.last = record
+        if self.report is not None:
+            self.report(record)
+        if not self.enabled:
+            return
+        total = self.config.train.total_steps
+        log.info("step %d/%d  loss %.4f  lr %.3g  %.1f samples/s (%.1f per worker)  data wait %.0f%%  skipped %d",
+                 record["step"], total, record["loss"], record["lr"], record["samples_per_s"],
+                 record["samples_per_s_per_worker"], 100 * record["data_wait_fraction"],
+                 int(record.get("data/skipped", 0)))
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float):
+                self._writer.add_scalar(key, value, global_step=record["step"])
+
+    def flush(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.flush()
+        if self._remote:
+            for path in Path(self._local_dir).glob("events.*"):
+                upload_file(str(path), join_url(self._remote, path.name), self.config.storage)
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,260 @@
+"""Input-pipeline benchmark: decode + augment to 299x299 from WebDataset shards on the embedded S3 server.
+
+Compares, on the same shards and the same storage reads, per process and in total:
+  (a) this loader (`pipeline.data.ShardStream`, training mode) with each `data.decoder`;
+  (b) the plain PIL pipeline as open_clip/timm run it: full-size decode, RandomResizedCrop-equivalent crop,
+      bilinear resize, horizontal flip, to a float tensor in [0, 1] (ToTensor);
+  (c) simplejpeg full-size decode only, the cost of merely decompressing every pixel.
+with 1 and 2 processes ((a): DataLoader workers of one rank; (b), (c): independent processes over disjoint shards).
+Rates: samples per CPU-second of the processes doing the work (the per-core cost, robust on a shared machine) and
+total samples per wall-second; each is the best of `--passes` timed passes after a warm-up pass.
+Images: real photos shipped with scikit-image, randomly cropped to 4:3 and resized to ~500x375 and ~1024x768
+(JPEG quality 90); if scikit-image is missing, textured images generated with numpy. Each measurement times a
+second pass (workers started, storage client warm). Goal: (a) >= 2x (b).
+
+    python tests/benchmarks/input_pipeline.py --out benchmark-results/input_pipeline.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 299
+DEFAULT_DECODER = "simplejpeg"  # DataConfig.decoder's default, chosen from this benchmark
+SIZES = {"500x375": (500, 375), "1024x768": (1024, 768)}
+BATCH = 32
+GOAL = 2.0
+
+
+# ------------------------------------------------------------------------------------------------------- images
+
+
+def photo_source() -> tuple[str, list[np.ndarray]]:
+    try:
+        import skimage.data as data
+    except ImportError:
+        rng = np.random.default_rng(0)
+        images = []
+        for _ in range(6):
+            yy, xx = np.mgrid[0:900, 0:1200].astype(np.float32)
+            f = rng.uniform(0.005, 0.05, 3)
+            base = np.stack([np.sin(xx * f[0] + yy * f[1]) * 80 + 128, np.cos(yy * f[2]) * 80 + 128,
+                             (xx + yy) % 256], axis=-1)
+            images.append(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+        return "textured images generated with numpy (scikit-image not installed)", images
+    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina"]
+    return ("photos shipped with scikit-image (" + ", ".join(names) + "), random 4:3 crops resized to the target "
+            "size (1024x768 images from photos smaller than that are upsampled, so they hold less fine detail)",
+            [getattr(data, n)()[..., :3] for n in names])
+
+
+def make_jpeg(photo: np.ndarray, size: tuple[int, int], rng: random.Random) -> bytes:
+    h, w = photo.shape[:2]
+    scale = rng.uniform(0.6, 1.0)
+    cw = min(w, int(min(w, h * 4 / 3) * scale))
+    ch = int(cw * 3 / 4)
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    image = Image.fromarray(photo[top:top + ch, left:left + cw]).resize(size, Image.Resampling.LANCZOS)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def write_dataset(prefix: str, size: tuple[int, int], count: int, shards: int, photos: list[np.ndarray]) -> float:
+    """Shards written with the project's ShardWriter; returns the mean JPEG size in bytes."""
+    from pipeline.data.manifest import ClassInfo
+    from pipeline.data.shards import Sample, ShardOptions, ShardWriter
+
+    rng = random.Random(0)
+    samples = []
+    for n in range(count):
+        labels = sorted(rng.sample(range(100), rng.randint(1, 5)))
+        samples.append(Sample(key=f"img{n:06d}", labels=labels, image=make_jpeg(photos[n % len(photos)], size, rng)))
+    options = ShardOptions(samples_per_shard=-(-count // shards), max_image_side=max(size), workers=1, progress=False)
+    ShardWriter(prefix, [ClassInfo(i, f"c{i}") for i in range(100)], options=options).write(samples)
+    return float(np.mean([len(s.image) for s in samples]))
+
+
+# ---------------------------------------------------------------------------------------------------- baselines
+
+
+def _samples(urls: list[str]):
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from pipeline.storage import open_read
+
+    for url in urls:
+        with open_read(url) as stream:
+            yield from group_by_keys({**f, "__url__": url} for f in tar_file_iterator(stream))
+
+
+def _plain_pil(sample: dict, rng: random.Random) -> object:
+    import torch
+
+    from pipeline.config import AugmentConfig
+    from pipeline.data.decode import random_resized_crop_box
+
+    json.loads(sample["json"])
+    image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")  # full-size decode
+    box = random_resized_crop_box(image.width, image.height, AugmentConfig(), rng)
+    image = image.crop(box).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    # torchvision's ToTensor: copy, HWC -> CHW contiguous, float in [0, 1]
+    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+
+
+def _raw_decode(sample: dict, rng: random.Random) -> object:
+    import simplejpeg
+
+    return simplejpeg.decode_jpeg(sample["jpg"], colorspace="RGB")
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's live child processes, except the S3 server."""
+    tick, me, total = os.sysconf("SC_CLK_TCK"), os.getpid(), 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == me and comm != "weed":
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _baseline_worker(args: tuple[str, list[str], int]) -> list[tuple[int, float, float]]:
+    import torch
+
+    torch.set_num_threads(1)
+    kind, urls, passes = args
+    fn = _plain_pil if kind == "plain_pil" else _raw_decode
+    rng = random.Random(0)
+    for sample in _samples(urls):  # warm-up pass
+        fn(sample, rng)
+    out = []
+    for _ in range(passes):
+        wall, cpu, count = time.perf_counter(), time.process_time(), 0
+        for sample in _samples(urls):
+            fn(sample, rng)
+            count += 1
+        out.append((count, time.perf_counter() - wall, time.process_time() - cpu))
+    return out
+
+
+def run_baseline(kind: str, urls: list[str], processes: int, passes: int) -> dict:
+    parts = [(kind, urls[i::processes], passes) for i in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        results = pool.map(_baseline_worker, parts)
+    wall = [max(c / w for c, w, _ in worker) for worker in results]  # best pass of each process
+    cpu = [max(c / u for c, _, u in worker) for worker in results]
+    return {"samples_per_s": sum(wall), "per_process": float(np.mean(wall)), "per_cpu_s": float(np.mean(cpu))}
+
+
+def run_loader(prefix: str, decoder: str, processes: int, passes: int) -> dict:
+    import torch
+
+    from pipeline.config import DataConfig
+    from pipeline.data import ShardStream
+
+    torch.set_num_threads(1)
+    data = DataConfig(image_size=IMAGE_SIZE, loader_workers=processes, decoder=decoder, shuffle_buffer=64)
+    stream = ShardStream(prefix, data, batch_size=BATCH, rank=0, world_size=1, train=True)
+    per_epoch = stream.batches_per_epoch()
+    iterator = iter(stream)
+    for _ in range(per_epoch):  # warm-up epoch: worker start-up, storage clients
+        next(iterator)
+    wall_rates, cpu_rates = [], []
+    for _ in range(passes):
+        wall, cpu, count = time.perf_counter(), time.process_time() + _children_cpu_s(), 0
+        for _ in range(per_epoch):
+            count += len(next(iterator))
+        wall_rates.append(count / (time.perf_counter() - wall))
+        cpu_rates.append(count / (time.process_time() + _children_cpu_s() - cpu))  # workers + main process
+    del iterator
+    best = max(wall_rates)
+    return {"samples_per_s": best, "per_process": best / processes, "per_cpu_s": max(cpu_rates)}
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmark-results/input_pipeline.json")
+    parser.add_argument("--quick", action="store_true", help="fewer images (noisier numbers)")
+    parser.add_argument("--processes", default="1,2", help="comma-separated process counts")
+    parser.add_argument("--passes", type=int, default=3, help="timed passes per measurement (the best counts)")
+    args = parser.parse_args(argv)
+    counts = {"500x375": 256, "1024x768": 128} if args.quick else {"500x375": 1024, "1024x768": 512}
+    processes = [int(p) for p in args.processes.split(",")]
+
+    from pipeline.data.manifest import read_manifest
+    from pipeline.storage.local_s3 import LocalS3
+
+    source, photos = photo_source()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, LocalS3(Path(tmp), buckets=["bench"]) as server:
+        os.environ.update(server.env())
+        for name, size in SIZES.items():
+            prefix = f"s3://bench/{name}"
+            mean_bytes = write_dataset(prefix, size, counts[name], 8, photos)
+            urls = read_manifest(prefix).shard_urls(prefix)
+            for p in processes:
+                row = {"images": name, "processes": p, "samples": counts[name], "mean_jpeg_bytes": round(mean_bytes)}
+                for decoder in ("pil_draft", "simplejpeg"):
+                    row[f"loader_{decoder}"] = run_loader(prefix, decoder, p, args.passes)
+                row["plain_pil"] = run_baseline("plain_pil", urls, p, args.passes)
+                row["raw_simplejpeg_decode"] = run_baseline("raw_decode", urls, p, args.passes)
+                plain = row["plain_pil"]["per_cpu_s"]
+                row["speedup_vs_plain_pil"] = {d: row[f"loader_{d}"]["per_cpu_s"] / plain
+                                               for d in ("pil_draft", "simplejpeg")}
+                row["goal_met"] = row["speedup_vs_plain_pil"][DEFAULT_DECODER] >= GOAL
+                rows.append(row)
+                print(f"done {name} x{p}", file=sys.stderr, flush=True)
+
+    header = ("images", "procs", "(a) loader pil_draft", "(a) loader simplejpeg", "(b) plain PIL",
+              "(c) raw decode", "a/b pil_draft", "a/b simplejpeg", f"goal a>={GOAL:g}x b")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        def cell(key: str, r: dict = r) -> str:
+            return f"{r[key]['per_cpu_s']:.0f} / {r[key]['samples_per_s']:.0f}"
+        lines.append("| " + " | ".join([
+            r["images"], str(r["processes"]), cell("loader_pil_draft"), cell("loader_simplejpeg"), cell("plain_pil"),
+            cell("raw_simplejpeg_decode"), f"{r['speedup_vs_plain_pil']['pil_draft']:.2f}x",
+            f"{r['speedup_vs_plain_pil']['simplejpeg']:.2f}x", "PASS" if r["goal_met"] else "FAIL"]) + " |")
+    table = "\n".join(lines)
+    print(f"decode + augment to {IMAGE_SIZE}x{IMAGE_SIZE} from S3 shards; cells: samples per CPU-second of the "
+          "processes doing the work (per-core cost) / total samples per wall-second (best of "
+          f"{args.passes} passes). Ratios and the goal use the per-CPU-second rate (default decoder "
+          f"{DEFAULT_DECODER}); wall rates depend on what else runs on the machine.")
+    print(table)
+    result = {"benchmark": "input_pipeline", "image_size": IMAGE_SIZE, "batch_size": BATCH, "images": source,
+              "quick": args.quick, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+              "machine": platform.machine(), "rows": rows, "table": table}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0 if all(r["goal_met"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The real job path: `ray start --head` on 127.0.0.1, then `ray job submit --working-dir . -- python
+jobs/train_multilabel.py ...`, with Ray's token authentication left on (as users run it)."""
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_help_lists_every_option_with_its_default():
+    out = subprocess.run([sys.executable, str(ROOT / "jobs/train_multilabel.py"), "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "optimizer.epsilon = 1.0" in out and "data.demo.variant" in out and "cluster.max_failures = 3" in out
+
+
+def test_bad_config_is_refused_before_any_cluster_work():
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, str(ROOT / "jobs/train_multilabel.py"), "optimizer.nme=sgd"],
+                         capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:9"})
+    assert run.returncode == 2
+    assert "unknown config key 'optimizer.nme'" in run.stderr
+    assert time.perf_counter() - started < 60  # generous: it must not have tried to reach the (absent) cluster
+
+
+def test_ray_job_submit_runs_the_training_job(tiny_demo, tmp_path):
+    ray_bin = Path(sys.executable).with_name("ray")
+    port, dashboard = _free_port(), _free_port()
+    # Token auth stays on; a per-test token (instead of ~/.ray/auth_token) for both the head and the client.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # as an activated venv
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats",
+         f"--temp-dir={ray_tmp}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            probe = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+                                   capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            if head.poll() is not None:
+                pytest.fail(f"ray start --head exited: {head.stdout.read()[-2000:]}")
+            time.sleep(2)
+        else:
+            pytest.fail(f"the Ray dashboard at {address} did not come up: {probe.stderr[-2000:]}")
+        overrides = ["model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71",
+                     "data.loader_workers=1", f"data.train={tiny_demo.train}", f"data.eval={tiny_demo.eval}",
+                     f"model.num_classes={tiny_demo.num_classes}", "train.global_batch_size=8",
+                     "train.total_steps=4", "train.log_every=2", "checkpoint.every_steps=4",
+                     f"run.storage={tmp_path / 'runs'}", "run.name=job", "eval.with_training=true"]
+        submit = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "python", "jobs/train_multilabel.py", "--config", "demo", *overrides],
+            env=env, capture_output=True, text=True, timeout=420)
+        logs = submit.stdout + submit.stderr
+        assert submit.returncode == 0, logs[-4000:]
+        assert "step 2/4" in logs and "step 4/4" in logs, logs[-4000:]
+        assert "training finished at step 4" in logs and "MAP@100" in logs, logs[-4000:]
+        assert (tmp_path / "runs/job/reports/report.html").exists()
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block`, which we started, stops the daemons it started
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,0 +1,320 @@
+"""Shard writing: images + labels -> WebDataset tars, manifest, classes; image rules; resume; S3; the CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import runpy
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.data.manifest import ClassInfo, classes_from_tsv, classes_to_tsv, read_classes, read_manifest
+from pipeline.data.shards import (
+    BadImageError,
+    LabelsFileError,
+    Sample,
+    ShardOptions,
+    ShardWriteError,
+    ShardWriter,
+    prepare_image,
+    read_labels_file,
+    write_folder_shards,
+)
+from pipeline.storage import open_read
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_BYTES = 64 * 1024  # the smallest shard target allowed: several shards from a few dozen small images
+
+
+def _photo(seed: int, width: int, height: int) -> Image.Image:
+    """A photo-like RGB image: smooth colour gradients plus sensor-like noise (compresses like a photo)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    base = np.stack([np.sin(x * rng.uniform(2, 9) + c) * np.cos(y * rng.uniform(2, 9)) for c in (0, 1, 2)], -1)
+    pixels = (base * 90 + 128 + rng.normal(0, 12, (height, width, 3))).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def _encode(image: Image.Image, fmt: str = "JPEG", **kwargs: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kwargs)
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ image rules
+
+
+def test_prepare_image_passes_valid_rgb_jpeg_through_byte_identical() -> None:
+    data = _encode(_photo(0, 120, 90), quality=80)
+    prepared = prepare_image(data, max_image_side=512)
+    assert prepared.jpeg == data and prepared.reencoded is None and (prepared.width, prepared.height) == (120, 90)
+
+
+def test_prepare_image_converts_png_gray_cmyk_rotated_and_oversized_to_rgb_jpeg() -> None:
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 10, 10))  # transparent corner -> white, not black
+    cases = {
+        "png": (_encode(rgba, "PNG"), (40, 30)),
+        "gray": (_encode(_photo(1, 50, 40).convert("L")), (50, 40)),
+        "cmyk": (_encode(_photo(2, 50, 40).convert("CMYK")), (50, 40)),
+        "big": (_encode(_photo(3, 600, 300)), (128, 64)),
+    }
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, displayed rotated 90 degrees clockwise
+    cases["rotated"] = (_encode(_photo(4, 60, 40), exif=exif.tobytes()), (40, 60))
+    for name, (data, size) in cases.items():
+        prepared = prepare_image(data, max_image_side=128, jpeg_quality=85)
+        image = Image.open(io.BytesIO(prepared.jpeg))
+        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", size), name
+        assert prepared.reencoded and (prepared.width, prepared.height) == size, name
+    png = Image.open(io.BytesIO(prepare_image(cases["png"][0]).jpeg))
+    assert min(png.getpixel((2, 2))) > 240 and png.getpixel((30, 20))[0] > 240 > png.getpixel((30, 20))[1] + 100
+
+
+def test_prepare_image_rejects_truncated_and_non_images() -> None:
+    data = _encode(_photo(5, 200, 150))
+    with pytest.raises(BadImageError, match="truncated"):
+        prepare_image(data[: len(data) // 2])
+    with pytest.raises(BadImageError, match="not a readable image"):
+        prepare_image(b"just some text, not a JPEG\n")
+    with pytest.raises(BadImageError, match="empty"):
+        prepare_image(b"")
+
+
+# ----------------------------------------------------------------------------------------------- folder source
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 photo-like JPEGs (pass-through), one each of PNG/gray/CMYK/oversized/rotated, two bad files, labels.csv."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "a").mkdir()
+    (root / "odd").mkdir()
+    rows = ["path,labels,photographer"]
+    names = ["cat", "dog", "tree", "car"]
+    for i in range(30):
+        rel = f"a/img.{i:03d}.jpg" if i % 2 else f"img {i:03d}.jpg"  # dots and spaces must not break keys
+        (root / rel).write_bytes(_encode(_photo(100 + i, 96 + 8 * (i % 5), 72 + 6 * (i % 4)), quality=85))
+        labels = [names[i % 4]] + (["tree"] if i % 3 == 0 else [])
+        rows.append(f'"{rel}",{"|".join(labels)},p{i}')
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    odd = {
+        "odd/logo.png": _encode(Image.new("RGBA", (64, 48), (0, 128, 255, 128)), "PNG"),
+        "odd/gray.jpg": _encode(_photo(7, 80, 60).convert("L")),
+        "odd/cmyk.jpg": _encode(_photo(8, 80, 60).convert("CMYK")),
+        "odd/big.jpg": _encode(_photo(9, 900, 600), quality=90),
+        "odd/rotated.jpg": _encode(_photo(10, 90, 60), exif=exif.tobytes()),
+    }
+    jpeg = _encode(_photo(11, 200, 150))
+    odd["bad/truncated.jpg"] = jpeg[: len(jpeg) // 3]
+    odd["bad/notes.jpg"] = b"this is a text file named .jpg\n"
+    (root / "bad").mkdir()
+    for rel, data in odd.items():
+        (root / rel).write_bytes(data)
+        rows.append(f"{rel},car;dog,someone")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _read_back(prefix: str) -> dict[str, tuple[bytes, dict]]:
+    manifest = read_manifest(prefix)
+    dataset = wds.WebDataset(manifest.shard_urls(prefix), shardshuffle=False)
+    return {s["__key__"]: (s["jpg"], json.loads(s["json"])) for s in dataset}
+
+
+def _files(prefix: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(prefix.iterdir())}
+
+
+def test_folder_to_local_roundtrip(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "train"
+    report = write_folder_shards(str(folder), str(folder / "labels.csv"), str(out),
+                                 options=ShardOptions(max_shard_bytes=MAX_BYTES, workers=1, progress=False))
+    # bad inputs are skipped and reported with their path
+    assert {(Path(b.source).relative_to(folder).as_posix(), b.reason.split(" ")[0]) for b in report.bad} == {
+        ("bad/truncated.jpg", "corrupt"), ("bad/notes.jpg", "not")}
+    assert report.reencoded == {"format": 1, "mode": 2, "downscaled": 1, "exif": 1}
+    manifest = read_manifest(str(out))
+    assert manifest.num_samples == report.samples == 35 and manifest.labels == "sparse" and len(manifest.shards) >= 3
+    for shard in manifest.shards:  # manifest counts and bytes equal the tars; the size target holds
+        path = out / shard.url
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+        assert len(names) == 2 * shard.samples and path.stat().st_size == shard.bytes <= MAX_BYTES
+    assert sum(s.bytes for s in manifest.shards[:-1]) / (len(manifest.shards) - 1) > 0.7 * MAX_BYTES
+
+    classes = read_classes(str(out), manifest)
+    assert [c.name for c in classes] == ["dog", "tree", "car", "cat"]  # 15, 15, 14, 8 in labels.csv
+    names = {c.id: c.name for c in classes}
+    rows = {}
+    for line in (folder / "labels.csv").read_text().splitlines()[1:]:
+        rel, labels, _ = next(csv.reader([line]))
+        rows[rel] = sorted(set(labels.replace(";", "|").split("|")))
+    samples = _read_back(str(out))
+    assert len(samples) == 35
+    counts = {c.name: 0 for c in classes}
+    for key, (jpg, meta) in samples.items():
+        rel = meta["path"]
+        assert "." not in key and sorted(names[i] for i in meta["labels"]) == rows[rel]
+        for i in meta["labels"]:
+            counts[names[i]] += 1
+        image = Image.open(io.BytesIO(jpg))
+        assert image.format == "JPEG" and image.mode == "RGB"
+        if not rel.startswith("odd/"):
+            assert jpg == (folder / rel).read_bytes() and meta["photographer"].startswith("p")
+    assert {c.name: c.train_frequency for c in classes} == counts
+    by_path = {meta["path"]: Image.open(io.BytesIO(jpg)).size for jpg, meta in samples.values()}
+    assert by_path["odd/big.jpg"] == (512, 341) and by_path["odd/rotated.jpg"] == (60, 90)
+
+
+def test_labels_file_formats_and_errors(tmp_path: Path) -> None:
+    csv_file = tmp_path / "plain.csv"
+    csv_file.write_text('x/a.jpg,cat|dog\n"b, c.jpg",dog; bird\n\nd.jpg,\n')
+    records = read_labels_file(str(csv_file))
+    assert [(r.path, r.labels, r.line) for r in records] == [
+        ("x/a.jpg", ["cat", "dog"], 1), ("b, c.jpg", ["dog", "bird"], 2), ("d.jpg", [], 4)]
+    jsonl = tmp_path / "eval.jsonl"
+    jsonl.write_text('{"path": "a.jpg", "labels": ["cat"], "source": "web"}\n\n{"path": "b.jpg", "labels": []}\n')
+    assert [(r.path, r.labels, r.meta, r.line) for r in read_labels_file(str(jsonl))] == [
+        ("a.jpg", ["cat"], {"source": "web"}, 1), ("b.jpg", [], {}, 3)]
+    bad = {
+        "three.csv": ("a.jpg,cat,dog\n", r"three.csv:1: expected 'path,labels'"),
+        "dup.csv": ("a.jpg,cat\nb.jpg,dog\na.jpg,dog\n", r"dup.csv:3: image 'a.jpg' is listed again .*line 1"),
+        "types.jsonl": ('{"path": "a.jpg", "labels": ["x"]}\n{"path": "b.jpg", "labels": [3]}\n', r"types.jsonl:2:"),
+        "broken.jsonl": ('{"path": "a.jpg", "labels": ["x"]}\n{"path": \n', r"broken.jsonl:2: not valid JSON"),
+        "labels.txt": ("a.jpg cat\n", r"labels.txt: unknown labels file type"),
+    }
+    for name, (text, message) in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(LabelsFileError, match=message):
+            read_labels_file(str(tmp_path / name))
+
+
+def test_given_vocabulary_keeps_training_ids_and_names_unknown_classes(folder: Path, tmp_path: Path) -> None:
+    vocab = [ClassInfo(0, "tree", 50, 0.5), ClassInfo(1, "cat", 20), ClassInfo(2, "dog", 10), ClassInfo(3, "bird", 1)]
+    labels = tmp_path / "eval.jsonl"
+    lines = [{"path": f"a/img.{i:03d}.jpg", "labels": ["cat", "tree"] if i % 4 == 1 else ["dog"]} for i in (1, 3, 5)]
+    labels.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "eval"
+    report = write_folder_shards(str(folder), str(labels), str(out), vocabulary=vocab, labels="dense",
+                                 options=ShardOptions(workers=1, progress=False))
+    assert report.samples == 3 and read_manifest(str(out)).labels == "dense"
+    assert (out / "classes.tsv").read_text() == classes_to_tsv(vocab)  # ids, frequencies and weights kept
+    assert {tuple(m["labels"]) for _, m in _read_back(str(out)).values()} == {(0, 1), (2,)}
+
+    labels.write_text(labels.read_text() + json.dumps({"path": "a/img.007.jpg", "labels": ["dog", "zebra"]}) + "\n")
+    with pytest.raises(LabelsFileError, match=r"eval.jsonl:4: unknown class 'zebra'.*4 classes"):
+        write_folder_shards(str(folder), str(labels), str(tmp_path / "eval2"), vocabulary=vocab,
+                            options=ShardOptions(workers=1, progress=False))
+
+
+def test_resume_rewrites_only_missing_shard_and_output_is_deterministic(folder: Path, tmp_path: Path) -> None:
+    labels = str(folder / "labels.csv")
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_folder_shards(str(folder), labels, str(first),
+                        options=ShardOptions(max_shard_bytes=MAX_BYTES, workers=2, progress=False))
+    write_folder_shards(str(folder), labels, str(second),
+                        options=ShardOptions(max_shard_bytes=MAX_BYTES, workers=1, progress=False))
+    expected = _files(first)
+    assert expected == _files(second)  # same bytes whatever the number of worker processes
+
+    (first / "manifest.json").unlink()
+    (first / "shard-000001.tar").unlink()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in first.glob("shard-*.tar")}
+    report = write_folder_shards(str(folder), labels, str(first),
+                                 options=ShardOptions(max_shard_bytes=MAX_BYTES, workers=1, progress=False))
+    assert report.written_shards == [1] and 1 not in report.skipped_shards and len(report.skipped_shards) >= 2
+    assert {p.name: p.stat().st_mtime_ns for p in first.glob("shard-*.tar") if p.name in mtimes} == mtimes
+    assert _files(first) == expected
+
+    with pytest.raises(ShardWriteError, match=r"shard-000000.json: .*other settings"):
+        write_folder_shards(str(folder), labels, str(first),
+                            options=ShardOptions(max_shard_bytes=MAX_BYTES, jpeg_quality=70, workers=1, progress=False))
+
+
+def test_interrupted_source_leaves_only_complete_shards_and_resumes(tmp_path: Path) -> None:
+    images = [(f"s{i:03d}", _encode(_photo(200 + i, 64, 48)), [i % 3]) for i in range(12)]
+    classes = [ClassInfo(i, f"c{i}") for i in range(3)]
+    options = ShardOptions(max_shard_samples=4, workers=1, progress=False)
+
+    def failing():
+        for i, item in enumerate(images):
+            if i == 10:
+                raise ConnectionError("source went away")
+            yield item
+
+    out = tmp_path / "ds"
+    with pytest.raises(ConnectionError):
+        ShardWriter(str(out), classes, options=options).write(failing())
+    assert sorted(p.name for p in out.iterdir()) == [f"shard-00000{i}.{e}" for i in (0, 1) for e in ("json", "tar")]
+    report = ShardWriter(str(out), classes, options=options).write(images)
+    assert report.skipped_shards == [0, 1] and report.written_shards == [2] and report.samples == 12
+    clean = tmp_path / "clean"
+    ShardWriter(str(clean), classes, options=options).write(iter(images))
+    assert _files(out) == _files(clean)
+    grown = [*images, ("s999", images[0][1], [0])]
+    with pytest.raises(ShardWriteError, match=r"shard-000002.json: the input has more items \(next: 's999'\)"):
+        ShardWriter(str(out), classes, options=options).write(grown)
+
+
+def test_iterator_source_to_s3(s3_prefix: str) -> None:
+    classes = [ClassInfo(i, f"class-{i}") for i in range(5)]
+    samples = [Sample(key=f"gen-{i:04d}", labels=[i % 5, (i + 2) % 5], image=_encode(_photo(300 + i, 72, 56)),
+                      meta={"index": i}) for i in range(9)]
+    samples.append(Sample(key="gen-bad", labels=[0], image=b"\xff\xd8\xff not really"))
+    report = ShardWriter(s3_prefix, classes, attribution="test art", labels="dense",
+                         options=ShardOptions(max_shard_samples=4, workers=1, progress=False)).write(iter(samples))
+    assert [b.key for b in report.bad] == ["gen-bad"] and report.samples == 9
+    manifest = read_manifest(s3_prefix)
+    assert [s.samples for s in manifest.shards] == [4, 4, 1] and manifest.attribution == "test art"
+    got = {}
+    for url, shard in zip(manifest.shard_urls(s3_prefix), manifest.shards, strict=True):
+        with open_read(url) as handle:
+            data = handle.read()
+        assert len(data) == shard.bytes
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar.getmembers():
+                got[member.name] = tar.extractfile(member).read()
+    for s in samples[:9]:
+        assert got[f"{s.key}.jpg"] == s.image
+        assert json.loads(got[f"{s.key}.json"]) == {"labels": sorted(s.labels), "index": s.meta["index"]}
+    assert [c.train_frequency for c in read_classes(s3_prefix, manifest)] == [4, 3, 4, 4, 3]
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_folder_and_demo_end_to_end(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    script = str(ROOT / "jobs" / "make_shards.py")
+    out = tmp_path / "cli"
+    run = subprocess.run(
+        [sys.executable, script, "--images", str(folder), "--labels", str(folder / "labels.csv"), "--out", str(out),
+         "--shard-size-mb", "0.0625", "--workers", "1", "--max-image-side", "256", "--no-progress"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    assert "35 samples" in run.stdout and "bad inputs skipped: 2" in run.stdout and "truncated.jpg" in run.stdout
+    assert read_manifest(str(out)).extra["writer"]["max_image_side"] == 256
+
+    demo = tmp_path / "demo"
+    run = subprocess.run(
+        [sys.executable, script, "--demo", "tiny", "--split", "eval", "--count", "5", "--seed", "3", "--out",
+         str(demo), "--workers", "1", "--image-size", "96", "--no-progress"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    manifest = read_manifest(str(demo))
+    assert manifest.num_samples == 5 and manifest.labels == "dense" and manifest.extra["demo"]["seed"] == 3
+    assert len(classes_from_tsv((demo / "classes.tsv").read_text())) == manifest.num_classes
+
+    main = runpy.run_path(script)["main"]  # the error path in-process (a third interpreter start costs seconds)
+    assert main(["--images", str(folder), "--labels", str(tmp_path / "none.csv"), "--out", str(tmp_path / "x")]) == 2
+    assert "none.csv" in capsys.readouterr().err
