@@ -329,6 +329,10 @@ def test_eval_every_sample_once_with_padding(uneven: str) -> None:
     padded = [(b, i) for b in runs[0] + runs[1] for i in range(len(b)) if not b.valid[i]]
     assert len(padded) == 2 * len(runs[0]) * 4 - sum(UNEVEN)
     assert all(b.keys[i] == "" and b.labels(i) == [] and int(b.images[i].max()) == 0 for b, i in padded)
+    # Dataset-wide sample ids (manifest order) identify eval images across ranks; padding is -1.
+    ids = {b.keys[i]: int(b.sample_ids[i]) for b in runs[0] + runs[1] for i in range(len(b)) if b.valid[i]}
+    assert ids == {key: int(key[1:]) for key in seen}
+    assert all(int(b.sample_ids[i]) == -1 for b, i in padded)
     again = [list(s) for s in streams(uneven, 2, batch=4, train=False)]
     assert [[b.keys for b in r] for r in again] == [[b.keys for b in r] for r in runs]  # deterministic order
     many = [list(s) for s in streams(uneven, 7, batch=4, train=False, loader_workers=0)]  # ranks > shards
@@ -359,7 +363,8 @@ def test_to_device_multi_hot_and_normalisation() -> None:
     images[0] = 255
     images[1, :, 0, 0] = 51
     batch = Batch(images=images, label_ids=torch.tensor([1, 3, 0]), label_offsets=torch.tensor([0, 2, 2, 3]),
-                  keys=["a", "b", ""], valid=torch.tensor([True, True, False]), epoch=0, segment=0, slot=0, index=0,
+                  keys=["a", "b", ""], valid=torch.tensor([True, True, False]), sample_ids=torch.tensor([4, 9, -1]),
+                  epoch=0, segment=0, slot=0, index=0,
                   position=3)
     x, y = to_device(batch, "cpu", num_classes=5)
     assert x.dtype == torch.float32 and x.shape == (3, 3, 4, 4)

@@ -148,8 +148,10 @@ class TrainConfig(Section):
     global_batch_size: PositiveInt = 256
     micro_batches: PositiveInt = Field(1, description="gradient accumulation: split each rank's batch into this many")
     total_steps: PositiveInt = 1000
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast to bfloat16 (CPU or CUDA)")
-    channels_last: bool = False
+    precision: Literal["fp32", "bf16"] = Field(
+        "bf16", description="bf16 = autocast to bfloat16 (CPU or CUDA); chosen by tests/benchmarks/train_step.py"
+    )
+    channels_last: bool = Field(True, description="NHWC activations; with bf16 the fastest on CPU (benchmark)")
     compile: bool = False
     ema_decay: float | None = Field(0.9999, ge=0.0, lt=1.0, description="Polyak averaging; None disables")
     ema_warmup: bool = Field(True, description="use min(decay, (1+n)/(10+n)) so early EMA is not stuck at init")

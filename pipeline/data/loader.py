@@ -91,6 +91,7 @@ class Batch:
     label_offsets: torch.Tensor  # int64 (B + 1,): sample i has label_ids[offsets[i]:offsets[i + 1]]
     keys: list[str]  # sample keys ("" for padding)
     valid: torch.Tensor  # bool (B,): False for padding entries (evaluation; never counted)
+    sample_ids: torch.Tensor  # int64 (B,): index in the whole dataset (manifest order); -1 for padding
     epoch: int
     segment: int
     slot: int
@@ -359,11 +360,12 @@ class _BatchBuilder:
         self.ids: list[int] = []
         self.offsets = [0]
         self.keys: list[str] = []
+        self.sample_ids: list[int] = []
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def add(self, image: torch.Tensor | None, labels: list[int], key: str) -> None:
+    def add(self, image: torch.Tensor | None, labels: list[int], key: str, sample_id: int = -1) -> None:
         if image is not None:
             self.images[len(self.keys)] = image
         else:
@@ -371,6 +373,7 @@ class _BatchBuilder:
         self.ids.extend(labels)
         self.offsets.append(len(self.ids))
         self.keys.append(key)
+        self.sample_ids.append(sample_id)
 
     def take(self, valid: int, **where: Any) -> Batch:
         while len(self.keys) < self.size:
@@ -378,7 +381,8 @@ class _BatchBuilder:
         mask = torch.zeros(self.size, dtype=torch.bool)
         mask[:valid] = True
         batch = Batch(self.images, torch.tensor(self.ids, dtype=torch.int64),
-                      torch.tensor(self.offsets, dtype=torch.int64), self.keys, mask, **where)
+                      torch.tensor(self.offsets, dtype=torch.int64), self.keys, mask,
+                      torch.tensor(self.sample_ids, dtype=torch.int64), **where)
         self._new()
         return batch
 
@@ -397,9 +401,13 @@ class _Slot:
         return _ReopeningReader(url, self.spec.storage)  # type: ignore[return-value]
 
     def _samples(self, plan: EpochPlan, slot: int, start: int, count_bad: bool,
-                 tag: str = "") -> Iterator[tuple[int, torch.Tensor, list[int], str]]:
-        """(position, image, labels, key) of the slot's good samples in plan order from `start`."""
+                 tag: str = "") -> Iterator[tuple[int, torch.Tensor, list[int], str, int]]:
+        """(position, image, labels, key, sample id) of the slot's good samples in plan order from `start`.
+
+        The sample id is the sample's index in the whole dataset (manifest shard order), the same on every rank.
+        """
         spec, sp = self.spec, plan.slots[slot]
+        first_id = [0, *itertools.accumulate(spec.counts)]
         wanted: dict[int, set[int] | None] = {}
         offset = 0
         for w, size in enumerate(sp.window_sizes):  # skip what was consumed before `start`: cheap resume
@@ -458,7 +466,7 @@ class _Slot:
                     continue
                 if count_bad:
                     self.tally.good += 1
-                yield position, image, labels, key
+                yield position, image, labels, key, first_id[sp.parts[pi].shard] + k
         finally:
             reader.close()
 
@@ -479,8 +487,8 @@ class _Slot:
 
         if done < quota:
             stream = self._samples(plan, slot, start, count_bad=True)
-            for position, image, labels, key in stream:
-                builder.add(image, labels, key)
+            for position, image, labels, key, sample_id in stream:
+                builder.add(image, labels, key, sample_id)
                 if len(builder) == builder.size:
                     yield batch(builder.size, position + 1)
                     emitted += 1
@@ -512,7 +520,7 @@ class _Slot:
             if got is None:
                 self.tally.padded += builder.size - len(builder)
                 break
-            builder.add(got[1], got[2], got[3])
+            builder.add(got[1], got[2], got[3], got[4])
             self.tally.refilled += 1
 
 

@@ -81,7 +81,7 @@ def score_share(model: torch.nn.Module, config: Config, eval_prefix: str, *, ran
                 continue
             logits = model(images).float()
             keep = valid.nonzero().squeeze(1)
-            ids = torch.tensor([_image_id(batch.keys[i]) for i in keep.tolist()], device=device, dtype=torch.long)
+            ids = batch.sample_ids.to(device)[keep]  # dataset-wide indices: distinct across ranks
             if limit is not None:
                 keep, ids = keep[ids < limit], ids[ids < limit]
             if keep.numel():
@@ -89,14 +89,6 @@ def score_share(model: torch.nn.Module, config: Config, eval_prefix: str, *, ran
                 scored.images += int(keep.numel())
                 _keep_examples(scored, batch, logits, targets, keep)
     return scored
-
-
-def _image_id(key: str) -> int:
-    """Eval images are identified by their index in the dataset, the trailing number of their key."""
-    digits = "".join(ch for ch in key.rsplit("-", 1)[-1] if ch.isdigit())
-    if not digits:
-        raise ValueError(f"eval sample key {key!r} does not end in a number (expected e.g. eval-000123)")
-    return int(digits)
 
 
 def _keep_examples(scored: Scored, batch: Any, logits: torch.Tensor, targets: torch.Tensor,

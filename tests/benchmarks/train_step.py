@@ -44,7 +44,7 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
 
 def run_variant(overrides: list[str], batch_size: int, steps: int, device: torch.device) -> dict:
     config = load_config("jft_xception", ["model.num_classes=1000", f"train.global_batch_size={batch_size}",
-                                          "train.precision=fp32", *overrides])
+                                          "train.precision=fp32", "train.channels_last=false", *overrides])
     state = build_train_state(config, device)
     if config.train.compile:
         state.model = torch.compile(state.model)
