@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import multiprocessing
 import queue
 import random
 import threading
@@ -580,6 +581,15 @@ def _round_robin(quotas: list[int], done: list[int]) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ the stream
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """DataLoader workers start from a fork server, not by forking this process: a plain fork copies the locks
+    held by this process's other threads (fsspec's IO loop, read-ahead threads, logging handlers, Ray's threads)
+    and can deadlock the child, as seen in CI. The server imports this module once, so workers start fast."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["pipeline.data.loader"])
+    return context
+
+
 class ShardStream:
     """One rank's stream of `Batch`es from the dataset at `prefix` (holding manifest.json).
 
@@ -679,7 +689,7 @@ class ShardStream:
             source: Iterator = iter(dataset)
         else:
             source = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
-                                     pin_memory=torch.cuda.is_available()))
+                                     pin_memory=torch.cuda.is_available(), multiprocessing_context=_worker_context()))
         self._enter(self.plan())
         delivered = sum(b for _, b in self._progress.values()) if self.train else 0
         request = time.perf_counter()
