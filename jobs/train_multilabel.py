@@ -18,16 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from a copy
 
-from pipeline.config import ConfigError, describe_options, load_config, preset_names
+from pipeline.config import ConfigError, config_argument_parser, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="settings (key = default  # meaning):\n  " + "\n  ".join(describe_options()))
-    parser.add_argument("--config", default="demo", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
+    parser = config_argument_parser(__doc__)
     parser.add_argument("--no-eval", action="store_true", help="skip the final MAP@K evaluation")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="settings that replace the preset's")
     return parser.parse_args(argv)
 
 

@@ -180,3 +180,20 @@ def test_killed_worker_resumes_from_last_checkpoint_and_keeps_the_loader_promise
     samples = _read_samples(config.run_dir)
     keys = samples[0] + samples[1]
     assert len(keys) == 12 * 8 and len(set(keys)) == len(keys), "every step's samples exactly once in the epoch"
+
+
+def test_evaluator_with_two_ray_workers_counts_each_eval_image_once(two_node_cluster, tiny_demo, tmp_path):
+    from pipeline.evaluation.evaluator import evaluate_checkpoint
+    from pipeline.train.checkpoint import Checkpointer
+
+    config = load_config("demo", ["model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71",
+                                  f"data.train={tiny_demo.train}", f"data.eval={tiny_demo.eval}",
+                                  f"model.num_classes={tiny_demo.num_classes}", f"run.storage={tmp_path}",
+                                  "checkpoint.background=false", "eval.batch_size=16"])
+    saver = Checkpointer(config.run_dir, config)
+    saver.save(1, build_train_state(config).state_dict())
+    url = latest_checkpoint(config.run_dir).url
+    alone, shared = evaluate_checkpoint(url), evaluate_checkpoint(url, workers=2)
+    assert alone.result.num_images == shared.result.num_images == 80
+    assert shared.result.image_ids.tolist() == list(range(80))
+    assert shared.result.map_at_k == pytest.approx(alone.result.map_at_k, abs=1e-6)

@@ -69,3 +69,18 @@ def test_evaluation_scores_every_eval_image_once_and_matches_a_one_shot_computat
     assert abs(evaluation.result.map_at_k - reference.map_at_k) < 1e-6
     record = evaluation.record()
     assert json.loads(json.dumps(record))["step"] == 1
+
+
+def test_evaluate_map_job_evaluates_one_named_checkpoint(tiny_demo, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    config, _ = _checkpoints(tiny_demo, tmp_path)
+    spec = importlib.util.spec_from_file_location("evaluate_map", Path(__file__).parents[1] / "jobs/evaluate_map.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    url = join_url(config.run_dir, "checkpoints", "step-000000002")
+    assert job.main(["--checkpoint", url, f"data.eval={tiny_demo.eval}", "eval.batch_size=16"]) == 0
+    assert "step 2: MAP@100" in capsys.readouterr().out
+    assert [r["step"] for r in read_records(join_url(config.run_dir, "reports"))] == [2]
+    assert job.main(["eval.k=0"]) == 2  # bad config: refused before any work

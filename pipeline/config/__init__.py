@@ -3,6 +3,7 @@
 from pipeline.config.loading import (
     ConfigError,
     apply_overrides,
+    config_argument_parser,
     config_to_yaml,
     describe_options,
     load_config,
@@ -44,6 +45,7 @@ __all__ = [
     "StorageConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_argument_parser",
     "config_to_yaml",
     "describe_options",
     "load_config",

@@ -6,6 +6,7 @@ on the submitting machine before any cluster resource is requested.
 
 from __future__ import annotations
 
+import argparse
 import importlib.resources
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -150,3 +151,14 @@ def describe_options(model: type[BaseModel] = Config, prefix: str = "") -> list[
         note = f"  # {field.description}" if field.description else ""
         lines.append(f"{key} = {default!r}{note}")
     return lines
+
+
+def config_argument_parser(description: str) -> argparse.ArgumentParser:
+    """The command line every job shares: `--config PRESET_OR_YAML` and `key.sub=value` overrides, with every
+    setting and its default listed under --help. Jobs add their own flags to it."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="settings (key = default  # meaning):\n  " + "\n  ".join(describe_options()))
+    parser.add_argument("--config", default="demo", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="settings that replace the preset's")
+    return parser

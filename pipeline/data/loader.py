@@ -45,9 +45,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import random
 import threading
@@ -590,6 +592,14 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def _adopt_environment(environment: dict[str, str], worker_id: int) -> None:
+    """Give a worker this process's current environment (credentials, endpoints), as a fork would: the fork
+    server's own environment is the one it had when it started, possibly before they were set."""
+    del worker_id
+    os.environ.clear()
+    os.environ.update(environment)
+
+
 class ShardStream:
     """One rank's stream of `Batch`es from the dataset at `prefix` (holding manifest.json).
 
@@ -689,7 +699,8 @@ class ShardStream:
             source: Iterator = iter(dataset)
         else:
             source = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
-                                     pin_memory=torch.cuda.is_available(), multiprocessing_context=_worker_context()))
+                                     pin_memory=torch.cuda.is_available(), multiprocessing_context=_worker_context(),
+                                     worker_init_fn=functools.partial(_adopt_environment, dict(os.environ))))
         self._enter(self.plan())
         delivered = sum(b for _, b in self._progress.values()) if self.train else 0
         request = time.perf_counter()
