@@ -323,3 +323,13 @@ def test_local_s3_client_settings(local_s3: LocalS3) -> None:
     local_s3.create_bucket("second-bucket")  # idempotent
     write_bytes("s3://second-bucket/k", b"v")
     assert list_dir("s3://second-bucket") == ["s3://second-bucket/k"]
+
+
+def test_absolute_url_resolves_local_paths_only(monkeypatch, tmp_path):
+    from pipeline.storage import absolute_url
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_url("runs/a") == str(tmp_path / "runs/a")
+    assert absolute_url("file://runs") == f"file://{tmp_path / 'runs'}"
+    assert absolute_url("s3://bucket/runs") == "s3://bucket/runs"
+    assert absolute_url("/already/absolute") == "/already/absolute"

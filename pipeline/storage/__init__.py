@@ -7,6 +7,7 @@ The embedded S3 server for local runs and tests lives in `pipeline.storage.local
 from pipeline.storage.urls import (
     StorageAuthError,
     StorageError,
+    absolute_url,
     exists,
     filesystem,
     join_url,
@@ -22,6 +23,7 @@ from pipeline.storage.urls import (
 __all__ = [
     "StorageAuthError",
     "StorageError",
+    "absolute_url",
     "exists",
     "filesystem",
     "join_url",

@@ -553,3 +553,16 @@ def join_url(base: str, *parts: str) -> str:
             continue
         out = part if not out else (out + part if out.endswith("/") else f"{out}/{part}")
     return out
+
+
+def absolute_url(url: str) -> str:
+    """`url` with a local path made absolute (and `~` expanded); remote URLs unchanged.
+
+    Ray workers run in their own working directories, so a relative path given on the submitting machine must be
+    resolved there, before it is shipped to them.
+    """
+    if url.startswith("file://"):
+        return "file://" + os.path.abspath(os.path.expanduser(url.removeprefix("file://")))
+    if "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))

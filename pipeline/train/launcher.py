@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.config import Config, validate
 from pipeline.data import check_shard_split, read_manifest
-from pipeline.storage import join_url, read_bytes
+from pipeline.storage import absolute_url, join_url, read_bytes
 from pipeline.storage.checkpoints import COMMIT, latest_checkpoint
 from pipeline.train.loop import WorkerContext, train
 
@@ -70,11 +70,18 @@ def _ray_storage(config: Config) -> dict[str, Any]:
 
 def prepare(config: Config) -> Config:
     """The config to launch: the demo dataset generated and filled in when `data.demo` stands in for `data.train`,
-    then every pre-launch check (`preflight`)."""
+    local paths made absolute (Ray workers have their own working directories; a multi-node run needs object
+    storage or a shared filesystem), then every pre-launch check (`preflight`)."""
     if config.data.train is None and config.data.demo is not None:
         from pipeline.data.demo.prepare import prepare_demo_data
 
         config = prepare_demo_data(config)
+    raw = config.model_dump(mode="json")
+    raw["run"]["storage"] = absolute_url(config.run.storage)
+    for split in ("train", "eval"):
+        if raw["data"][split] is not None:
+            raw["data"][split] = absolute_url(raw["data"][split])
+    config = validate(raw)
     preflight(config)
     return config
 
