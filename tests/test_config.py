@@ -93,10 +93,10 @@ def test_all_problems_reported_at_once():
 
 def test_lr_scaling_and_help():
     c = load_config("demo", ["train.global_batch_size=128", "optimizer.reference_batch_size=32",
-                             "optimizer.lr_scaling=sqrt"])
+                             "optimizer.lr_scaling=sqrt", "optimizer.lr=0.001"])
     assert math.isclose(c.scaled_lr, 0.001 * 2)
     c = load_config("demo", ["train.global_batch_size=128", "optimizer.reference_batch_size=32",
-                             "optimizer.lr_scaling=linear"])
+                             "optimizer.lr_scaling=linear", "optimizer.lr=0.001"])
     assert math.isclose(c.scaled_lr, 0.001 * 4)
     lines = describe_options()
     assert any(line.startswith("optimizer.epsilon = 1.0") for line in lines)
