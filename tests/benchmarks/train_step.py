@@ -29,6 +29,7 @@ VARIANTS = {
     "bf16 channels_last": ["train.precision=bf16", "train.channels_last=true"],
     "fp32 compile": ["train.compile=true"],
     "bf16 compile": ["train.precision=bf16", "train.compile=true"],
+    "bf16 channels_last compile": ["train.precision=bf16", "train.channels_last=true", "train.compile=true"],
 }
 
 
@@ -99,13 +100,13 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {train_flops_per_image / 1e9:.1f} GFLOP/image (3 x 2 x MACs)")
     if device.type == "cpu":
         print(f"matmul ceiling: fp32 {rates[False] / 1e9:.0f} GFLOP/s, bf16 {rates[True] / 1e9:.0f} GFLOP/s")
-    print(f"{'variant':<20} {'img/s':>8} {'s/step':>8} {'warm-up s':>10} {'GFLOP/s':>9} {'of matmul':>10} {'loss':>14}")
+    print(f"{'variant':<26} {'img/s':>8} {'s/step':>8} {'warm-up s':>10} {'GFLOP/s':>9} {'of matmul':>10} {'loss':>14}")
     for name, r in rows.items():
         if "error" in r:
-            print(f"{name:<20} {'failed: ' + r['error'][:80]}")
+            print(f"{name:<26} {'failed: ' + r['error'][:80]}")
             continue
         frac = f"{r['fraction_of_matmul']:.1%}" if r["fraction_of_matmul"] is not None else "n/a"
-        print(f"{name:<20} {r['images_per_s']:>8.2f} {r['step_s']:>8.2f} {r['warmup_s']:>10.1f} "
+        print(f"{name:<26} {r['images_per_s']:>8.2f} {r['step_s']:>8.2f} {r['warmup_s']:>10.1f} "
               f"{r['tflops'] * 1e3:>9.1f} {frac:>10} {r['loss_first']:>6.2f}->{r['loss_last']:<6.2f}")
     ok = {k: v for k, v in rows.items() if "error" not in v}
     if ok:
