@@ -101,3 +101,16 @@ def test_interrupted_run_resumes_from_its_last_complete_checkpoint(tiny_demo, tm
     assert resumed["step"] == 6
     assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-4)
     assert exists(join_url(config.run_dir, "checkpoints", "step-000000006", "COMMIT"))
+
+
+def test_prepare_resolves_paths_and_refuses_impossible_launches(tiny_demo, tmp_path, monkeypatch):
+    from pipeline.data import ShardSplitError
+    from pipeline.train.launcher import prepare
+
+    monkeypatch.chdir(tmp_path)
+    ready = prepare(tiny_config(tiny_demo, "relative-runs"))
+    assert ready.run.storage == str(tmp_path / "relative-runs")
+    with pytest.raises(ValueError, match=f"set model.num_classes={tiny_demo.num_classes}"):
+        prepare(tiny_config(tiny_demo, tmp_path, "model.num_classes=7"))
+    with pytest.raises(ShardSplitError, match="8 non-empty shards"):  # 4 ranks x 3 loader workers > 8 shards
+        prepare(tiny_config(tiny_demo, tmp_path, "cluster.num_workers=4", "data.loader_workers=3"))

@@ -125,9 +125,10 @@ def _workers(run_dir: str) -> list[dict]:
 
 def test_two_node_ray_training_streams_from_s3_checkpoints_and_reports(two_node_cluster, tiny_demo_s3, s3_prefix,
                                                                       tmp_path):
-    from pipeline.train.launcher import launch
+    from pipeline.train.launcher import launch, prepare
 
-    config = _ray_config(tiny_demo_s3, s3_prefix, "two-node", "train.total_steps=8", "checkpoint.every_steps=4")
+    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "two-node", "train.total_steps=8",
+                                 "checkpoint.every_steps=4"))
     final = launch(config)
     assert final["step"] == 8 and final["samples_seen"] == 64
     assert latest_checkpoint(config.run_dir).step == 8
@@ -153,10 +154,10 @@ def test_two_node_ray_training_streams_from_s3_checkpoints_and_reports(two_node_
 
 def test_killed_worker_resumes_from_last_checkpoint_and_keeps_the_loader_promise(two_node_cluster, tiny_demo_s3,
                                                                                  s3_prefix):
-    from pipeline.train.launcher import launch
+    from pipeline.train.launcher import launch, prepare
 
-    config = _ray_config(tiny_demo_s3, s3_prefix, "fault", "train.total_steps=12", "checkpoint.every_steps=3",
-                         "checkpoint.background=false", "cluster.max_failures=2")
+    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "fault", "train.total_steps=12",
+                                 "checkpoint.every_steps=3", "checkpoint.background=false", "cluster.max_failures=2"))
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=launch(config)), daemon=True)
     thread.start()

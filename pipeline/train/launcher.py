@@ -89,13 +89,12 @@ def prepare(config: Config) -> Config:
 def launch(config: Config) -> dict[str, Any]:
     """Run training on the Ray cluster at `cluster.address` (or RAY_ADDRESS, or a new local one).
 
-    Returns the final metrics of rank 0. Call `prepare` first.
+    Returns the final metrics of rank 0. `config` must come from `prepare` (absolute paths, checks done).
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    preflight(config)
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         ray.init(address=config.cluster.address, runtime_env={"env_vars": env} if env else None)
