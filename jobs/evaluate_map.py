@@ -5,10 +5,13 @@
     python jobs/evaluate_map.py --config jft_xception ... --once       # evaluate what is there, then exit
     python jobs/evaluate_map.py --checkpoint s3://bucket/runs/x1/checkpoints/step-000100000
 
-Results: <run>/reports/map100.jsonl (one line per checkpoint) and <run>/reports/report.html. A checkpoint already
-in map100.jsonl is not evaluated again, so the evaluator can be restarted at any time. Runs standalone or as its
-own Ray job (`ray job submit --working-dir . -- python jobs/evaluate_map.py ...`); `--workers N` scores the eval
-set in N parallel Ray tasks (GPUs when cluster.use_gpu=true).
+Each checkpoint's model comes from its saved config; how it is evaluated (eval.k, eval.class_weights,
+eval.weights, eval.batch_size, eval.max_images, data.loader_workers, storage.*, cluster.use_gpu, and data.eval
+when given) from this command's config. Results: <run>/reports/map100.jsonl (one line per checkpoint, naming k,
+the class weighting and ema/raw) and <run>/reports/report.html. A checkpoint already in map100.jsonl is not
+evaluated again, so the evaluator can be restarted at any time; run one evaluator per run. Runs standalone or as
+its own Ray job (`ray job submit --working-dir . -- python jobs/evaluate_map.py ...`); `--workers N` scores the
+eval set in N parallel Ray tasks, each asking for 1 CPU, 1 GPU when cluster.use_gpu=true, and eval.resources.
 """
 
 from __future__ import annotations
@@ -43,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.evaluation.watcher import CheckpointWatcher, run_dir_of
 
     run_dir = run_dir_of(args.checkpoint) if args.checkpoint else config.run_dir
-    watcher = CheckpointWatcher(run_dir, eval_prefix=config.data.eval, weights=config.eval.weights,
-                                storage=config.storage, workers=args.workers, poll_seconds=config.eval.poll_seconds)
+    watcher = CheckpointWatcher(run_dir, config, workers=args.workers)
     evaluations = watcher.run(once=args.once or bool(args.checkpoint), until_step=args.until_step,
                               only=args.checkpoint)
     for evaluation in evaluations:

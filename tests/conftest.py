@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
+from pipeline.config import StorageConfig
 from pipeline.storage.local_s3 import LocalS3
 
 # Variables that would make clients bypass the test server's endpoint or credentials.
@@ -67,3 +71,37 @@ def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoShards:
 def tiny_demo_s3(local_s3: LocalS3) -> DemoShards:
     """The same tiny demo dataset on the session's local S3 server, under s3://test/tiny-demo."""
     return _write_tiny_demo(f"s3://test/tiny-demo-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def restartable_s3(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[LocalS3, StorageConfig]]:
+    """A private S3 server (bucket "restart") that the test may stop and start again, with storage options that
+    retry long enough (10 attempts, 0.25 s backoff) to ride out a restart of a second or two."""
+    with LocalS3(tmp_path / "restartable-s3", buckets=["restart"]) as server:
+        for name in _AWS_OVERRIDES:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        yield server, server.storage_config().model_copy(update={"retries": 10, "retry_backoff_s": 0.25})
+
+
+@contextlib.contextmanager
+def restarted_after(server: LocalS3, seconds: float) -> Iterator[None]:
+    """Run the body while a thread starts the (stopped) `server` again `seconds` in; a failed start is re-raised."""
+    errors: list[BaseException] = []
+
+    def restart() -> None:
+        time.sleep(seconds)
+        try:
+            server.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=restart, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if errors:
+        raise errors[0]

@@ -2,13 +2,15 @@
 
 import io
 import json
+import uuid
 
 import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.storage import exists, join_url, read_bytes, write_bytes
+from pipeline.storage import exists, join_url, list_dir, read_bytes, write_bytes
 from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, step_dirs
+from pipeline.train import loop
 from pipeline.train.checkpoint import Checkpointer, load_checkpoint
 from pipeline.train.loop import train
 from pipeline.train.step import build_train_state
@@ -21,6 +23,24 @@ TINY_MODEL = ["model.width_multiplier=0.125", "model.middle_blocks=1", "data.ima
 def tiny_config(demo, run_storage, *extra):
     return load_config("demo", [*TINY_MODEL, f"data.train={demo.train}", f"data.eval={demo.eval}",
                                 f"model.num_classes={demo.num_classes}", f"run.storage={run_storage}", *extra])
+
+
+def assert_trees_close(actual, expected, path="state"):
+    """Tensors to float tolerance (integer tensors exactly), floats approximately, everything else exactly."""
+    if isinstance(expected, torch.Tensor):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6, msg=path)
+    elif isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), path
+        for key, value in expected.items():
+            assert_trees_close(actual[key], value, f"{path}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert len(actual) == len(expected), path
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_trees_close(a, e, f"{path}[{index}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-6), path
+    else:
+        assert actual == expected, path
 
 
 @pytest.mark.parametrize("background", [False, True])
@@ -90,17 +110,65 @@ def test_training_resumes_a_finished_run_with_more_steps(tiny_demo, tmp_path):
 
 
 def test_interrupted_run_resumes_from_its_last_complete_checkpoint(tiny_demo, tmp_path):
+    dropout = "model.dropout=0.5"  # the resumed run matches only if the RNG state travels with the checkpoint
     config = tiny_config(tiny_demo, tmp_path, "train.total_steps=6", "checkpoint.every_steps=3",
-                         "train.log_samples=true")
-    reference = train(tiny_config(tiny_demo, tmp_path / "ref", "train.total_steps=6", "checkpoint.every_steps=3"))
+                         "train.log_samples=true", dropout)
+    reference_config = tiny_config(tiny_demo, tmp_path / "ref", "train.total_steps=6", "checkpoint.every_steps=3",
+                                   dropout)
+    reference = train(reference_config)
     train(tiny_config(tiny_demo, tmp_path, "train.total_steps=3", "checkpoint.every_steps=3",
-                      "train.log_samples=true"))
+                      "train.log_samples=true", dropout))
     # Simulate a crash after step 3 during the next checkpoint's upload: a partial step-6 directory.
     write_bytes(join_url(config.run_dir, "checkpoints", "step-000000006", "state.pt"), b"torn")
     resumed = train(config)
     assert resumed["step"] == 6
     assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-4)
     assert exists(join_url(config.run_dir, "checkpoints", "step-000000006", "COMMIT"))
+    # Not only the loss: the final checkpoints hold the same model, EMA, optimizer state, counters, RNG states and
+    # data position as the uninterrupted run's.
+    ours, theirs = (load_checkpoint(latest_checkpoint(c.run_dir)) for c in (config, reference_config))
+    assert set(theirs["state"]) == {"model", "ema", "optimizer", "counters", "rng"}
+    assert_trees_close(ours["state"], theirs["state"])
+    assert ours["loader"] == theirs["loader"]
+
+
+def test_tensorboard_events_reach_object_storage_at_every_checkpoint_and_on_failure(tiny_demo, tmp_path,
+                                                                                    monkeypatch):
+    """A remote run directory gets its TensorBoard events with each checkpoint (visible while the run trains) and
+    when the run fails, not only when it ends."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(tiny_demo, f"memory://{uuid.uuid4().hex}", "train.total_steps=6", "checkpoint.every_steps=2",
+                         "train.log_every=1", "checkpoint.background=false")
+    remote = join_url(config.run_dir, "tensorboard")
+
+    def published_steps() -> list[int]:
+        local = tmp_path / uuid.uuid4().hex
+        local.mkdir()
+        for url in list_dir(remote) if exists(remote) else []:
+            (local / url.rsplit("/", 1)[-1]).write_bytes(read_bytes(url))
+        events = EventAccumulator(str(local))
+        events.Reload()
+        return [e.step for e in events.Scalars("loss")] if "loss" in events.Tags()["scalars"] else []
+
+    seen = {}
+    save, step = Checkpointer.save, loop.train_step
+
+    def spying_save(self, at_step, *args, **kwargs):
+        seen[at_step] = published_steps()
+        return save(self, at_step, *args, **kwargs)
+
+    def failing_step(state, *args, **kwargs):
+        if state.step == 3:
+            raise RuntimeError("worker lost")
+        return step(state, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", spying_save)
+    monkeypatch.setattr(loop, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        train(config)
+    assert seen == {2: [1, 2]}
+    assert published_steps() == [1, 2, 3]
 
 
 def test_prepare_resolves_paths_and_refuses_impossible_launches(tiny_demo, tmp_path, monkeypatch):
@@ -114,3 +182,6 @@ def test_prepare_resolves_paths_and_refuses_impossible_launches(tiny_demo, tmp_p
         prepare(tiny_config(tiny_demo, tmp_path, "model.num_classes=7"))
     with pytest.raises(ShardSplitError, match="8 non-empty shards"):  # 4 ranks x 3 loader workers > 8 shards
         prepare(tiny_config(tiny_demo, tmp_path, "cluster.num_workers=4", "data.loader_workers=3"))
+    with pytest.raises(ShardSplitError, match="no full batch"):  # 80 samples per loader worker, batches of 96
+        prepare(tiny_config(tiny_demo, tmp_path, "cluster.num_workers=2", "data.loader_workers=2",
+                            "train.global_batch_size=192", "train.micro_batches=1"))

@@ -38,6 +38,19 @@ def test_overrides_parse_yaml_values():
     assert c.data.train == "s3://bucket/train" and c.train.precision == "bf16"
 
 
+def test_yaml_1_2_floats_are_numbers(tmp_path):
+    # PyYAML alone reads 1e-5 as a string, which the strict schema would refuse
+    c = load_config("demo", ["optimizer.weight_decay=1e-5", "optimizer.epsilon=1E+0"])
+    assert c.optimizer.weight_decay == 1e-5 and c.optimizer.epsilon == 1.0
+    path = tmp_path / "mine.yaml"
+    path.write_text("optimizer:\n  weight_decay: 2e-5\n  lr: 1\n")
+    c = load_config(str(path))
+    assert c.optimizer.weight_decay == 2e-5 and c.optimizer.lr == 1.0
+    # a string setting takes an override's text as written
+    c = load_config("demo", ["run.name=2024", "data.train=1e5", "data.eval=null"])
+    assert (c.run.name, c.data.train, c.data.eval) == ("2024", "1e5", None)
+
+
 def test_round_trip_through_yaml(tmp_path):
     c = load_config("jft_xception_fc", ["optimizer.lr_scaling=sqrt"])
     path = tmp_path / "saved.yaml"
@@ -59,6 +72,14 @@ def test_round_trip_through_yaml(tmp_path):
         (["run.name=../escape"], "config key 'run.name'"),
         (["cluster.use_gpu=true", "cluster.gpus_per_worker=0"], "needs cluster.gpus_per_worker > 0"),
         (["model.num_classes"], "is not of the form key.sub=value"),
+        # wrong types are refused, not coerced
+        (['train.total_steps="10"'], "config key 'train.total_steps' = '10': Input should be a valid integer"),
+        (["train.total_steps=10.5"], "config key 'train.total_steps' = 10.5: Input should be a valid integer"),
+        (["model.checkpoint_middle_flow=1"], "config key 'model.checkpoint_middle_flow' = 1: Input should be a valid"),
+        (["model.head_bias=low"], "config key 'model.head_bias' = 'low': Input should be a valid number; or must be"),
+        # impossible combinations
+        (["loss.name=softmax", "loss.reduction=sum_classes_mean_batch"], "applies to the sigmoid loss only"),
+        (["eval.class_weights=train_freq"], "eval.class_weights='train_freq': must be 'uniform', 'train_frequency'"),
     ],
 )
 def test_bad_overrides_are_refused_with_the_key_named(overrides, expected):

@@ -19,8 +19,9 @@ from pipeline.config import load_config
 from pipeline.data import read_manifest
 from pipeline.storage import join_url, list_dir, open_read, read_bytes
 from pipeline.storage.checkpoints import latest_checkpoint
+from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.loop import WorkerContext, wrap_model
-from pipeline.train.step import build_train_state, train_step
+from pipeline.train.step import NonFiniteError, build_train_state, train_step
 
 TINY = ["model.width_multiplier=0.125", "model.middle_blocks=1", "model.num_classes=10", "data.image_size=71",
         "train.precision=fp32", "train.channels_last=false",  # the equivalence is exact in fp32
@@ -44,6 +45,21 @@ def _ddp_rank(rank: int, world: int, port: int, steps: int, out: str) -> None:
         train_step(state, config, images[rank * 4:(rank + 1) * 4], targets[rank * 4:(rank + 1) * 4])
     if rank == 0:
         torch.save(state.model.module.state_dict(), out)
+    # A NaN in rank 1's half only: the all-reduced gradient norm is NaN on both ranks, so both decide alike (skip,
+    # then stop) and neither is left waiting in a collective.
+    images, targets = _batch(steps)
+    images[5, 0, 0, 0] = float("nan")
+    mine = images[rank * 4:(rank + 1) * 4], targets[rank * 4:(rank + 1) * 4]
+    skip = load_config("demo", [*TINY, f"train.global_batch_size={4 * world}", f"cluster.num_workers={world}",
+                                "train.nonfinite=skip"])
+    outcome = {"skipped": train_step(state, skip, *mine).skipped}
+    outcome["finite_buffers"] = all(bool(b.isfinite().all()) for b in state.model.module.buffers())
+    try:
+        train_step(state, config, *mine)
+    except NonFiniteError as error:
+        outcome["raised_at"] = error.step
+    with open(f"{out}.rank{rank}.json", "w") as f:
+        json.dump(outcome, f)
     dist.destroy_process_group()
 
 
@@ -72,6 +88,9 @@ def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(tmp_path):
         train_step(plain, plain_config, *_batch(step))
     name = "entry_flow.conv1.weight"
     assert not torch.allclose(plain.model.state_dict()[name], reference[name], rtol=1e-4, atol=1e-5)
+    # NaN on one rank: every rank skipped the same step (BN statistics restored), then every rank stopped.
+    outcomes = [json.loads((tmp_path / f"ddp.pt.rank{rank}.json").read_text()) for rank in range(2)]
+    assert outcomes == [{"skipped": True, "finite_buffers": True, "raised_at": steps + 2}] * 2
 
 
 # ----------------------------------------------------------------------------------------------- Ray Train
@@ -132,6 +151,8 @@ def test_two_node_ray_training_streams_from_s3_checkpoints_and_reports(two_node_
     final = launch(config)
     assert final["step"] == 8 and final["samples_seen"] == 64
     assert latest_checkpoint(config.run_dir).step == 8
+    rngs = load_checkpoint(latest_checkpoint(config.run_dir))["state"]["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"]), "each rank seeds seed + rank"
     workers = _workers(config.run_dir)
     assert sorted(w["rank"] for w in workers) == [0, 1]
     assert len({w["node_id"] for w in workers}) == 2, "the two ranks must run on different nodes"

@@ -1,26 +1,38 @@
 """The checkpoint-watching evaluator: one report line per complete checkpoint, idempotent, never a partial one."""
 
 import json
+import logging
 import re
+import sys
 
+import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.cluster import FORWARDED_ENV, connect_ray
+from pipeline.config import config_to_yaml, load_config
 from pipeline.data import ShardStream, to_device
-from pipeline.evaluation.evaluator import evaluate_checkpoint, load_weights
+from pipeline.evaluation import evaluator
+from pipeline.evaluation.background import start_background_evaluator
+from pipeline.evaluation.evaluator import evaluate_checkpoint, load_weights, ray_options, resolve_config
 from pipeline.evaluation.metrics import evaluate_map_at_k
-from pipeline.evaluation.report import read_records
+from pipeline.evaluation.report import append_record, read_records
 from pipeline.evaluation.watcher import CheckpointWatcher
 from pipeline.storage import join_url, read_bytes, write_bytes
+from pipeline.storage.checkpoints import COMMIT, step_dir_name
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.step import build_train_state, train_step
 
 
+def _config(demo, tmp_path, *overrides):
+    return load_config("demo", ["model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71",
+                                f"data.train={demo.train}", f"data.eval={demo.eval}",
+                                f"model.num_classes={demo.num_classes}", f"run.storage={tmp_path}",
+                                "train.ema_decay=0.5", "eval.batch_size=16", "checkpoint.background=false",
+                                *overrides])
+
+
 def _checkpoints(demo, tmp_path, steps=(1, 2)):
-    config = load_config("demo", ["model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71",
-                                  f"data.train={demo.train}", f"data.eval={demo.eval}",
-                                  f"model.num_classes={demo.num_classes}", f"run.storage={tmp_path}",
-                                  "train.ema_decay=0.5", "eval.batch_size=16", "checkpoint.background=false"])
+    config = _config(demo, tmp_path)
     state = build_train_state(config)
     saver = Checkpointer(config.run_dir, config)
     g = torch.Generator().manual_seed(0)
@@ -56,7 +68,7 @@ def test_evaluation_scores_every_eval_image_once_and_matches_a_one_shot_computat
     config, _ = _checkpoints(tiny_demo, tmp_path, steps=(1,))
     url = join_url(config.run_dir, "checkpoints", "step-000000001")
     evaluation = evaluate_checkpoint(url)
-    model = load_weights(url, config, "ema", None, torch.device("cpu"))
+    model = load_weights(url, config, torch.device("cpu"))
     loader = ShardStream(tiny_demo.eval, config.data, batch_size=16, rank=0, world_size=1, train=False)
     scores, targets = [], []
     with torch.inference_mode():
@@ -84,3 +96,148 @@ def test_evaluate_map_job_evaluates_one_named_checkpoint(tiny_demo, tmp_path, ca
     assert "step 2: MAP@100" in capsys.readouterr().out
     assert [r["step"] for r in read_records(join_url(config.run_dir, "reports"))] == [2]
     assert job.main(["eval.k=0"]) == 2  # bad config: refused before any work
+
+
+# Settings of an evaluator that differ from the checkpoints' saved ones; loader_workers=0 also keeps these tests fast.
+EVALUATOR = ["eval.k=10", "eval.weights=raw", "eval.max_images=60", "eval.batch_size=32", "data.loader_workers=0"]
+
+
+def test_resolve_config_takes_the_model_from_the_checkpoint_and_how_to_evaluate_from_the_evaluator(tiny_demo,
+                                                                                                    tmp_path):
+    saved = _config(tiny_demo, tmp_path, "data.loader_workers=1", "cluster.use_gpu=false")
+    own = load_config("jft_xception", ["eval.k=5", "eval.class_weights=train_frequency", "storage.region=eu-west-1",
+                                       "eval.resources={evaluator: 1}", "cluster.use_gpu=true",
+                                       "data.loader_workers=8"])
+    config = resolve_config(saved, own)
+    assert config.model == saved.model and config.data.image_size == 71 and config.data.train == tiny_demo.train
+    assert config.eval == own.eval and config.storage == own.storage
+    assert config.cluster.use_gpu and config.data.loader_workers == 8
+    assert config.data.eval == tiny_demo.eval  # the evaluator names no eval data: the checkpoint's
+    other = resolve_config(saved, own.model_copy(update={"data": own.data.model_copy(update={"eval": "s3://b/e"})}))
+    assert other.data.eval == "s3://b/e"
+    assert resolve_config(saved, None) == saved
+    assert ray_options(config) == {"num_cpus": 1, "num_gpus": 1, "resources": {"evaluator": 1.0}}
+
+
+def test_evaluator_uses_its_own_eval_settings_and_records_them(tiny_demo, tmp_path, monkeypatch, caplog):
+    """eval.* and data.loader_workers of the evaluator's config apply (not the checkpoint's), and each
+    map100.jsonl line names k, the class weighting and the weights; the model is still the checkpoint's."""
+    config, _ = _checkpoints(tiny_demo, tmp_path, steps=(1,))
+    url = join_url(config.run_dir, "checkpoints", "step-000000001")
+    weights = torch.arange(1, tiny_demo.num_classes + 1, dtype=torch.float64)
+    csv = tmp_path / "class_weights.csv"
+    csv.write_text("class_id,weight\n" + "".join(f"{c},{w}\n" for c, w in enumerate(weights.tolist())))
+    loader_workers = []
+    stream = evaluator.ShardStream
+    monkeypatch.setattr(evaluator, "ShardStream",
+                        lambda prefix, data, **kw: loader_workers.append(data.loader_workers) or stream(prefix, data,
+                                                                                                       **kw))
+    uniform = evaluate_checkpoint(url, load_config("demo", EVALUATOR))
+    ema = evaluate_checkpoint(url, load_config("demo", [*EVALUATOR, "eval.weights=ema"]))
+    weighted = load_config("demo", [*EVALUATOR, f"eval.class_weights={csv}"])
+    [evaluation] = CheckpointWatcher(config.run_dir, weighted, tensorboard=False).run(once=True)
+    [record] = read_records(join_url(config.run_dir, "reports"))
+    assert loader_workers == [0, 0, 0]
+    assert (record["k"], record["class_weights"], record["weights"]) == (10, str(csv), "raw")
+    assert record["num_images"] == 60 and "map@10" in record
+    ap, valid = uniform.result.per_class_ap, uniform.result.class_valid
+    assert torch.equal(evaluation.result.per_class_ap, ap)  # same scores: only the mean over classes differs
+    assert record["map@10"] == pytest.approx(float((weights * ap)[valid].sum() / weights[valid].sum()))
+    assert abs(record["map@10"] - uniform.result.map_at_k) > 1e-3
+    assert not torch.equal(ema.result.per_class_ap, ap)  # eval.weights=raw loaded other weights than the EMA ones
+    # Another evaluator with other settings does not silently skip the reported step: it names it.
+    with caplog.at_level(logging.WARNING, logger="pipeline.evaluation.watcher"):
+        assert CheckpointWatcher(config.run_dir, load_config("demo", EVALUATOR)).run(once=True) == []
+    assert "already reports step(s) 1 with other eval settings" in caplog.text
+
+
+def test_report_lines_are_idempotent_per_step(tmp_path):
+    reports = str(tmp_path / "reports")
+    append_record(reports, {"step": 2, "map@100": 0.5})
+    append_record(reports, {"step": 1, "map@100": 0.25})
+    append_record(reports, {"step": 2, "map@100": 0.75})  # a retried evaluation of step 2 adds nothing
+    path = tmp_path / "reports" / "map100.jsonl"
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    with path.open("a") as stream:  # a duplicate line written behind the evaluator's back is read once
+        stream.write(json.dumps({"step": 1, "map@100": 0.9}) + "\n")
+    assert [(r["step"], r["map@100"]) for r in read_records(reports)] == [(1, 0.25), (2, 0.5)]
+
+
+def test_watcher_names_checkpoints_retention_removed_before_they_were_evaluated(tiny_demo, tmp_path, caplog):
+    config = _config(tiny_demo, tmp_path, "checkpoint.every_steps=10", "train.total_steps=45")
+    for step in (30, 40, 45):  # what keep_last=3 leaves of 10, 20, 30, 40, 45: committed, already reported
+        url = join_url(config.run_dir, "checkpoints", step_dir_name(step))
+        write_bytes(join_url(url, "config.yaml"), config_to_yaml(config).encode())
+        write_bytes(join_url(url, COMMIT), json.dumps({"step": step}).encode())
+        append_record(join_url(config.run_dir, "reports"), {"step": step})
+    append_record(join_url(config.run_dir, "reports"), {"step": 10})  # evaluated before retention removed it
+    watcher = CheckpointWatcher(config.run_dir)
+    with caplog.at_level(logging.WARNING, logger="pipeline.evaluation.watcher"):
+        assert watcher.run(once=True) == []
+        assert watcher.run(once=True) == []
+    removed = [r.getMessage() for r in caplog.records if "removed by retention" in r.getMessage()]
+    assert len(removed) == 1 and "steps 20 (" in removed[0], caplog.text  # named once; 10 was evaluated
+
+
+class _FakeRay:
+    """Stands in for the `ray` module: records `init` and the resources asked for; tasks run in this process."""
+
+    def __init__(self):
+        self.inits, self.options, self.actors = [], [], []
+
+    def is_initialized(self):
+        return bool(self.inits)
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+
+    def remote(self, **options):
+        self.options.append(options)
+        return lambda target: _FakeRemote(target, self)
+
+    def get(self, refs):
+        return refs
+
+
+class _FakeRemote:
+    def __init__(self, target, ray):
+        self.target, self.ray = target, ray
+
+    def options(self, **options):
+        return self
+
+    def remote(self, *args):
+        if isinstance(self.target, type):  # an actor: its method calls are recorded, not run
+            self.ray.actors.append(args)
+            return type("Actor", (), {"run": type("Method", (), {"remote": staticmethod(lambda *a: a)})})()
+        return self.target(*args)
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    for name in FORWARDED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    ray = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    return ray
+
+
+def test_background_evaluator_connects_with_the_forwarded_environment_and_asks_for_eval_resources(fake_ray,
+                                                                                                   tiny_demo):
+    config = load_config("demo", [f"data.eval={tiny_demo.eval}", "cluster.use_gpu=true",
+                                  "eval.resources={evaluator: 1}"])
+    assert start_background_evaluator(config) == (config.train.total_steps,)
+    connect_ray(config)  # what launch() does next: the connection (and its environment) stays the first one
+    assert fake_ray.inits == [{"address": None, "runtime_env": {"env_vars": {"AWS_REGION": "eu-west-1"}}}]
+    assert fake_ray.options == [{"num_cpus": 1, "num_gpus": 1, "resources": {"evaluator": 1.0}}]
+
+
+def test_scoring_tasks_ask_for_eval_resources_and_merge_every_image_once(fake_ray, tiny_demo, tmp_path):
+    config, _ = _checkpoints(tiny_demo, tmp_path, steps=(1,))
+    url = join_url(config.run_dir, "checkpoints", "step-000000001")
+    settings = load_config("demo", ["data.loader_workers=0", "eval.resources={evaluator: 0.5}"])
+    evaluation = evaluate_checkpoint(url, settings, workers=2)
+    assert evaluation.result.num_images == 80 and evaluation.result.image_ids.tolist() == list(range(80))
+    assert fake_ray.inits[0]["runtime_env"] == {"env_vars": {"AWS_REGION": "eu-west-1"}}
+    assert fake_ray.options == [{"num_cpus": 1, "num_gpus": 0, "resources": {"evaluator": 0.5}}]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 
@@ -12,12 +13,13 @@ import pytest
 import simplejpeg
 import torch
 import webdataset as wds
+from conftest import restarted_after
 from PIL import Image
 
 import pipeline.data.loader as loader_module
 from pipeline.config import DataConfig, StorageConfig
 from pipeline.data import BadDataError, Batch, ShardSplitError, ShardStream, check_shard_split, to_device
-from pipeline.data.decode import decode_image
+from pipeline.data.decode import _fast_scale, decode_image
 from pipeline.data.manifest import ClassInfo, Manifest, ShardInfo, read_manifest, write_manifest
 from pipeline.data.plan import Split, resumed_plan, train_plan
 from pipeline.data.shards import Sample, ShardOptions, ShardWriter
@@ -390,6 +392,28 @@ def test_decoders_crop_and_scale_large_images() -> None:
         assert np.abs(center.astype(np.float32) - reference).mean() < 6  # DCT scaling ~ full decode + resize
 
 
+def test_decoders_scale_only_by_simd_factors() -> None:
+    # libjpeg-turbo's 7/8, 3/4, ... scales are slower than full size: only 1/2, 1/4, 1/8 (or none) are chosen
+    assert _fast_scale((500, 375), (342, 342)) == (0, 0)  # the eval crop of a 500x375 image needs ~7/8
+    assert _fast_scale((1024, 768), (342, 342)) == (512, 384)
+    assert _fast_scale((1024, 768), (300, 190)) == (512, 384)  # 1/4 gives 256 < 300
+    assert _fast_scale((1000, 750), (125, 94)) == (125, 94)  # 1/8, rounded up as libjpeg does
+    assert _fast_scale((1001, 751), (125, 94)) == (126, 94)
+
+
+def test_fast_train_decode_is_close_to_accurate_and_eval_is_exact() -> None:
+    data = jpeg(3, (320, 240))  # decoded at full size for a 160 crop (scaled decodes have no fast IDCT)
+    augment = config().augment
+    fast = decode_image(data, 160, augment, train=True, rng=random.Random(5), decoder="simplejpeg")
+    exact = decode_image(data, 160, augment, train=True, rng=random.Random(5), decoder="simplejpeg",
+                         fast_train_decode=False)
+    difference = (fast.float() - exact.float()).abs()
+    assert 0 < difference.mean() < 2  # the fast IDCT and upsampling differ by a level or two, no more
+    evals = [decode_image(data, 160, augment, train=False, rng=random.Random(0), decoder="simplejpeg",
+                          fast_train_decode=flag) for flag in (True, False)]
+    assert torch.equal(*evals)
+
+
 # ------------------------------------------------------------------------------------------------------ cache
 
 
@@ -438,3 +462,18 @@ def test_reads_that_fail_midway_reopen_at_the_same_offset(monkeypatch) -> None:
     reader = loader_module._ReopeningReader("s3://bucket/shard.tar", StorageConfig(retry_backoff_s=0.01))
     assert b"".join(iter(lambda: reader.read(700), b"")) == data
     assert len(opened) == 2
+
+
+def test_a_shard_read_survives_the_server_restarting_midway(restartable_s3, caplog) -> None:
+    server, options = restartable_s3
+    url = "s3://restart/shard-000000.tar"
+    payload = os.urandom(72 << 20)  # more than one of s3fs's 50 MiB read blocks
+    write_bytes(url, payload, options)
+    reader = loader_module._ReopeningReader(url, options)
+    head = reader.read(1 << 20)
+    server.stop()  # mid-read: the next block's fetch fails
+    with restarted_after(server, 1.5), caplog.at_level(logging.WARNING):
+        rest = b"".join(iter(lambda: reader.read(1 << 20), b""))
+    reader.close()
+    assert head + rest == payload
+    assert any("re-opening" in r.getMessage() and url in r.getMessage() for r in caplog.records)

@@ -14,6 +14,16 @@ from pipeline.train.optim import RMSpropTF, param_groups
 from pipeline.train.schedule import StepDecaySchedule
 
 
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_rmsprop_tf_leaves_gradients_untouched(momentum):
+    # callers (gradient-norm logging, clipping checks, DDP buckets) may read p.grad after the step
+    param = nn.Parameter(torch.ones(4))
+    param.grad = torch.full((4,), 2.0)
+    RMSpropTF([param], lr=0.1, momentum=momentum).step()
+    assert torch.equal(param.grad, torch.full((4,), 2.0))
+    assert not torch.equal(param.detach(), torch.ones(4))
+
+
 def tf_rmsprop_reference(p0, grads, lrs, decay, momentum, eps, wd):
     """TensorFlow's RMSPropOptimizer update (training_ops ApplyRMSProp / ApplyMomentum) in numpy, float64."""
     p = p0.astype(np.float64).copy()

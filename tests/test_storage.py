@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import restarted_after
 
 from pipeline.config import StorageConfig
 from pipeline.storage import (
@@ -219,35 +220,15 @@ def test_with_retries_gives_up_and_does_not_retry_permanent_errors() -> None:
 
 
 def test_read_retries_while_the_server_restarts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    restartable_s3: tuple[LocalS3, StorageConfig], caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = LocalS3(tmp_path / "s3", buckets=["restart"])
-    with server:
-        for name, value in server.env().items():
-            monkeypatch.setenv(name, value)
-        options = server.storage_config().model_copy(update={"retries": 10, "retry_backoff_s": 0.25})
-        url = "s3://restart/shard-000.tar"
-        payload = os.urandom(1 << 20)
-        write_bytes(url, payload, options)
-        server.stop()
-
-        errors: list[BaseException] = []
-
-        def restart_later() -> None:
-            try:
-                time.sleep(1.5)
-                server.start()
-            except BaseException as exc:
-                errors.append(exc)
-
-        restarter = threading.Thread(target=restart_later)
-        restarter.start()
-        try:
-            with caplog.at_level(logging.WARNING, logger=RETRY_LOGGER):
-                assert read_bytes(url, options) == payload
-        finally:
-            restarter.join()
-        assert not errors
+    server, options = restartable_s3
+    url = "s3://restart/shard-000.tar"
+    payload = os.urandom(1 << 20)
+    write_bytes(url, payload, options)
+    server.stop()
+    with restarted_after(server, 1.5), caplog.at_level(logging.WARNING, logger=RETRY_LOGGER):
+        assert read_bytes(url, options) == payload
     retries = [r.getMessage() for r in caplog.records if r.name == RETRY_LOGGER]
     assert retries and all(url in message and "retrying" in message for message in retries)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, get_args
@@ -22,6 +23,22 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML implements YAML 1.1, which reads `1e-5` as a *string*; the schema is strict about types, so configs
+    and overrides are read with YAML 1.2's float syntax (`1e-5`, `3E+6`) as well."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def preset_names() -> list[str]:
     """Presets shipped inside the package (`pipeline/config/presets/*.yaml`)."""
     presets = importlib.resources.files("pipeline.config") / "presets"
@@ -30,7 +47,7 @@ def preset_names() -> list[str]:
 
 def _read_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if data is None:
@@ -59,6 +76,11 @@ def _section(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _is_text(annotation: Any) -> bool:
+    """A plain string setting (`str` or `str | None`), which takes an override's text as written."""
+    return annotation is str or set(get_args(annotation)) == {str, type(None)}
+
+
 def _section_fields(model: type[BaseModel], dotted: list[str]) -> tuple[type[BaseModel], str]:
     """Walk `dotted` (all but the leaf) through nested sections; return the leaf's owner and the leaf name."""
     owner = model
@@ -83,9 +105,11 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         if leaf not in owner.model_fields:
             raise ConfigError(f"unknown config key '{key}'; allowed in this section: {', '.join(owner.model_fields)}")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = _load_yaml(text) if text.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {key}: cannot parse value {text!r}: {exc}") from exc
+        if _is_text(owner.model_fields[leaf].annotation) and value is not None and not isinstance(value, str):
+            value = text.strip()  # run.name=2024 means the name "2024", not the number
         node = raw
         for part in dotted[:-1]:
             child = node.setdefault(part, {})
@@ -96,27 +120,42 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     return raw
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> str:
-    owner: type[BaseModel] = Config
-    for part in loc[:-1]:
-        sub = _section(owner.model_fields[str(part)].annotation) if str(part) in owner.model_fields else None
-        if sub is None:
-            return ""
-        owner = sub
-    return ", ".join(owner.model_fields)
+def _field_path(loc: tuple[Any, ...]) -> tuple[tuple[str, ...], type[BaseModel] | None]:
+    """The config key in a pydantic error location (dropping union-member tags such as 'float' or
+    "literal['auto']" that follow the field), and the section that owns its last part (None if unknown)."""
+    owner: type[BaseModel] | None = Config
+    path: list[str] = []
+    for part in map(str, loc):
+        if owner is None or part not in owner.model_fields:
+            break
+        path.append(part)
+        parent, owner = owner, _section(owner.model_fields[part].annotation)
+        if owner is None:
+            return tuple(path), parent
+    return tuple(path), owner
 
 
-def _describe(error: Mapping[str, Any]) -> str:
-    loc = tuple(error["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    if error["type"] == "extra_forbidden":
-        return f"unknown config key '{key}'; allowed in this section: {_allowed_keys(loc)}"
-    given = error.get("input")
-    message = error["msg"]
-    if error["type"] == "literal_error":
-        expected = error.get("ctx", {}).get("expected", "")
-        message = f"must be one of {expected}"
-    return f"config key '{key}' = {given!r}: {message}"
+def _describe(errors: Iterable[Mapping[str, Any]]) -> list[str]:
+    """One line per offending key; a union's alternatives (`float | 'auto'`) are merged into that line."""
+    lines: dict[str, list[str]] = {}
+    for error in errors:
+        loc = tuple(error["loc"])
+        if error["type"] == "extra_forbidden":
+            path, owner = _field_path(loc[:-1])
+            key = ".".join(str(p) for p in loc)
+            allowed = ", ".join(owner.model_fields) if owner else ""
+            lines.setdefault(f"unknown config key '{key}'; allowed in this section: {allowed}", [])
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "literal_error":
+            message = f"must be one of {error.get('ctx', {}).get('expected', '')}"
+        path, _ = _field_path(loc)
+        if not path:  # a check across sections (Config._consistent): its message names the keys
+            lines.setdefault(message, [])
+            continue
+        head = f"config key '{'.'.join(path)}' = {error.get('input')!r}"
+        lines.setdefault(head, []).append(message)
+    return [f"{head}: {'; or '.join(messages)}" if messages else head for head, messages in lines.items()]
 
 
 def validate(raw: Mapping[str, Any]) -> Config:
@@ -124,8 +163,7 @@ def validate(raw: Mapping[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(e) for e in exc.errors()]
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(exc.errors()))) from None
 
 
 def load_config(name_or_path: str = "demo", overrides: Iterable[str] = ()) -> Config:

@@ -302,6 +302,7 @@ class _Spec:
     image_size: int
     augment: AugmentConfig
     decoder: str
+    fast_train_decode: bool
     num_classes: int
     storage: StorageConfig | None
     cache_dir: str | None
@@ -462,7 +463,8 @@ class _Slot:
                         raise BadSample("bad_image", f"no image member (.{'/.'.join(_IMAGE_KEYS)})")
                     rng = random.Random(f"{plan.seed}:{plan.epoch}:{plan.segment}:{slot}:{position}{tag}")
                     image = decode_image(data, spec.image_size, spec.augment, train=spec.train, rng=rng,
-                                         decoder=spec.decoder)  # type: ignore[arg-type]
+                                         decoder=spec.decoder,  # type: ignore[arg-type]
+                                         fast_train_decode=spec.fast_train_decode)
                 except BadSample as exc:
                     if count_bad:
                         self.tally.skip(exc.reason, url, key, exc.detail)
@@ -625,8 +627,8 @@ class ShardStream:
             check_shard_split(self.manifest, world_size, data.loader_workers, batch_size)
         cache_bytes = int(data.cache_max_gb * 2**30)
         self._spec = _Spec(self.manifest.shard_urls(prefix), counts, split, rank, train, data.seed, data.image_size,
-                           data.augment, data.decoder, num_classes or self.manifest.num_classes, storage,
-                           data.cache_dir, cache_bytes)
+                           data.augment, data.decoder, data.fast_train_decode,
+                           num_classes or self.manifest.num_classes, storage, data.cache_dir, cache_bytes)
         self._epoch = 0
         self._history: tuple[tuple[Split, Mapping[int, int]], ...] = ()
         self._progress: dict[int, tuple[int, int]] = {}

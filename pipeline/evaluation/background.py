@@ -1,8 +1,9 @@
 """Run the checkpoint-watching evaluator beside training as a Ray actor, so one `ray job submit` yields reports.
 
 The actor is named after the run (`evaluator-<run.name>`) and reused if it exists, so a resubmitted training job
-does not start a second evaluator; it asks for `eval` resources only (1 CPU, or 1 GPU when `cluster.use_gpu`),
-which the autoscaler can place on the evaluator node type.
+does not start a second evaluator. It asks for `ray_options`: 1 CPU, 1 GPU with `cluster.use_gpu`, and the custom
+`eval.resources`; on the infra/ clusters set `eval.resources={evaluator: 1}`, which only the evaluator node type
+offers, or its GPU request may take a training node's GPU.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pipeline.cluster import connect_ray
 from pipeline.config import Config, validate
 
 log = logging.getLogger(__name__)
@@ -23,10 +25,7 @@ class _Evaluator:
     def run(self, until_step: int) -> int:
         from pipeline.evaluation.watcher import CheckpointWatcher
 
-        c = self.config
-        watcher = CheckpointWatcher(c.run_dir, eval_prefix=c.data.eval, weights=c.eval.weights, storage=c.storage,
-                                    poll_seconds=c.eval.poll_seconds)
-        return len(watcher.run(until_step=until_step))
+        return len(CheckpointWatcher(self.config.run_dir, self.config).run(until_step=until_step))
 
 
 def start_background_evaluator(config: Config) -> Any:
@@ -36,12 +35,12 @@ def start_background_evaluator(config: Config) -> Any:
     """
     import ray
 
+    from pipeline.evaluation.evaluator import ray_options
+
     if config.data.eval is None:
         raise ValueError("eval.with_training needs data.eval (the URL of the densely labelled evaluation set)")
-    if not ray.is_initialized():
-        ray.init(address=config.cluster.address)
-    resources = {"num_gpus": 1} if config.cluster.use_gpu else {"num_cpus": 1}
-    actor_class = ray.remote(**resources)(_Evaluator)
+    connect_ray(config)  # the same connection (forwarded environment) that training's launch() then reuses
+    actor_class = ray.remote(**ray_options(config))(_Evaluator)
     actor = actor_class.options(name=f"evaluator-{config.run.name}", get_if_exists=True).remote(
         config.model_dump(mode="json"))
     log.info("evaluator-%s watches %s/checkpoints", config.run.name, config.run_dir)

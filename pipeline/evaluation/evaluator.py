@@ -1,16 +1,19 @@
 """Score a checkpoint on the dense evaluation set: MAP@K and companions, one streaming pass.
 
-A checkpoint carries its own resolved config (`config.yaml`), so the evaluator rebuilds exactly the model that
-was trained, loads the Polyak-averaged (EMA) weights by default, and streams the eval shards through the loader's
-evaluation mode (center crop, every image once across ranks, padding masked). Scores never materialise as an
-(N, C) matrix: `MapAtK` keeps a running top-K per class, so 100k images x 17k classes fit in memory. With several
-workers each scores its share and returns `MapAtK.state_dict()`; the driver merges them, and `MapAtK` refuses an
-image id seen twice, so every eval image is counted exactly once.
+A checkpoint carries its own resolved config (`config.yaml`): what the checkpoint *is* (model, image size, training
+data and classes) comes from it, so the evaluator rebuilds exactly the model that was trained; how to *evaluate*
+it (`eval.*`, `storage`, `cluster.use_gpu`, the loader settings of the evaluating machine, `data.eval` when set)
+comes from the evaluator's own config (`resolve_config`). It loads the Polyak-averaged (EMA) weights by default
+and streams the eval shards through the loader's evaluation mode (center crop, every image once across ranks,
+padding masked). Scores never materialise as an (N, C) matrix: `MapAtK` keeps a running top-K per class, so 100k
+images x 17k classes fit in memory. With several workers each scores its share and returns `MapAtK.state_dict()`;
+the driver merges them, and `MapAtK` refuses an image id seen twice, so every eval image is counted exactly once.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 import yaml
 
+from pipeline.cluster import connect_ray
 from pipeline.config import Config, StorageConfig, validate
 from pipeline.data import ShardStream, read_manifest, to_device
 from pipeline.data.manifest import read_classes
@@ -29,6 +33,8 @@ from pipeline.storage import join_url, read_bytes
 log = logging.getLogger(__name__)
 
 EXAMPLES = 8  # images kept (with their top predictions) for the report
+# Data settings of the machine that evaluates (it may have more cores than a training worker), not of the model.
+EVALUATOR_DATA = ("loader_workers", "cache_dir", "cache_max_gb")
 
 
 @dataclass
@@ -45,13 +51,40 @@ def checkpoint_config(checkpoint_url: str, storage: StorageConfig | None) -> Con
     return validate(yaml.safe_load(read_bytes(join_url(checkpoint_url, "config.yaml"), storage)))
 
 
-def load_weights(checkpoint_url: str, config: Config, weights: str, storage: StorageConfig | None,
-                 device: torch.device) -> torch.nn.Module:
-    """The trained model in eval mode, with EMA (`weights="ema"`) or raw weights."""
-    state = torch.load(io.BytesIO(read_bytes(join_url(checkpoint_url, "state.pt"), storage)), map_location=device,
-                       weights_only=True)
+def resolve_config(saved: Config, settings: Config | None) -> Config:
+    """The config an evaluation runs with: model and data from the checkpoint's `saved` config; `eval.*`, `storage`,
+    `cluster.use_gpu`/`address`, `EVALUATOR_DATA` and (when set) `data.eval` from the evaluator's `settings`.
+
+    Without `settings`, the saved config as it is.
+    """
+    if settings is None:
+        return saved
+    raw, own = saved.model_dump(mode="json"), settings.model_dump(mode="json")
+    raw["eval"], raw["storage"] = own["eval"], own["storage"]
+    for key in ("use_gpu", "address"):
+        raw["cluster"][key] = own["cluster"][key]
+    for key in EVALUATOR_DATA + (("eval",) if settings.data.eval else ()):
+        raw["data"][key] = own["data"][key]
+    return validate(raw)
+
+
+def eval_settings(config: Config) -> dict[str, Any]:
+    """What a MAP number depends on besides the checkpoint and the eval data; recorded with every evaluation."""
+    return {"k": config.eval.k, "class_weights": config.eval.class_weights, "weights": config.eval.weights}
+
+
+def ray_options(config: Config) -> dict[str, Any]:
+    """What the evaluator actor and each scoring task ask Ray for: 1 CPU, 1 GPU with `cluster.use_gpu`, and the
+    custom `eval.resources` (e.g. {"evaluator": 1}, which only the evaluator node type offers in infra/)."""
+    return {"num_cpus": 1, "num_gpus": 1 if config.cluster.use_gpu else 0, "resources": dict(config.eval.resources)}
+
+
+def load_weights(checkpoint_url: str, config: Config, device: torch.device) -> torch.nn.Module:
+    """The trained model in eval mode, with EMA (`eval.weights=ema`) or raw weights."""
+    state = torch.load(io.BytesIO(read_bytes(join_url(checkpoint_url, "state.pt"), config.storage)),
+                       map_location=device, weights_only=True)
     model = build_model(config).to(device)
-    if weights == "ema":
+    if config.eval.weights == "ema":
         if state.get("ema") is None:
             raise ValueError(f"{checkpoint_url} has no EMA weights (train.ema_decay was null); use eval.weights=raw")
         model.load_state_dict(state["ema"]["shadow"])
@@ -60,17 +93,19 @@ def load_weights(checkpoint_url: str, config: Config, weights: str, storage: Sto
     return model.eval()
 
 
-def score_share(model: torch.nn.Module, config: Config, eval_prefix: str, *, rank: int = 0, world_size: int = 1,
-                device: torch.device | None = None, storage: StorageConfig | None = None) -> Scored:
-    """Stream this rank's share of the eval set through `model` into a `MapAtK` accumulator."""
+def score_share(model: torch.nn.Module, config: Config, *, rank: int = 0, world_size: int = 1,
+                device: torch.device | None = None) -> Scored:
+    """Stream this rank's share of `data.eval` through `model` into a `MapAtK` accumulator, decoding with
+    `data.loader_workers` processes."""
     device = device or torch.device("cpu")
+    eval_prefix, storage = _eval_prefix(config), config.storage
     manifest = read_manifest(eval_prefix, storage)
     num_classes = config.model.num_classes
     if manifest.num_classes != num_classes:
         raise ValueError(f"eval data at {eval_prefix} has {manifest.num_classes} classes, the model {num_classes}")
-    loader = ShardStream(eval_prefix, config.data.model_copy(update={"loader_workers": 1}),
-                         batch_size=config.eval.batch_size, rank=rank, world_size=world_size, train=False,
-                         storage=storage, num_classes=num_classes, manifest=manifest)
+    loader = ShardStream(eval_prefix, config.data, batch_size=config.eval.batch_size, rank=rank,
+                         world_size=world_size, train=False, storage=storage, num_classes=num_classes,
+                         manifest=manifest)
     scored = Scored(MapAtK(num_classes, config.eval.k))
     limit = config.eval.max_images
     with torch.inference_mode():
@@ -104,9 +139,15 @@ def _keep_examples(scored: Scored, batch: Any, logits: torch.Tensor, targets: to
         })
 
 
-def class_weights(config: Config, storage: StorageConfig | None) -> torch.Tensor | None:
+def _eval_prefix(config: Config) -> str:
+    if config.data.eval is None:
+        raise ValueError("no evaluation data: set data.eval to the URL of a densely labelled dataset prefix")
+    return config.data.eval
+
+
+def class_weights(config: Config) -> torch.Tensor | None:
     """Per-class MAP weights from `eval.class_weights`: uniform (None), training frequency, or a CSV file."""
-    source = config.eval.class_weights
+    source, storage = config.eval.class_weights, config.storage
     if source == "uniform":
         return None
     if source == "train_frequency":
@@ -127,66 +168,53 @@ class Evaluation:
     result: MapAtKResult
     examples: list[dict[str, Any]]
     seconds: float
+    config: Config  # what it ran with (`resolve_config`)
 
     def record(self) -> dict[str, Any]:
-        """The JSON line appended to `reports/map100.jsonl`."""
+        """The JSON line appended to `reports/map100.jsonl`, naming k, the class weighting and EMA/raw weights."""
         return {"step": self.step, "samples_seen": self.samples_seen, "checkpoint": self.checkpoint,
-                **self.result.scalars(), "eval_seconds": round(self.seconds, 3), "time": time.time()}
+                **eval_settings(self.config), **self.result.scalars(), "eval_seconds": round(self.seconds, 3),
+                "time": time.time()}
 
 
-def evaluate_checkpoint(checkpoint_url: str, eval_prefix: str | None = None, *, weights: str | None = None,
-                        storage: StorageConfig | None = None, device: torch.device | None = None,
-                        workers: int = 1, overrides: Config | None = None) -> Evaluation:
-    """Evaluate one complete checkpoint; `workers` > 1 scores shares in parallel Ray tasks and merges them."""
+def evaluate_checkpoint(checkpoint_url: str, settings: Config | None = None, *, device: torch.device | None = None,
+                        workers: int = 1) -> Evaluation:
+    """Evaluate one complete checkpoint with the evaluator's `settings` (see `resolve_config`; None: the saved
+    config alone); `workers` > 1 scores shares in parallel Ray tasks and merges them."""
     start = time.perf_counter()
-    config = overrides or checkpoint_config(checkpoint_url, storage)
-    eval_prefix = eval_prefix or config.data.eval
-    if eval_prefix is None:
-        raise ValueError("no evaluation data: set data.eval to the URL of a densely labelled dataset prefix")
-    weights = weights or config.eval.weights
+    config = resolve_config(checkpoint_config(checkpoint_url, settings.storage if settings else None), settings)
+    _eval_prefix(config)  # fail before loading anything
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if workers > 1:
-        shares = _score_with_ray(checkpoint_url, config, eval_prefix, weights, storage, workers)
+        shares = _score_with_ray(checkpoint_url, config, workers)
     else:
-        model = load_weights(checkpoint_url, config, weights, storage, device)
-        shares = [score_share(model, config, eval_prefix, device=device, storage=storage)]
+        model = load_weights(checkpoint_url, config, device)
+        shares = [score_share(model, config, device=device)]
     accumulator, examples = shares[0].accumulator, list(shares[0].examples)
     for share in shares[1:]:
         accumulator.merge(share.accumulator)
         examples += share.examples
-    result = accumulator.compute(class_weights(config, storage))
-    commit = _commit(checkpoint_url, storage)
+    result = accumulator.compute(class_weights(config))
+    commit = json.loads(read_bytes(join_url(checkpoint_url, "COMMIT"), config.storage))
     return Evaluation(step=int(commit.get("step", -1)), samples_seen=commit.get("samples_seen"),
                       checkpoint=checkpoint_url, result=result, examples=examples[:EXAMPLES],
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, config=config)
 
 
-def _commit(checkpoint_url: str, storage: StorageConfig | None) -> dict[str, Any]:
-    import json
-
-    return json.loads(read_bytes(join_url(checkpoint_url, "COMMIT"), storage))
-
-
-def _score_remote(checkpoint_url: str, raw_config: dict, eval_prefix: str, weights: str,
-                  storage: StorageConfig | None, rank: int, world_size: int) -> tuple[dict, list, int]:
+def _score_remote(checkpoint_url: str, raw_config: dict, rank: int, world_size: int) -> tuple[dict, list, int]:
     config = validate(raw_config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_weights(checkpoint_url, config, weights, storage, device)
-    scored = score_share(model, config, eval_prefix, rank=rank, world_size=world_size, device=device,
-                         storage=storage)
+    model = load_weights(checkpoint_url, config, device)
+    scored = score_share(model, config, rank=rank, world_size=world_size, device=device)
     return scored.accumulator.state_dict(), scored.examples, scored.images
 
 
-def _score_with_ray(checkpoint_url: str, config: Config, eval_prefix: str, weights: str,
-                    storage: StorageConfig | None, workers: int) -> list[Scored]:
+def _score_with_ray(checkpoint_url: str, config: Config, workers: int) -> list[Scored]:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=config.cluster.address)
-    gpus = 1 if config.cluster.use_gpu else 0
-    remote = ray.remote(num_cpus=1, num_gpus=gpus)(_score_remote)
-    futures = [remote.remote(checkpoint_url, config.model_dump(mode="json"), eval_prefix, weights, storage, rank,
-                             workers) for rank in range(workers)]
+    connect_ray(config)
+    remote = ray.remote(**ray_options(config))(_score_remote)
+    futures = [remote.remote(checkpoint_url, config.model_dump(mode="json"), rank, workers) for rank in range(workers)]
     shares = []
     for state, examples, images in ray.get(futures):
         shares.append(Scored(MapAtK.from_state_dict(state), examples, images))

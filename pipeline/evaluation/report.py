@@ -31,25 +31,35 @@ HTML_FILE = "report.html"
 
 
 def read_records(reports_dir: str, storage: StorageConfig | None = None) -> list[dict[str, Any]]:
-    """Every evaluation recorded so far, in step order (a torn last line from a crash is ignored, with a warning)."""
+    """Every evaluation recorded so far, one per step (its first line), in step order (a torn last line from a
+    crash is ignored, with a warning)."""
     url = join_url(reports_dir, RESULTS_FILE)
     if not exists(url, storage):
         return []
-    records = []
+    records: dict[int, dict[str, Any]] = {}
     for number, line in enumerate(read_bytes(url, storage).decode("utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             log.warning("%s:%d: unreadable line ignored", url, number)
-    return sorted(records, key=lambda r: r["step"])
+            continue
+        records.setdefault(record["step"], record)
+    return [records[step] for step in sorted(records)]
 
 
 def append_record(reports_dir: str, record: dict[str, Any], storage: StorageConfig | None = None) -> None:
-    """Rewrite the JSONL with the new line (object stores cannot append; the write is atomic)."""
-    records = [r for r in read_records(reports_dir, storage) if r["step"] != record["step"]] + [record]
-    body = "".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: r["step"]))
+    """Add `record` unless its step is already recorded: idempotent per step, so a retried evaluation adds nothing.
+
+    Object stores cannot append, so the file is read and rewritten (each write atomic). One evaluator per run is
+    expected: two writing at the same moment can drop one's new line, which a later pass evaluates again.
+    """
+    records = read_records(reports_dir, storage)
+    if any(r["step"] == record["step"] for r in records):
+        log.info("step %d is already in %s; its first line is kept", record["step"], RESULTS_FILE)
+        return
+    body = "".join(json.dumps(r) + "\n" for r in sorted([*records, record], key=lambda r: r["step"]))
     write_bytes(join_url(reports_dir, RESULTS_FILE), body.encode("utf-8"), storage)
 
 
@@ -153,7 +163,8 @@ def render_html(records: list[dict[str, Any]], latest: Evaluation, plots: dict[s
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
 <h1>MAP@{k}: {100 * scalars[f"map@{k}"]:.2f}% at step {latest.step}</h1>
-<p>Checkpoint <code>{html.escape(latest.checkpoint)}</code>; {scalars["num_images"]:.0f} images,
+<p>Checkpoint <code>{html.escape(latest.checkpoint)}</code> ({html.escape(latest.config.eval.weights)} weights,
+class weighting {html.escape(latest.config.eval.class_weights)}); {scalars["num_images"]:.0f} images,
 {scalars["num_classes_with_positives"]:.0f} classes with positives. MAP@{k} ranks the images for each class
 (AP normalised by min({k}, positives), as TensorFlow's <code>average_precision_at_k</code>).</p>
 <table><tr>{head}</tr>{rows}</table>

@@ -1,9 +1,12 @@
 """The checkpoint-watching evaluator: every new complete checkpoint of a run -> one MAP@100 report line.
 
 Idempotent and resumable by construction: the set of evaluated steps is read back from `reports/map100.jsonl`
-before each poll, so a restarted evaluator (or a second one) skips what is done; only committed checkpoints
-(COMMIT marker present) are ever listed, so partial ones are never read. A checkpoint deleted by retention
-between listing and reading is skipped with a warning.
+before each poll, so a restarted evaluator skips what is done; only committed checkpoints (COMMIT marker present)
+are ever listed, so partial ones are never read. One evaluator per run is expected (the report is rewritten, not
+appended to: see `append_record`). Steps already reported with other eval settings are not evaluated again, with a
+warning. An evaluator that lags behind training can lose checkpoints to retention: those deleted before it got to
+them (inferred from the newest checkpoint's `checkpoint.every_steps`), or while it read them, are named in a
+warning.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config, StorageConfig
+from pipeline.config import Config
 from pipeline.data import read_manifest
 from pipeline.data.manifest import read_classes
-from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, evaluate_checkpoint
+from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, eval_settings, evaluate_checkpoint
 from pipeline.evaluation.report import append_record, read_records, write_report
 from pipeline.storage import StorageError, join_url
-from pipeline.storage.checkpoints import CheckpointRef, committed_checkpoints
+from pipeline.storage.checkpoints import CheckpointRef, committed_checkpoints, scheduled_steps
 
 log = logging.getLogger(__name__)
 
@@ -34,35 +37,74 @@ def run_dir_of(checkpoint_url: str) -> str:
 
 
 class CheckpointWatcher:
-    """Evaluates a run's checkpoints as they appear; `run(once=True)` evaluates what is there and returns."""
+    """Evaluates a run's checkpoints as they appear; `run(once=True)` evaluates what is there and returns.
 
-    def __init__(self, run_dir: str, *, eval_prefix: str | None = None, weights: str | None = None,
-                 storage: StorageConfig | None = None, workers: int = 1, poll_seconds: float = 30.0,
+    `config` is the evaluator's own config (eval settings, storage, data.eval, ...: `resolve_config`); None
+    evaluates each checkpoint with its saved config alone.
+    """
+
+    def __init__(self, run_dir: str, config: Config | None = None, *, workers: int = 1,
                  tensorboard: bool = True) -> None:
         self.run_dir = run_dir
+        self.config = config
+        self.storage = config.storage if config is not None else None
         self.reports_dir = join_url(run_dir, "reports")
-        self.eval_prefix = eval_prefix
-        self.weights = weights
-        self.storage = storage
         self.workers = workers
-        self.poll_seconds = poll_seconds
+        self.poll_seconds = (config or Config()).eval.poll_seconds
         self.tensorboard = tensorboard
+        self._warned: set[tuple[str, int]] = set()  # (why, step): each step is named once per watcher
 
     def pending(self, only: str | None = None) -> list[CheckpointRef]:
         """Committed checkpoints without a report line (only the one at URL `only`, if given)."""
-        done = {r["step"] for r in read_records(self.reports_dir, self.storage)}
-        refs = [ref for ref in committed_checkpoints(self.run_dir, self.storage) if ref.step not in done]
+        records = read_records(self.reports_dir, self.storage)
+        done = {r["step"] for r in records}
+        refs = committed_checkpoints(self.run_dir, self.storage)
+        self._warn_removed(done, refs)
+        self._warn_other_settings(records)
+        refs = [ref for ref in refs if ref.step not in done]
         if only is not None:
             refs = [ref for ref in refs if ref.url.rstrip("/") == only.rstrip("/")]
         return refs
 
+    def _unnamed(self, why: str, steps: list[int]) -> list[int]:
+        """The steps not yet named for `why`, now marked as named."""
+        fresh = [step for step in steps if (why, step) not in self._warned]
+        self._warned.update((why, step) for step in fresh)
+        return fresh
+
+    def _warn_removed(self, done: set[int], refs: list[CheckpointRef]) -> None:
+        """Name the checkpoints that retention removed before they were evaluated (the evaluator lags behind)."""
+        if not refs:
+            return
+        try:
+            saved = checkpoint_config(refs[-1].url, self.storage)
+        except StorageError:
+            return  # removed meanwhile; the next poll looks again
+        keep = saved.checkpoint
+        expected = scheduled_steps(keep.every_steps, saved.train.total_steps, refs[-1].step)
+        present = {ref.step for ref in refs}
+        removed = self._unnamed("removed", [step for step in expected if step not in done and step not in present])
+        if removed:
+            log.warning("%d checkpoint(s) were removed by retention before being evaluated, so map100.jsonl has no "
+                        "line for them: steps %s (checkpoint.keep_last=%d, keep_every=%d; keep more, or evaluate "
+                        "faster with --workers)", len(removed), _steps(removed), keep.keep_last, keep.keep_every)
+
+    def _warn_other_settings(self, records: list[dict]) -> None:
+        """Name reported steps whose eval settings differ from this evaluator's: they are not evaluated again."""
+        if self.config is None:
+            return
+        wanted = eval_settings(self.config)
+        differing = [r["step"] for r in records if any(r.get(key, value) != value for key, value in wanted.items())]
+        other = self._unnamed("settings", differing)
+        if other:
+            log.warning("%s/map100.jsonl already reports step(s) %s with other eval settings than %s; not evaluating "
+                        "them again (remove their lines to re-evaluate)", self.reports_dir, _steps(other), wanted)
+
     def evaluate(self, ref: CheckpointRef) -> Evaluation:
         """Evaluate one checkpoint, record it, regenerate the report."""
-        evaluation = evaluate_checkpoint(ref.url, self.eval_prefix, weights=self.weights, storage=self.storage,
-                                         workers=self.workers)
+        evaluation = evaluate_checkpoint(ref.url, self.config, workers=self.workers)
         append_record(self.reports_dir, evaluation.record(), self.storage)
-        config = checkpoint_config(ref.url, self.storage)
-        names, frequency = self._classes(config)
+        names, frequency = self._classes(evaluation.config)
         url = write_report(self.reports_dir, evaluation, names, frequency, self.storage)
         if self.tensorboard:
             self._tensorboard(evaluation)
@@ -80,6 +122,7 @@ class CheckpointWatcher:
                 try:
                     results.append(self.evaluate(ref))
                 except StorageError as exc:
+                    self._unnamed("removed", [ref.step])  # named here already
                     log.warning("checkpoint %s vanished while being evaluated (retention?): %s", ref.url, exc)
             done = {r["step"] for r in read_records(self.reports_dir, self.storage)}
             if once or (until_step is not None and any(step >= until_step for step in done)):
@@ -87,7 +130,7 @@ class CheckpointWatcher:
             time.sleep(self.poll_seconds)
 
     def _classes(self, config: Config) -> tuple[list[str], np.ndarray]:
-        prefix = config.data.train or self.eval_prefix or config.data.eval
+        prefix = config.data.train or config.data.eval
         try:
             classes = read_classes(prefix, read_manifest(prefix, self.storage), self.storage)
         except (StorageError, ValueError) as exc:
@@ -109,12 +152,18 @@ class CheckpointWatcher:
 
 def evaluate_latest(config: Config, workers: int = 1) -> str:
     """Evaluate the run's checkpoints that its report lacks (at least the final one); a one-line summary."""
-    watcher = CheckpointWatcher(config.run_dir, eval_prefix=config.data.eval, storage=config.storage, workers=workers)
+    watcher = CheckpointWatcher(config.run_dir, config, workers=workers)
     watcher.run(once=True)
     records = read_records(watcher.reports_dir, config.storage)
     if not records:
         return f"no complete checkpoint under {config.run_dir} to evaluate"
-    last, k = records[-1], config.eval.k
+    last = records[-1]
+    k = last.get("k", config.eval.k)  # lines written before k was recorded: assume this config's
     report = join_url(watcher.reports_dir, "report.html")
     return (f"MAP@{k} {100 * last[f'map@{k}']:.2f}% (per image {100 * last[f'image_map@{k}']:.2f}%) at step "
             f"{last['step']} on {last['num_images']:.0f} images; report: {report}")
+
+
+def _steps(steps: list[int], shown: int = 10) -> str:
+    more = f" and {len(steps) - shown} more" if len(steps) > shown else ""
+    return ", ".join(map(str, steps[:shown])) + more

@@ -43,6 +43,14 @@ def committed_checkpoints(run_dir: str, storage: StorageConfig | None = None) ->
     return [ref for ref in step_dirs(run_dir, storage) if exists(join_url(ref.url, COMMIT), storage)]
 
 
+def scheduled_steps(every_steps: int, total_steps: int, until: int) -> list[int]:
+    """The steps up to `until` at which training publishes a checkpoint: every `every_steps`, and the last step."""
+    steps = list(range(every_steps, until + 1, every_steps))
+    if total_steps <= until and total_steps % every_steps:
+        steps.append(total_steps)
+    return steps
+
+
 def latest_checkpoint(run_dir: str, storage: StorageConfig | None = None) -> CheckpointRef | None:
     refs = committed_checkpoints(run_dir, storage)
     return refs[-1] if refs else None

@@ -13,17 +13,16 @@ import logging
 import os
 from typing import Any
 
+from pipeline.cluster import connect_ray
 from pipeline.config import Config, validate
 from pipeline.data import check_shard_split, read_manifest
 from pipeline.storage import absolute_url, join_url, read_bytes
 from pipeline.storage.checkpoints import COMMIT, latest_checkpoint
+from pipeline.train.failure import clear_failure, raise_recorded_failure, record_failure
 from pipeline.train.loop import WorkerContext, train
+from pipeline.train.step import NonFiniteError
 
 log = logging.getLogger(__name__)
-
-# Non-secret settings forwarded to workers on other nodes; credentials come from each node's own chain
-# (instance role / workload identity / profile), never from the driver's environment.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
 
 
 def preflight(config: Config) -> None:
@@ -34,11 +33,14 @@ def preflight(config: Config) -> None:
     if manifest.num_classes != config.model.num_classes:
         raise ValueError(f"model.num_classes={config.model.num_classes} but the training data at {config.data.train} "
                          f"has {manifest.num_classes} classes; set model.num_classes={manifest.num_classes}")
-    check_shard_split(manifest, config.cluster.num_workers, config.data.loader_workers)
+    check_shard_split(manifest, config.cluster.num_workers, config.data.loader_workers, config.per_worker_batch_size)
 
 
 def train_worker(raw_config: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker: rank and device from Ray Train's context, then the loop."""
+    """Entry point of every Ray Train worker: rank and device from Ray Train's context, then the loop.
+
+    A `NonFiniteError` is recorded, not raised: Ray Train would retry it (see `pipeline.train.failure`).
+    """
     import ray.train
     import ray.train.torch
 
@@ -47,7 +49,15 @@ def train_worker(raw_config: dict[str, Any]) -> None:
     ctx = WorkerContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
                         local_rank=context.get_local_rank(), node_rank=context.get_node_rank(),
                         device=ray.train.torch.get_device())
-    train(validate(raw_config), ctx, report=ray.train.report)
+    config = validate(raw_config)
+    if ctx.rank == 0:
+        clear_failure(config.run_dir, config.storage)  # a record from an earlier attempt is stale now
+    try:
+        train(config, ctx, report=ray.train.report)
+    except NonFiniteError as error:  # every rank stops at the same step; none may raise, or Ray retries the group
+        log.error("rank %d: %s", ctx.rank, error)
+        if ctx.rank == 0:
+            record_failure(config.run_dir, error, config.storage)
 
 
 def _ray_storage(config: Config) -> dict[str, Any]:
@@ -89,15 +99,13 @@ def prepare(config: Config) -> Config:
 def launch(config: Config) -> dict[str, Any]:
     """Run training on the Ray cluster at `cluster.address` (or RAY_ADDRESS, or a new local one).
 
-    Returns the final metrics of rank 0. `config` must come from `prepare` (absolute paths, checks done).
+    Returns the final metrics of rank 0; raises `NonFiniteError` (naming the step) when training stopped on
+    NaN/Inf, without Ray retries. `config` must come from `prepare` (absolute paths, checks done).
     """
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-        ray.init(address=config.cluster.address, runtime_env={"env_vars": env} if env else None)
+    connect_ray(config)  # forwards FORWARDED_ENV, also when the background evaluator connected first
     cluster = config.cluster
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
@@ -115,6 +123,7 @@ def launch(config: Config) -> dict[str, Any]:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    raise_recorded_failure(config.run_dir, config.storage)
     return final_metrics(config)
 
 

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,7 @@ from pipeline.data import ShardStream, read_manifest, to_device
 from pipeline.storage import join_url, write_bytes
 from pipeline.train.checkpoint import Checkpointer, load_checkpoint
 from pipeline.train.metrics import MetricsWriter
+from pipeline.train.rng import rng_state, seed_rank, set_rng_state
 from pipeline.train.step import build_train_state, train_step
 
 log = logging.getLogger(__name__)
@@ -68,14 +70,23 @@ def wrap_model(model: torch.nn.Module, config: Config, ctx: WorkerContext) -> to
     return model
 
 
-def gather_loader_states(loader: ShardStream, ctx: WorkerContext) -> list[dict]:
-    """Every rank's loader position, in rank order (collective: all ranks must call it)."""
-    state = loader.state_dict()
+def gather_ranks(value: Any, ctx: WorkerContext) -> list:
+    """Every rank's `value` (picklable), in rank order (collective: all ranks must call it)."""
     if ctx.world_size == 1:
-        return [state]
-    states: list = [None] * ctx.world_size
-    dist.all_gather_object(states, state)
-    return states
+        return [value]
+    values: list = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _close_after_error(*closers: Callable[[], None]) -> None:
+    """Finish background work (checkpoint upload, TensorBoard upload) on the way out of a failed run, without
+    masking its error: the last checkpoint gets committed and the events up to the failure get published."""
+    for close in closers:
+        try:
+            close()
+        except Exception:
+            log.exception("while stopping after an error")
 
 
 def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | None = None) -> dict:
@@ -90,6 +101,7 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
     # Build.
     state = build_train_state(config, device, samples_per_epoch=manifest.num_samples)
     state.model = wrap_model(state.model, config, ctx)
+    seed_rank(config.train.seed, ctx.rank)  # after the (identical) initialisation: dropout differs across ranks
     loader = ShardStream(config.data.train, config.data, batch_size=config.per_worker_batch_size, rank=ctx.rank,
                          world_size=ctx.world_size, train=True, storage=storage, num_classes=num_classes)
     checkpointer = Checkpointer(config.run_dir, config, storage)
@@ -102,6 +114,9 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
         state.load_state_dict(restored["state"])
         if restored["loader"] is not None:
             loader.load_state_dict(restored["loader"])
+        rngs = restored["state"].get("rng")
+        if rngs is not None and len(rngs) == ctx.world_size:
+            set_rng_state(rngs[ctx.rank], device)
         log.info("rank %d resumed from %s (step %d, %d samples seen)", ctx.rank, latest.url, state.step,
                  state.samples_seen)
     start_step = state.step
@@ -111,41 +126,53 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
     trained_keys: list[str] = []  # since the last checkpoint, for train.log_samples
     wait_s = 0.0
     fetch_start = window_start = time.perf_counter()
-    window_steps = 0
+    window_steps = window_ignored = 0
     batches = iter(loader)
-    while state.step < config.train.total_steps:
-        batch = next(batches)
-        images, targets = to_device(batch, device, num_classes, channels_last=config.train.channels_last)
-        wait_s += time.perf_counter() - fetch_start
-        result = train_step(state, config, images, targets, global_batch_size=config.train.global_batch_size)
-        if config.train.log_samples:
-            trained_keys += [key for key, ok in zip(batch.keys, batch.valid.tolist(), strict=True) if ok]
-        window_steps += 1
-        if state.step % config.train.log_every == 0 or state.step == config.train.total_steps:
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "step": state.step, "samples_seen": state.samples_seen, "loss": result.loss, "lr": result.lr,
-                "grad_norm": result.grad_norm,
-                "samples_per_s": window_steps * config.train.global_batch_size / elapsed,
-                "samples_per_s_per_worker": window_steps * config.per_worker_batch_size / elapsed,
-                "data_wait_fraction": wait_s / elapsed, "skipped_nonfinite": state.skipped_nonfinite,
-                **{f"data/{k}": v for k, v in loader.metrics().items()},
-            }
-            metrics.write(record)
-            window_start, window_steps, wait_s = time.perf_counter(), 0, 0.0
-        if state.step % config.checkpoint.every_steps == 0 or state.step == config.train.total_steps:
-            loader_states = gather_loader_states(loader, ctx)
+    try:
+        while state.step < config.train.total_steps:
+            with torch.random.fork_rng(devices=[]):  # loading must not draw from the model's random stream
+                batch = next(batches)
+            images, targets = to_device(batch, device, num_classes, channels_last=config.train.channels_last)
+            valid = batch.valid.to(device, non_blocking=True)
+            wait_s += time.perf_counter() - fetch_start
+            result = train_step(state, config, images, targets, valid,
+                                global_batch_size=config.train.global_batch_size)
             if config.train.log_samples:
-                # Written before the checkpoint commits: a step's keys are on record whenever its checkpoint is.
-                name = f"rank-{ctx.rank:05d}-step-{state.step:09d}.json"
-                write_bytes(join_url(config.run_dir, "samples", name), json.dumps(trained_keys).encode(), storage)
-                trained_keys = []
-                if ctx.world_size > 1:
-                    dist.barrier()
-            if ctx.rank == 0:
-                checkpointer.save(state.step, state.state_dict(), {"ranks": loader_states},
-                                  extra={"metrics": metrics.last})
-        fetch_start = time.perf_counter()
+                trained_keys += [key for key, ok in zip(batch.keys, batch.valid.tolist(), strict=True) if ok]
+            window_steps += 1
+            window_ignored += result.ignored
+            if state.step % config.train.log_every == 0 or state.step == config.train.total_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": state.step, "samples_seen": state.samples_seen, "loss": result.loss, "lr": result.lr,
+                    "grad_norm": result.grad_norm,
+                    "samples_per_s": window_steps * config.train.global_batch_size / elapsed,
+                    "samples_per_s_per_worker": window_steps * config.per_worker_batch_size / elapsed,
+                    "data_wait_fraction": wait_s / elapsed, "skipped_nonfinite": state.skipped_nonfinite,
+                    "ignored_images": window_ignored,  # this rank's since the last record: padding (+ unlabeled)
+                    **{f"data/{k}": v for k, v in loader.metrics().items()},
+                }
+                metrics.write(record)
+                window_start, window_steps, window_ignored, wait_s = time.perf_counter(), 0, 0, 0.0
+            if state.step % config.checkpoint.every_steps == 0 or state.step == config.train.total_steps:
+                ranks = gather_ranks((loader.state_dict(), rng_state(device)), ctx)
+                if config.train.log_samples:
+                    # Written before the checkpoint commits: a step's keys are on record whenever its checkpoint is.
+                    name = f"rank-{ctx.rank:05d}-step-{state.step:09d}.json"
+                    write_bytes(join_url(config.run_dir, "samples", name), json.dumps(trained_keys).encode(),
+                                storage)
+                    trained_keys = []
+                    if ctx.world_size > 1:
+                        dist.barrier()
+                if ctx.rank == 0:
+                    metrics.flush()  # TensorBoard on object storage: visible during the run, up to this checkpoint
+                    checkpointer.save(state.step, {**state.state_dict(), "rng": [rng for _, rng in ranks]},
+                                      {"ranks": [loader_state for loader_state, _ in ranks]},
+                                      extra={"metrics": metrics.last})
+            fetch_start = time.perf_counter()
+    except BaseException:
+        _close_after_error(checkpointer.wait, metrics.close)
+        raise
     checkpointer.wait()
     metrics.close()
     final = metrics.last or {"step": state.step, "samples_seen": state.samples_seen}

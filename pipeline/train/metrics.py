@@ -3,7 +3,9 @@
 Only rank 0 writes to the console and TensorBoard; every rank calls the reporter, because Ray Train's report is a
 barrier that all workers must reach the same number of times. TensorBoard event files go straight into
 `<run>/tensorboard/` when the run directory is local; for object storage they are written to a local directory
-and uploaded on `flush()`/`close()` (TensorBoard cannot append to S3 objects).
+and uploaded whole on `flush()`/`close()` (TensorBoard cannot append to S3 objects). The loop flushes at every
+checkpoint and closes on the way out of a failed run too, so a run's curves are visible while it trains and
+survive a failure (a killed process keeps them up to its last checkpoint).
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ class RMSpropTF(torch.optim.Optimizer):
                     state["momentum"] = torch.zeros_like(p, dtype=torch.float32)
                 mean_square, mom = state["mean_square"], state["momentum"]
                 mean_square.mul_(decay).addcmul_(grad, grad, value=1.0 - decay)
-                update = grad.div_(mean_square.add(epsilon).sqrt_())
+                # out of place: for fp32 parameters `grad` is `p.grad` itself, which callers may still read
+                update = grad / mean_square.add(epsilon).sqrt_()
                 if momentum > 0:
                     mom.mul_(momentum).add_(update, alpha=lr)
                     p.sub_(mom.to(p.dtype))
@@ -90,6 +91,6 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     if opt.name == "rmsprop_tf":
         return RMSpropTF(groups, lr=config.scaled_lr, decay=opt.rmsprop_decay, momentum=opt.momentum,
                          epsilon=opt.epsilon)
-    # SGD: torch's weight_decay is exactly L2 added to the gradient, and torch's momentum is TF's
-    # MomentumOptimizer up to where lr is applied, which only differs when lr changes mid-run.
+    # SGD: torch's weight_decay is exactly L2 added to the gradient, and torch's momentum update
+    # (buf = m * buf + g; p -= lr * buf) is TF's MomentumOptimizer (accum = m * accum + g; p -= lr * accum).
     return torch.optim.SGD(groups, lr=config.scaled_lr, momentum=opt.momentum)

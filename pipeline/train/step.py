@@ -3,6 +3,10 @@
 `TrainState` gathers what a checkpoint must hold (model, optimizer, EMA, counters), each with
 `state_dict()` / `load_state_dict()` in the torchtitan manner; `train_step` is forward, loss, backward,
 non-finite check, optional clipping, optimizer, EMA: nothing else.
+
+A skipped non-finite step (`train.nonfinite=skip`) leaves no trace: the forward pass updates BatchNorm's running
+statistics by itself (to NaN, on a bad batch), so the step snapshots the module's buffers first and puts them back
+when it skips; the optimizer and the EMA are not touched.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.models import build_model
 from pipeline.train.ema import ModelEma, unwrap
-from pipeline.train.loss import compute_loss
+from pipeline.train.loss import compute_loss, loss_mask
 from pipeline.train.optim import build_optimizer
 from pipeline.train.schedule import StepDecaySchedule, build_schedule
 
@@ -26,7 +30,17 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteError(FloatingPointError):
-    """The loss or the gradients became NaN/Inf; the message names the step so the run can be inspected."""
+    """The loss or the gradients became NaN/Inf; the message (and `step`) name the step so the run can be inspected.
+
+    Deterministic: a restart from the last checkpoint fails the same way, so launchers must not retry it.
+    """
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+    def __reduce__(self):  # keeps `step` through pickling (Ray ships exceptions between processes)
+        return type(self), (str(self), self.step)
 
 
 @dataclass
@@ -77,6 +91,7 @@ class StepResult:
     lr: float
     grad_norm: float
     skipped: bool
+    ignored: int = 0  # this rank's images left out of the loss: padding, and for softmax unlabeled images
 
 
 def autocast(config: Config, device: torch.device):
@@ -85,11 +100,12 @@ def autocast(config: Config, device: torch.device):
 
 
 def train_step(state: TrainState, config: Config, images: torch.Tensor, targets: torch.Tensor,
-               global_batch_size: int | None = None) -> StepResult:
+               valid: torch.Tensor | None = None, global_batch_size: int | None = None) -> StepResult:
     """One optimizer step on a (per-rank) batch; `global_batch_size` advances the sample counter (default: this batch).
 
-    With `train.micro_batches` = m the batch is processed as m equal chunks whose gradients accumulate (BN
-    statistics are then per chunk, as they are per rank under DDP).
+    `valid` (B,) bool marks the images that count (`Batch.valid`; default: all); the loss is their mean
+    (`pipeline.train.loss`). With `train.micro_batches` = m the batch is processed as m equal chunks whose
+    gradients accumulate (BN statistics are then per chunk, as they are per rank under DDP).
 
     Under DDP the gradients are all-reduced in backward, so the non-finite decision (made on the gradient norm)
     is the same on every rank and no rank is left waiting.
@@ -101,12 +117,17 @@ def train_step(state: TrainState, config: Config, images: torch.Tensor, targets:
     model.train()
     optimizer.zero_grad(set_to_none=True)
     micro = config.train.micro_batches
+    mask = loss_mask(config.loss, targets, valid)
+    counted = int(mask.sum())
+    # The forward pass moves BN running statistics by itself: a step that may be skipped can put them back.
+    buffers = _snapshot_buffers(model) if config.train.nonfinite == "skip" else None
     loss_value = 0.0
-    for index, (x, y) in enumerate(zip(images.chunk(micro), targets.chunk(micro), strict=True)):
+    chunks = zip(images.chunk(micro), targets.chunk(micro), mask.chunk(micro), strict=True)
+    for index, (x, y, m) in enumerate(chunks):
         # Under DDP only the last micro-batch all-reduces; the others accumulate locally.
         sync = index == micro - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync(), autocast(config, images.device):
-            loss = compute_loss(config.loss, model(x), y) / micro
+            loss = compute_loss(config.loss, model(x), y, m, denominator=max(counted, 1))
         loss.backward()
         loss_value += float(loss.detach())
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -118,16 +139,30 @@ def train_step(state: TrainState, config: Config, images: torch.Tensor, targets:
     finite = math.isfinite(grad_norm)
     state.step += 1
     state.samples_seen += global_batch_size or images.shape[0]
+    ignored = images.shape[0] - counted
     if not finite:
         what = f"step {state.step}: loss={loss_value}, grad_norm={grad_norm} (lr={lr:.3g})"
         if config.train.nonfinite == "error":
             raise NonFiniteError(f"non-finite loss or gradients at {what}; set train.nonfinite=skip to skip such "
-                                 "steps, or lower optimizer.lr / enable optimizer.grad_clip_norm")
+                                 "steps, or lower optimizer.lr / enable optimizer.grad_clip_norm", step=state.step)
+        if buffers is not None:
+            _restore_buffers(model, buffers)
         state.skipped_nonfinite += 1
         optimizer.zero_grad(set_to_none=True)
         log.warning("skipped non-finite %s (%d skipped so far)", what, state.skipped_nonfinite)
-        return StepResult(loss_value, lr, grad_norm, skipped=True)
+        return StepResult(loss_value, lr, grad_norm, skipped=True, ignored=ignored)
     optimizer.step()
     if state.ema is not None:
         state.ema.update(model)
-    return StepResult(loss_value, lr, grad_norm, skipped=False)
+    return StepResult(loss_value, lr, grad_norm, skipped=False, ignored=ignored)
+
+
+def _snapshot_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of the module's buffers (BN running statistics and counters: small next to the weights)."""
+    return [buffer.detach().clone() for buffer in unwrap(model).buffers()]
+
+
+@torch.no_grad()
+def _restore_buffers(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    for buffer, value in zip(unwrap(model).buffers(), saved, strict=True):
+        buffer.copy_(value)

@@ -126,8 +126,10 @@ def _raw_decode(sample: dict, rng: random.Random) -> object:
 
 
 def _children_cpu_s() -> float:
-    """CPU seconds (user + system) of this process's live child processes, except the S3 server."""
-    tick, me, total = os.sysconf("SC_CLK_TCK"), os.getpid(), 0.0
+    """CPU seconds (user + system) of this process's live descendants, except the S3 server.
+
+    Descendants, not children: DataLoader workers start from a fork server, so they are grandchildren."""
+    tick, processes = os.sysconf("SC_CLK_TCK"), {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -136,9 +138,15 @@ def _children_cpu_s() -> float:
         except OSError:
             continue
         comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == me and comm != "weed":
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+        processes[int(entry)] = (int(fields[1]), comm, (int(fields[11]) + int(fields[12])) / tick)
+    total, parents = 0.0, {os.getpid()}
+    while True:
+        found = {pid for pid, (ppid, comm, _) in processes.items()
+                 if ppid in parents and pid not in parents and comm != "weed"}
+        if not found:
+            return total
+        total += sum(processes[pid][2] for pid in found)
+        parents |= found
 
 
 def _baseline_worker(args: tuple[str, list[str], int]) -> list[tuple[int, float, float]]:

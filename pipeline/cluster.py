@@ -1,0 +1,25 @@
+"""Connecting a driver to the Ray cluster, shared by training and evaluation (imports only `pipeline.config`).
+
+Whichever of them connects first decides the job's runtime environment (`ray.init` takes effect once), so both go
+through `connect_ray`: the environment settings every node needs are forwarded however the job starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pipeline.config import Config
+
+# Non-secret settings forwarded to workers on other nodes; credentials come from each node's own chain
+# (instance role / workload identity / profile), never from the driver's environment.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+
+
+def connect_ray(config: Config) -> None:
+    """Connect to `cluster.address` (or RAY_ADDRESS, or a new local cluster) unless already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    ray.init(address=config.cluster.address, runtime_env={"env_vars": env} if env else None)

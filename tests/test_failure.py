@@ -1,0 +1,61 @@
+"""A NaN/Inf stop is recorded by the workers and re-raised by the launcher, so Ray Train does not retry it."""
+
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.storage import exists, join_url
+from pipeline.train import launcher
+from pipeline.train.failure import FAILED, clear_failure, raise_recorded_failure, record_failure
+from pipeline.train.step import NonFiniteError
+
+
+def test_recorded_failure_is_raised_with_its_step_until_cleared(tmp_path):
+    run_dir = str(tmp_path / "run")
+    raise_recorded_failure(run_dir)  # nothing recorded: nothing raised
+    record_failure(run_dir, NonFiniteError("non-finite loss or gradients at step 7: loss=nan", step=7))
+    with pytest.raises(NonFiniteError, match="at step 7") as caught:
+        raise_recorded_failure(run_dir)
+    assert caught.value.step == 7
+    clear_failure(run_dir)
+    clear_failure(run_dir)  # idempotent
+    raise_recorded_failure(run_dir)
+
+
+def test_nonfinite_error_keeps_its_step_through_pickling():
+    error = pickle.loads(pickle.dumps(NonFiniteError("at step 3", step=3)))
+    assert isinstance(error, NonFiniteError) and error.step == 3 and str(error) == "at step 3"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_train_worker_records_a_nonfinite_stop_instead_of_raising(tmp_path, monkeypatch, rank):
+    """Without Ray: Ray Train's context is faked, the loop raises as it does on a NaN."""
+    pytest.importorskip("ray")
+    import ray.train
+    import ray.train.torch
+
+    config = load_config("demo", [f"run.storage={tmp_path}", "model.num_classes=5"])
+    context = SimpleNamespace(get_world_rank=lambda: rank, get_world_size=lambda: 2, get_local_rank=lambda: rank,
+                              get_node_rank=lambda: 0)
+    monkeypatch.setattr(ray.train, "get_context", lambda: context)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+
+    def nan_at_step_5(config, ctx, report):
+        raise NonFiniteError("non-finite loss or gradients at step 5", step=5)
+
+    monkeypatch.setattr(launcher, "train", nan_at_step_5)
+    record_failure(config.run_dir, NonFiniteError("from an earlier attempt", step=2))
+    launcher.train_worker(config.model_dump(mode="json"))  # returns normally on every rank
+    if rank == 0:  # a fresh record replaces the stale one
+        with pytest.raises(NonFiniteError, match="at step 5") as caught:
+            raise_recorded_failure(config.run_dir)
+        assert caught.value.step == 5
+    else:  # only rank 0 writes; the stale record is rank 0's to clear
+        assert exists(join_url(config.run_dir, FAILED))
+
+    monkeypatch.setattr(launcher, "train", lambda config, ctx, report: None)
+    launcher.train_worker(config.model_dump(mode="json"))
+    assert exists(join_url(config.run_dir, FAILED)) == (rank != 0)  # a successful attempt clears a stale record
