@@ -37,9 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pipeline.evaluation.background import start_background_evaluator
     from pipeline.evaluation.watcher import evaluate_latest
+    from pipeline.storage import StorageError
     from pipeline.train.launcher import launch, prepare
 
-    config = prepare(config)  # the demo dataset when data.demo stands in for data.train; pre-launch checks
+    try:  # the demo dataset when data.demo stands in for data.train; data vs config vs cluster checks
+        config = prepare(config)
+    except (ValueError, StorageError) as exc:  # ShardSplitError, class-count mismatch, missing manifest, ...
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     background = start_background_evaluator(config) if config.eval.with_training else None
     metrics = launch(config)
     print(f"training finished at step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}")

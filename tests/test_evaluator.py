@@ -3,6 +3,7 @@
 import json
 import logging
 import re
+import shutil
 import sys
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 from pipeline.cluster import FORWARDED_ENV, connect_ray
 from pipeline.config import config_to_yaml, load_config
-from pipeline.data import ShardStream, to_device
+from pipeline.data import ShardStream, read_manifest, to_device
+from pipeline.data.manifest import vocabulary
 from pipeline.evaluation import evaluator
 from pipeline.evaluation.background import start_background_evaluator
 from pipeline.evaluation.evaluator import evaluate_checkpoint, load_weights, ray_options, resolve_config
@@ -41,6 +43,26 @@ def _checkpoints(demo, tmp_path, steps=(1, 2)):
                    (torch.rand(4, demo.num_classes, generator=g) < 0.1).float())
         saver.save(step, state.state_dict())
     return config, state
+
+
+def test_eval_data_with_other_classes_is_refused(tiny_demo, tmp_path):
+    config = _config(tiny_demo, tmp_path)
+    state = build_train_state(config)
+    saver = Checkpointer(config.run_dir, config)
+    classes = vocabulary(tiny_demo.train, read_manifest(tiny_demo.train))
+    saver.save(1, state.state_dict(), extra={"vocabulary": classes})
+    url = join_url(config.run_dir, "checkpoints", step_dir_name(1))
+    assert evaluate_checkpoint(url, config).result.num_images == 80  # the eval set shares the training classes
+    # The same eval shards with two class names swapped: ids now mean other classes.
+    swapped = tmp_path / "swapped-eval"
+    shutil.copytree(tiny_demo.eval, swapped)
+    lines = (swapped / "classes.tsv").read_text().splitlines()
+    first, second = lines[1].split("\t"), lines[2].split("\t")
+    first[1], second[1] = second[1], first[1]
+    lines[1:3] = ["\t".join(first), "\t".join(second)]
+    (swapped / "classes.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"eval data's classes .* are not the model's .* --vocab "):
+        evaluate_checkpoint(url, _config(tiny_demo, tmp_path, f"data.eval={swapped}"))
 
 
 def test_watcher_reports_each_checkpoint_once_and_ignores_partial_ones(tiny_demo, tmp_path):

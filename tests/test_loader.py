@@ -112,6 +112,7 @@ def test_writer_to_s3_to_loader_round_trip(s3_prefix: str, decoder: str) -> None
     stream = ShardStream(s3_prefix, data, batch_size=4, rank=0, world_size=1, train=False)
     seen = {}
     for batch in stream:
+        assert batch.images.is_contiguous(memory_format=torch.channels_last)  # HWC as decoded, no host transpose
         for i, key in enumerate(batch.keys):
             if batch.valid[i]:
                 seen[key] = (batch.images[i].permute(1, 2, 0).numpy(), batch.labels(i))
@@ -361,7 +362,7 @@ def test_check_shard_split_refuses_too_few_shards(uneven: str) -> None:
 
 
 def test_to_device_multi_hot_and_normalisation() -> None:
-    images = torch.zeros(3, 3, 4, 4, dtype=torch.uint8)
+    images = torch.zeros(3, 3, 4, 4, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)  # as loaded
     images[0] = 255
     images[1, :, 0, 0] = 51
     batch = Batch(images=images, label_ids=torch.tensor([1, 3, 0]), label_offsets=torch.tensor([0, 2, 2, 3]),
@@ -369,7 +370,7 @@ def test_to_device_multi_hot_and_normalisation() -> None:
                   epoch=0, segment=0, slot=0, index=0,
                   position=3)
     x, y = to_device(batch, "cpu", num_classes=5)
-    assert x.dtype == torch.float32 and x.shape == (3, 3, 4, 4)
+    assert x.dtype == torch.float32 and x.shape == (3, 3, 4, 4) and x.is_contiguous()
     assert float(x[0].min()) == 1.0 and float(x[2].max()) == -1.0
     assert float(x[1, 0, 0, 0]) == pytest.approx(51 / 127.5 - 1)
     assert y.tolist() == [[0, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]]

@@ -51,11 +51,14 @@ def test_head_bias_prior_is_applied():
     assert abs(logits.mean().item() - config.head_bias) < 1.0
 
 
-@pytest.mark.parametrize("option", ["train.precision=bf16", "train.channels_last=true", "optimizer.name=sgd",
-                                    "optimizer.grad_clip_norm=0.5", "model.checkpoint_middle_flow=true"])
+@pytest.mark.parametrize("option", ["train.precision=fp32", "train.precision=bf16", "train.channels_last=false",
+                                    "train.channels_last=true", "optimizer.name=sgd", "optimizer.grad_clip_norm=0.5",
+                                    "model.checkpoint_middle_flow=true"])
 def test_step_options_train(option):
     config = load_config("demo", [*TINY, option, "optimizer.lr=0.01"])
     state = build_train_state(config)
+    kernel = next(p for p in state.model.parameters() if p.ndim == 4 and p.shape[-1] > 1)  # a 3x3 conv kernel
+    assert kernel.is_contiguous(memory_format=torch.channels_last) == config.train.channels_last
     images, targets = fixed_batch()
     first = train_step(state, config, images, targets)
     for _ in range(14):

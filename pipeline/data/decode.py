@@ -9,7 +9,8 @@ Training decodes with simplejpeg may use libjpeg-turbo's fast integer IDCT and c
 (`data.fast_train_decode`, ~10% faster, differences of a level or two that augmentation dwarfs); evaluation
 always decodes accurately.
 Both decoders then crop (a view) and resize with torch's uint8 antialiased bilinear kernel (Pillow's BILINEAR
-at ~2.5x the speed). Output: uint8 CHW tensors.
+at ~2.5x the speed). Output: uint8 (3, H, W) tensors in channels-last memory (HWC), which is how JPEGs decode
+and how batches are kept until the device.
 
 Augmentation (training): the Inception "random resized crop" (area fraction in [min_area, max_area] of the image,
 aspect ratio log-uniform in [min_aspect, max_aspect], 10 tries, then a centre crop of the clamped aspect), then a
@@ -95,19 +96,21 @@ def _fast_scale(size: tuple[int, int], needed: tuple[int, int]) -> tuple[int, in
 
 
 def _crop_resize(pixels: np.ndarray, box: Box, source: tuple[int, int], out: int) -> torch.Tensor:
-    """Crop `box` (source pixels) from the decoded HWC array (maybe DCT-scaled) and resize to (3, out, out) uint8.
+    """Crop `box` (source pixels) from the decoded HWC array (maybe DCT-scaled) and resize to (3, out, out) uint8
+    in channels-last memory (HWC, as decoded: no transpose anywhere on the host).
 
     torch's uint8 antialiased bilinear kernel matches Pillow's BILINEAR resize (mean difference < 0.01 levels)
-    at about 2.5x its speed; the crop is a view, never copied.
+    at about 2.5x its speed, and at twice its NCHW speed on compact channels-last input.
     """
     height, width = pixels.shape[:2]
     sx, sy = width / source[0], height / source[1]
     left, top = min(width - 1, max(0, round(box[0] * sx))), min(height - 1, max(0, round(box[1] * sy)))
     right, bottom = max(left + 1, min(width, round(box[2] * sx))), max(top + 1, min(height, round(box[3] * sy)))
-    region = torch.from_numpy(pixels[top:bottom, left:right]).permute(2, 0, 1)
-    if region.shape[1:] == (out, out):
-        return region.clone(memory_format=torch.contiguous_format)  # `pixels` may be a reused buffer
-    return F.interpolate(region[None], size=(out, out), mode="bilinear", antialias=True, align_corners=False)[0]
+    region = torch.from_numpy(pixels[top:bottom, left:right]).permute(2, 0, 1)[None]
+    if region.shape[2:] == (out, out):
+        return region.clone(memory_format=torch.channels_last)[0]  # a copy: `pixels` may be a reused buffer
+    region = region.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(region, size=(out, out), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 _scratch = threading.local()

@@ -89,7 +89,7 @@ class BadDataError(RuntimeError):
 class Batch:
     """One rank's batch. Images stay uint8 on the host; `to_device` normalises them and builds multi-hot targets."""
 
-    images: torch.Tensor  # uint8 (B, 3, H, W)
+    images: torch.Tensor  # uint8 (B, 3, H, W), channels-last memory (each image HWC, as decoded)
     label_ids: torch.Tensor  # int64 (L,): the class ids of every sample, concatenated
     label_offsets: torch.Tensor  # int64 (B + 1,): sample i has label_ids[offsets[i]:offsets[i + 1]]
     keys: list[str]  # sample keys ("" for padding)
@@ -130,9 +130,8 @@ def to_device(batch: Batch, device: torch.device | str, num_classes: int, channe
     targets float32 multi-hot (B, num_classes), built on the device from the sparse ids. Padding rows are all zero."""
     if batch.label_ids.numel() and int(batch.label_ids.max()) >= num_classes:
         raise ValueError(f"batch has class id {int(batch.label_ids.max())} but num_classes={num_classes}")
-    images = batch.images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = batch.images.to(device, non_blocking=True)  # layout changes on uint8 move a quarter of fp32 bytes
+    images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     images = images.float().div_(127.5).sub_(1.0)
     if dtype != torch.float32:
         images = images.to(dtype)
@@ -354,13 +353,16 @@ class _BatchBuilder:
         self._new()
 
     def _new(self) -> None:
-        shape = (self.size, 3, self.image_size, self.image_size)
+        side = self.image_size
+        # (B, 3, H, W) in channels-last memory, the layout images decode in (`pipeline.data.decode`)
         if get_worker_info() is not None:  # in a DataLoader worker: build the batch in shared memory, as
             # torch's default_collate does, so that sending it to the main process copies nothing
-            storage = torch.UntypedStorage._new_shared(self.size * 3 * self.image_size ** 2)
-            self.images = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+            storage = torch.UntypedStorage._new_shared(self.size * 3 * side ** 2)
+            hwc = torch.empty(0, dtype=torch.uint8).set_(storage).view(self.size, side, side, 3)
+            self.images = hwc.permute(0, 3, 1, 2)
         else:
-            self.images = torch.empty(shape, dtype=torch.uint8)
+            self.images = torch.empty((self.size, 3, side, side), dtype=torch.uint8,
+                                      memory_format=torch.channels_last)
         self.ids: list[int] = []
         self.offsets = [0]
         self.keys: list[str] = []

@@ -15,6 +15,7 @@ Shard URLs are relative to the prefix (absolute URLs are allowed too). classes.t
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
@@ -145,6 +146,14 @@ def read_classes(prefix: str, manifest: Manifest, options: StorageConfig | None 
     if len(classes) != manifest.num_classes:
         raise ManifestError(f"{url}: {len(classes)} classes but the manifest says {manifest.num_classes}")
     return classes
+
+
+def vocabulary(prefix: str, manifest: Manifest, options: StorageConfig | None = None) -> dict[str, object]:
+    """What a model's class ids mean: the classes file's URL, the class count, and the sha256 of the class names
+    in id order (frequencies and weights left out, so a training set and its evaluation set compare equal)."""
+    names = "\n".join(c.name for c in read_classes(prefix, manifest, options))
+    return {"classes": join_url(prefix, manifest.classes), "num_classes": manifest.num_classes,
+            "sha256": hashlib.sha256(names.encode("utf-8")).hexdigest()}
 
 
 def write_classes(prefix: str, classes: list[ClassInfo], options: StorageConfig | None = None) -> None:

@@ -25,7 +25,7 @@ import yaml
 from pipeline.cluster import connect_ray
 from pipeline.config import Config, StorageConfig, validate
 from pipeline.data import ShardStream, read_manifest, to_device
-from pipeline.data.manifest import read_classes
+from pipeline.data.manifest import read_classes, vocabulary
 from pipeline.evaluation.metrics import MapAtK, MapAtKResult, load_class_weights
 from pipeline.models import build_model
 from pipeline.storage import join_url, read_bytes
@@ -139,6 +139,22 @@ def _keep_examples(scored: Scored, batch: Any, logits: torch.Tensor, targets: to
         })
 
 
+def check_vocabulary(trained: dict[str, Any] | None, eval_prefix: str, storage: StorageConfig | None) -> None:
+    """Refuse eval data whose class ids mean other classes than the model's (MAP would be silently meaningless).
+
+    `trained` is the checkpoint's vocabulary record (`pipeline.data.manifest.vocabulary`); checkpoints written
+    before it was recorded have none and are evaluated on trust.
+    """
+    if trained is None:
+        return
+    found = vocabulary(eval_prefix, read_manifest(eval_prefix, storage), storage)
+    if found["sha256"] != trained["sha256"]:
+        raise ValueError(
+            f"the eval data's classes ({found['classes']}, {found['num_classes']} classes) are not the model's "
+            f"({trained['classes']}, {trained['num_classes']} classes): same ids, other names or order. Write the "
+            f"eval shards with --vocab {trained['classes']}")
+
+
 def _eval_prefix(config: Config) -> str:
     if config.data.eval is None:
         raise ValueError("no evaluation data: set data.eval to the URL of a densely labelled dataset prefix")
@@ -183,7 +199,8 @@ def evaluate_checkpoint(checkpoint_url: str, settings: Config | None = None, *, 
     config alone); `workers` > 1 scores shares in parallel Ray tasks and merges them."""
     start = time.perf_counter()
     config = resolve_config(checkpoint_config(checkpoint_url, settings.storage if settings else None), settings)
-    _eval_prefix(config)  # fail before loading anything
+    commit = json.loads(read_bytes(join_url(checkpoint_url, "COMMIT"), config.storage))
+    check_vocabulary(commit.get("vocabulary"), _eval_prefix(config), config.storage)  # before loading anything
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if workers > 1:
         shares = _score_with_ray(checkpoint_url, config, workers)
@@ -195,7 +212,6 @@ def evaluate_checkpoint(checkpoint_url: str, settings: Config | None = None, *, 
         accumulator.merge(share.accumulator)
         examples += share.examples
     result = accumulator.compute(class_weights(config))
-    commit = json.loads(read_bytes(join_url(checkpoint_url, "COMMIT"), config.storage))
     return Evaluation(step=int(commit.get("step", -1)), samples_seen=commit.get("samples_seen"),
                       checkpoint=checkpoint_url, result=result, examples=examples[:EXAMPLES],
                       seconds=time.perf_counter() - start, config=config)

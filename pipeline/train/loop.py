@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from pipeline.config import Config
 from pipeline.data import ShardStream, read_manifest, to_device
+from pipeline.data.manifest import vocabulary
 from pipeline.storage import join_url, write_bytes
 from pipeline.train.checkpoint import Checkpointer, load_checkpoint
 from pipeline.train.metrics import MetricsWriter
@@ -105,6 +106,8 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
     loader = ShardStream(config.data.train, config.data, batch_size=config.per_worker_batch_size, rank=ctx.rank,
                          world_size=ctx.world_size, train=True, storage=storage, num_classes=num_classes)
     checkpointer = Checkpointer(config.run_dir, config, storage)
+    # What the class ids mean, recorded in every COMMIT; the evaluator refuses eval data with other classes.
+    classes = vocabulary(config.data.train, manifest, storage) if ctx.rank == 0 else None
     metrics = MetricsWriter(config.run_dir, config, enabled=ctx.rank == 0, report=report)
 
     # Restore.
@@ -168,7 +171,7 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
                     metrics.flush()  # TensorBoard on object storage: visible during the run, up to this checkpoint
                     checkpointer.save(state.step, {**state.state_dict(), "rng": [rng for _, rng in ranks]},
                                       {"ranks": [loader_state for loader_state, _ in ranks]},
-                                      extra={"metrics": metrics.last})
+                                      extra={"metrics": metrics.last, "vocabulary": classes})
             fetch_start = time.perf_counter()
     except BaseException:
         _close_after_error(checkpointer.wait, metrics.close)
