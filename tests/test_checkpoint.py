@@ -188,3 +188,14 @@ def test_prepare_resolves_paths_and_refuses_impossible_launches(tiny_demo, tmp_p
     with pytest.raises(ShardSplitError, match="no full batch"):  # 80 samples per loader worker, batches of 96
         prepare(tiny_config(tiny_demo, tmp_path, "cluster.num_workers=2", "data.loader_workers=2",
                             "train.global_batch_size=192", "train.micro_batches=1"))
+
+
+def test_scheduled_steps_are_the_steps_training_checkpoints_at():
+    from pipeline.storage.checkpoints import is_checkpoint_step, scheduled_steps
+
+    assert scheduled_steps(2, 7, 7) == [2, 4, 6, 7] and scheduled_steps(2, 7, 5) == [2, 4]
+    for every in (1, 2, 3, 5):
+        for total in (1, 3, 9, 10):
+            for until in (0, 4, 12):
+                expected = [s for s in range(1, min(until, total) + 1) if is_checkpoint_step(s, every, total)]
+                assert scheduled_steps(every, total, until) == expected, (every, total, until)

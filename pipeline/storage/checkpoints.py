@@ -43,9 +43,14 @@ def committed_checkpoints(run_dir: str, storage: StorageConfig | None = None) ->
     return [ref for ref in step_dirs(run_dir, storage) if exists(join_url(ref.url, COMMIT), storage)]
 
 
+def is_checkpoint_step(step: int, every_steps: int, total_steps: int) -> bool:
+    """Whether training publishes a checkpoint after `step`: every `every_steps`, and at the last step."""
+    return step % every_steps == 0 or step == total_steps
+
+
 def scheduled_steps(every_steps: int, total_steps: int, until: int) -> list[int]:
-    """The steps up to `until` at which training publishes a checkpoint: every `every_steps`, and the last step."""
-    steps = list(range(every_steps, until + 1, every_steps))
+    """The steps up to `until` at which training publishes a checkpoint: those `is_checkpoint_step` accepts."""
+    steps = list(range(every_steps, min(until, total_steps) + 1, every_steps))
     if total_steps <= until and total_steps % every_steps:
         steps.append(total_steps)
     return steps

@@ -22,6 +22,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config, StorageConfig, config_to_yaml
-from pipeline.storage import join_url, read_bytes, remove, write_bytes
+from pipeline.storage import join_url, read_bytes, remove, upload_file, write_bytes
 from pipeline.storage.checkpoints import (
     COMMIT,
     LATEST,
@@ -110,9 +112,13 @@ class Checkpointer:
     def _write(self, step: int, state: dict, loader_state: dict | None, extra: dict) -> None:
         start = time.perf_counter()
         url = join_url(self.run_dir, "checkpoints", step_dir_name(step))
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        write_bytes(join_url(url, "state.pt"), buffer.getvalue(), self.storage)
+        # Through a local temporary file (TMPDIR), not memory: the snapshot is already a full copy of the state,
+        # and a serialised copy plus the upload buffer would triple the host memory a save needs.
+        with tempfile.TemporaryDirectory(prefix="checkpoint-") as scratch:
+            local = os.path.join(scratch, "state.pt")
+            torch.save(state, local)
+            state_bytes = os.path.getsize(local)
+            upload_file(local, join_url(url, "state.pt"), self.storage)
         files = ["state.pt", "config.yaml"]
         write_bytes(join_url(url, "config.yaml"), config_to_yaml(self.config).encode(), self.storage)
         if loader_state is not None:
@@ -120,11 +126,11 @@ class Checkpointer:
             files.append("loader.json")
         counters = state.get("counters", {})
         commit = {"step": step, "samples_seen": counters.get("samples_seen"), "files": files,
-                  "time": time.time(), "state_bytes": buffer.tell(), **extra}
+                  "time": time.time(), "state_bytes": state_bytes, **extra}
         write_bytes(join_url(url, COMMIT), json.dumps(commit).encode(), self.storage)
         write_bytes(join_url(self.run_dir, "checkpoints", LATEST), step_dir_name(step).encode(), self.storage)
         self.last_upload_s = time.perf_counter() - start
-        log.info("checkpoint step %d published to %s (%.1f MB in %.1fs)", step, url, buffer.tell() / 1e6,
+        log.info("checkpoint step %d published to %s (%.1f MB in %.1fs)", step, url, state_bytes / 1e6,
                  self.last_upload_s)
         self._apply_retention()
 

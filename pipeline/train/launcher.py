@@ -36,6 +36,16 @@ def preflight(config: Config) -> None:
     check_shard_split(manifest, config.cluster.num_workers, config.data.loader_workers, config.per_worker_batch_size)
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every `ray.train.report()` call with all its metrics at INFO, under a logger named after
+    its module's file; the loop's own progress line says the same in one line."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: its logging is left as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(raw_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker: rank and device from Ray Train's context, then the loop.
 
@@ -45,6 +55,7 @@ def train_worker(raw_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _quiet_ray_train_reports()
     context = ray.train.get_context()
     ctx = WorkerContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
                         local_rank=context.get_local_rank(), node_rank=context.get_node_rank(),

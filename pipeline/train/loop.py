@@ -21,6 +21,7 @@ from pipeline.config import Config
 from pipeline.data import ShardStream, read_manifest, to_device
 from pipeline.data.manifest import vocabulary
 from pipeline.storage import join_url, write_bytes
+from pipeline.storage.checkpoints import is_checkpoint_step
 from pipeline.train.checkpoint import Checkpointer, load_checkpoint
 from pipeline.train.metrics import MetricsWriter
 from pipeline.train.rng import rng_state, seed_rank, set_rng_state
@@ -157,7 +158,7 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
                 }
                 metrics.write(record)
                 window_start, window_steps, window_ignored, wait_s = time.perf_counter(), 0, 0, 0.0
-            if state.step % config.checkpoint.every_steps == 0 or state.step == config.train.total_steps:
+            if is_checkpoint_step(state.step, config.checkpoint.every_steps, config.train.total_steps):
                 ranks = gather_ranks((loader.state_dict(), rng_state(device)), ctx)
                 if config.train.log_samples:
                     # Written before the checkpoint commits: a step's keys are on record whenever its checkpoint is.
