@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +61,18 @@ def _write_tiny_demo(root: str) -> DemoShards:
     write_demo_shards("tiny", "eval", 80, 1, evaluation, image_size=80, options=options,
                       vocabulary=read_classes(train, manifest))
     return DemoShards(train=train, eval=evaluation, num_classes=manifest.num_classes)
+
+
+def copy_with_swapped_classes(dataset: str, target: Path) -> str:
+    """A copy of the local dataset prefix `dataset` whose classes.tsv swaps the names of classes 0 and 1: the same
+    shards and ids, but the ids now mean other classes."""
+    shutil.copytree(dataset, target)
+    lines = (target / "classes.tsv").read_text().splitlines()
+    first, second = lines[1].split("\t"), lines[2].split("\t")
+    first[1], second[1] = second[1], first[1]
+    lines[1:3] = ["\t".join(first), "\t".join(second)]
+    (target / "classes.tsv").write_text("\n".join(lines) + "\n")
+    return str(target)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 import torch
+from conftest import copy_with_swapped_classes
 
 from pipeline.config import load_config
 from pipeline.storage import exists, join_url, list_dir, read_bytes, write_bytes
@@ -155,23 +156,19 @@ def test_tensorboard_events_reach_object_storage_at_every_checkpoint_and_on_fail
         return [e.step for e in events.Scalars("loss")] if "loss" in events.Tags()["scalars"] else []
 
     seen = {}
-    save, step = Checkpointer.save, loop.train_step
-
-    def spying_save(self, at_step, *args, **kwargs):
-        seen[at_step] = published_steps()
-        return save(self, at_step, *args, **kwargs)
+    step = loop.train_step
 
     def failing_step(state, *args, **kwargs):
+        seen[state.step] = published_steps()  # what a TensorBoard reading the bucket shows before this step
         if state.step == 3:
             raise RuntimeError("worker lost")
         return step(state, *args, **kwargs)
 
-    monkeypatch.setattr(Checkpointer, "save", spying_save)
     monkeypatch.setattr(loop, "train_step", failing_step)
     with pytest.raises(RuntimeError, match="worker lost"):
         train(config)
-    assert seen == {2: [1, 2]}
-    assert published_steps() == [1, 2, 3]
+    assert seen == {0: [], 1: [], 2: [1, 2], 3: [1, 2]}  # published with the step-2 checkpoint
+    assert published_steps() == [1, 2, 3]  # and when the run failed
 
 
 def test_prepare_resolves_paths_and_refuses_impossible_launches(tiny_demo, tmp_path, monkeypatch):
@@ -185,6 +182,9 @@ def test_prepare_resolves_paths_and_refuses_impossible_launches(tiny_demo, tmp_p
         prepare(tiny_config(tiny_demo, tmp_path, "model.num_classes=7"))
     with pytest.raises(ShardSplitError, match="8 non-empty shards"):  # 4 ranks x 3 loader workers > 8 shards
         prepare(tiny_config(tiny_demo, tmp_path, "cluster.num_workers=4", "data.loader_workers=3"))
+    swapped = copy_with_swapped_classes(tiny_demo.eval, tmp_path / "swapped-eval")
+    with pytest.raises(ValueError, match=r"eval data's classes .* are not the model's"):
+        prepare(tiny_config(tiny_demo, tmp_path, f"data.eval={swapped}"))
     with pytest.raises(ShardSplitError, match="no full batch"):  # 80 samples per loader worker, batches of 96
         prepare(tiny_config(tiny_demo, tmp_path, "cluster.num_workers=2", "data.loader_workers=2",
                             "train.global_batch_size=192", "train.micro_batches=1"))

@@ -51,11 +51,14 @@ def test_yaml_1_2_floats_are_numbers(tmp_path):
     assert (c.run.name, c.data.train, c.data.eval) == ("2024", "1e5", None)
 
 
-def test_round_trip_through_yaml(tmp_path):
-    c = load_config("jft_xception_fc", ["optimizer.lr_scaling=sqrt"])
+@pytest.mark.parametrize(("preset", "overrides"), [("jft_xception_fc", ["optimizer.lr_scaling=sqrt"]),
+                                                  ("demo", ["loss.name=softmax"]), ("imagenet_xception", [])])
+def test_round_trip_through_yaml(tmp_path, preset, overrides):
+    c = load_config(preset, overrides)
     path = tmp_path / "saved.yaml"
     path.write_text(config_to_yaml(c))
-    assert load_config(str(path)) == c
+    assert load_config(str(path)) == c  # checkpoints, Ray workers and the evaluator all re-validate saved configs
+    assert validate(c.model_dump(mode="json")) == c
 
 
 @pytest.mark.parametrize(
@@ -80,6 +83,8 @@ def test_round_trip_through_yaml(tmp_path):
         # impossible combinations
         (["loss.name=softmax", "loss.reduction=sum_classes_mean_batch"], "applies to the sigmoid loss only"),
         (["eval.class_weights=train_freq"], "eval.class_weights='train_freq': must be 'uniform', 'train_frequency'"),
+        (["eval.resources={evaluator: 0}"], "config key 'eval.resources.evaluator' = 0: Input should be greater"),
+        (["model.fc_layers=[64, -1]"], "config key 'model.fc_layers.1' = -1: Input should be greater"),
     ],
 )
 def test_bad_overrides_are_refused_with_the_key_named(overrides, expected):

@@ -3,11 +3,11 @@
 import json
 import logging
 import re
-import shutil
 import sys
 
 import pytest
 import torch
+from conftest import copy_with_swapped_classes
 
 from pipeline.cluster import FORWARDED_ENV, connect_ray
 from pipeline.config import config_to_yaml, load_config
@@ -19,7 +19,7 @@ from pipeline.evaluation.evaluator import evaluate_checkpoint, load_weights, ray
 from pipeline.evaluation.metrics import evaluate_map_at_k
 from pipeline.evaluation.report import append_record, read_records
 from pipeline.evaluation.watcher import CheckpointWatcher
-from pipeline.storage import join_url, read_bytes, write_bytes
+from pipeline.storage import StorageError, join_url, read_bytes, write_bytes
 from pipeline.storage.checkpoints import COMMIT, step_dir_name
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.step import build_train_state, train_step
@@ -53,16 +53,17 @@ def test_eval_data_with_other_classes_is_refused(tiny_demo, tmp_path):
     saver.save(1, state.state_dict(), extra={"vocabulary": classes})
     url = join_url(config.run_dir, "checkpoints", step_dir_name(1))
     assert evaluate_checkpoint(url, config).result.num_images == 80  # the eval set shares the training classes
-    # The same eval shards with two class names swapped: ids now mean other classes.
-    swapped = tmp_path / "swapped-eval"
-    shutil.copytree(tiny_demo.eval, swapped)
-    lines = (swapped / "classes.tsv").read_text().splitlines()
-    first, second = lines[1].split("\t"), lines[2].split("\t")
-    first[1], second[1] = second[1], first[1]
-    lines[1:3] = ["\t".join(first), "\t".join(second)]
-    (swapped / "classes.tsv").write_text("\n".join(lines) + "\n")
+    swapped = copy_with_swapped_classes(tiny_demo.eval, tmp_path / "swapped-eval")  # ids mean other classes
     with pytest.raises(ValueError, match=r"eval data's classes .* are not the model's .* --vocab "):
         evaluate_checkpoint(url, _config(tiny_demo, tmp_path, f"data.eval={swapped}"))
+
+
+def test_watcher_stops_on_missing_eval_data_instead_of_skipping_the_checkpoint(tiny_demo, tmp_path):
+    config, _ = _checkpoints(tiny_demo, tmp_path, steps=(1,))
+    settings = _config(tiny_demo, tmp_path, f"data.eval={tmp_path / 'no-such-eval'}")
+    with pytest.raises(StorageError, match="no-such-eval"):
+        CheckpointWatcher(config.run_dir, settings).run(once=True)
+    assert read_records(join_url(config.run_dir, "reports")) == []  # nothing recorded as done
 
 
 def test_watcher_reports_each_checkpoint_once_and_ignores_partial_ones(tiny_demo, tmp_path):

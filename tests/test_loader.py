@@ -402,6 +402,17 @@ def test_decoders_scale_only_by_simd_factors() -> None:
     assert _fast_scale((1001, 751), (125, 94)) == (126, 94)
 
 
+@pytest.mark.parametrize("size", [(120, 90), (90, 120), (160, 160)])
+def test_decoded_images_are_channels_last_whatever_the_crop(size) -> None:
+    # eval_crop_fraction=1 on a portrait or square image: a full-width crop, already compact in memory
+    augment = config(augment={"eval_crop_fraction": 1.0}).augment
+    data = jpeg(1, size)
+    for train in (True, False):
+        for seed in range(20):
+            image = decode_image(data, 64, augment, train=train, rng=random.Random(seed))
+            assert image.shape == (3, 64, 64) and image.stride() == (1, 3 * 64, 3), (train, seed)
+
+
 def test_fast_train_decode_is_close_to_accurate_and_eval_is_exact() -> None:
     data = jpeg(3, (320, 240))  # decoded at full size for a 160 crop (scaled decodes have no fast IDCT)
     augment = config().augment

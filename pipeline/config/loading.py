@@ -11,7 +11,7 @@ import importlib.resources
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -125,12 +125,16 @@ def _field_path(loc: tuple[Any, ...]) -> tuple[tuple[str, ...], type[BaseModel] 
     "literal['auto']" that follow the field), and the section that owns its last part (None if unknown)."""
     owner: type[BaseModel] | None = Config
     path: list[str] = []
-    for part in map(str, loc):
+    parts = [str(part) for part in loc]
+    for depth, part in enumerate(parts):
         if owner is None or part not in owner.model_fields:
             break
         path.append(part)
         parent, owner = owner, _section(owner.model_fields[part].annotation)
         if owner is None:
+            container = get_origin(parent.model_fields[part].annotation) in (dict, list)
+            if container and depth + 1 < len(parts):  # a mapping's key or a list's index names the bad entry
+                path.append(parts[depth + 1])
             return tuple(path), parent
     return tuple(path), owner
 

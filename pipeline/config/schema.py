@@ -145,6 +145,14 @@ class LossConfig(Section):
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _softmax_means(cls, data: object) -> object:
+        """Softmax always averages over images: its reduction defaults to "mean" (saved configs then reload)."""
+        if isinstance(data, dict) and data.get("name") == "softmax" and "reduction" not in data:
+            return {**data, "reduction": "mean"}
+        return data
+
 
 class TrainConfig(Section):
     """The loop: how many steps, how big, in what precision."""
@@ -243,7 +251,7 @@ class Config(Section):
                 f"train.micro_batches={self.train.micro_batches} must divide the per-worker batch "
                 f"{self.per_worker_batch_size} (train.global_batch_size / cluster.num_workers)"
             )
-        if self.loss.name == "softmax" and self.loss.reduction != "mean" and "reduction" in self.loss.model_fields_set:
+        if self.loss.name == "softmax" and self.loss.reduction != "mean":
             raise ValueError(f"loss.reduction={self.loss.reduction} applies to the sigmoid loss only; "
                              "loss.name=softmax always averages over images (leave loss.reduction unset or 'mean')")
         weights = self.eval.class_weights

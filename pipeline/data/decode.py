@@ -106,7 +106,9 @@ def _crop_resize(pixels: np.ndarray, box: Box, source: tuple[int, int], out: int
     sx, sy = width / source[0], height / source[1]
     left, top = min(width - 1, max(0, round(box[0] * sx))), min(height - 1, max(0, round(box[1] * sy)))
     right, bottom = max(left + 1, min(width, round(box[2] * sx))), max(top + 1, min(height, round(box[3] * sy)))
-    region = torch.from_numpy(pixels[top:bottom, left:right]).permute(2, 0, 1)[None]
+    # Add the batch dim before permuting, so that it gets a stride torch reads as channels-last even when the
+    # region is already compact (a full-width crop, for which .contiguous() below does nothing).
+    region = torch.from_numpy(pixels[top:bottom, left:right])[None].permute(0, 3, 1, 2)
     if region.shape[2:] == (out, out):
         return region.clone(memory_format=torch.channels_last)[0]  # a copy: `pixels` may be a reused buffer
     region = region.contiguous(memory_format=torch.channels_last)

@@ -156,5 +156,21 @@ def vocabulary(prefix: str, manifest: Manifest, options: StorageConfig | None = 
             "sha256": hashlib.sha256(names.encode("utf-8")).hexdigest()}
 
 
+def check_vocabulary(trained: dict[str, Any] | None, eval_prefix: str, storage: StorageConfig | None) -> None:
+    """Refuse eval data whose class ids mean other classes than the model's (MAP would be silently meaningless).
+
+    `trained` is a `vocabulary` record (the training data's, or a checkpoint's); checkpoints written before it was
+    recorded have none and are evaluated on trust.
+    """
+    if trained is None:
+        return
+    found = vocabulary(eval_prefix, read_manifest(eval_prefix, storage), storage)
+    if found["sha256"] != trained["sha256"]:
+        raise ValueError(
+            f"the eval data's classes ({found['classes']}, {found['num_classes']} classes) are not the model's "
+            f"({trained['classes']}, {trained['num_classes']} classes): same ids, other names or order. Write the "
+            f"eval shards with --vocab {trained['classes']}")
+
+
 def write_classes(prefix: str, classes: list[ClassInfo], options: StorageConfig | None = None) -> None:
     write_bytes(join_url(prefix, CLASSES_FILE), classes_to_tsv(classes).encode("utf-8"), options)

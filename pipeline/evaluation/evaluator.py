@@ -25,7 +25,7 @@ import yaml
 from pipeline.cluster import connect_ray
 from pipeline.config import Config, StorageConfig, validate
 from pipeline.data import ShardStream, read_manifest, to_device
-from pipeline.data.manifest import read_classes, vocabulary
+from pipeline.data.manifest import check_vocabulary, read_classes
 from pipeline.evaluation.metrics import MapAtK, MapAtKResult, load_class_weights
 from pipeline.models import build_model
 from pipeline.storage import join_url, read_bytes
@@ -137,22 +137,6 @@ def _keep_examples(scored: Scored, batch: Any, logits: torch.Tensor, targets: to
             "top": list(zip(top.indices.tolist(), torch.sigmoid(top.values).tolist(), strict=True)),
             "labels": targets[i].nonzero().squeeze(1).tolist(),
         })
-
-
-def check_vocabulary(trained: dict[str, Any] | None, eval_prefix: str, storage: StorageConfig | None) -> None:
-    """Refuse eval data whose class ids mean other classes than the model's (MAP would be silently meaningless).
-
-    `trained` is the checkpoint's vocabulary record (`pipeline.data.manifest.vocabulary`); checkpoints written
-    before it was recorded have none and are evaluated on trust.
-    """
-    if trained is None:
-        return
-    found = vocabulary(eval_prefix, read_manifest(eval_prefix, storage), storage)
-    if found["sha256"] != trained["sha256"]:
-        raise ValueError(
-            f"the eval data's classes ({found['classes']}, {found['num_classes']} classes) are not the model's "
-            f"({trained['classes']}, {trained['num_classes']} classes): same ids, other names or order. Write the "
-            f"eval shards with --vocab {trained['classes']}")
 
 
 def _eval_prefix(config: Config) -> str:

@@ -19,6 +19,8 @@ flight; a second save waits for the first (bounded memory).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -112,13 +114,18 @@ class Checkpointer:
     def _write(self, step: int, state: dict, loader_state: dict | None, extra: dict) -> None:
         start = time.perf_counter()
         url = join_url(self.run_dir, "checkpoints", step_dir_name(step))
-        # Through a local temporary file (TMPDIR), not memory: the snapshot is already a full copy of the state,
-        # and a serialised copy plus the upload buffer would triple the host memory a save needs.
-        with tempfile.TemporaryDirectory(prefix="checkpoint-") as scratch:
-            local = os.path.join(scratch, "state.pt")
+        # Through a local file in TMPDIR, not memory: the snapshot is already a full copy of the state, and a
+        # serialised copy plus the upload buffer would triple the host memory a save needs. One file per run
+        # directory, so that what a killed or preempted writer left behind is overwritten by the next save.
+        run_id = hashlib.sha256(self.run_dir.encode()).hexdigest()[:16]
+        local = os.path.join(tempfile.gettempdir(), f"xception-checkpoint-{run_id}-state.pt")
+        try:
             torch.save(state, local)
             state_bytes = os.path.getsize(local)
             upload_file(local, join_url(url, "state.pt"), self.storage)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(local)
         files = ["state.pt", "config.yaml"]
         write_bytes(join_url(url, "config.yaml"), config_to_yaml(self.config).encode(), self.storage)
         if loader_state is not None:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from pipeline.config import Config
 from pipeline.data import ShardStream, read_manifest, to_device
 from pipeline.data.manifest import vocabulary
-from pipeline.storage import join_url, write_bytes
+from pipeline.storage import StorageError, join_url, write_bytes
 from pipeline.storage.checkpoints import is_checkpoint_step
 from pipeline.train.checkpoint import Checkpointer, load_checkpoint
 from pipeline.train.metrics import MetricsWriter
@@ -169,10 +169,14 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
                     if ctx.world_size > 1:
                         dist.barrier()
                 if ctx.rank == 0:
-                    metrics.flush()  # TensorBoard on object storage: visible during the run, up to this checkpoint
                     checkpointer.save(state.step, {**state.state_dict(), "rng": [rng for _, rng in ranks]},
                                       {"ranks": [loader_state for loader_state, _ in ranks]},
                                       extra={"metrics": metrics.last, "vocabulary": classes})
+                    try:  # TensorBoard on object storage: visible during the run; never worth a lost checkpoint
+                        metrics.flush()
+                    except StorageError as exc:
+                        log.warning("TensorBoard upload failed at step %d (kept locally, retried at the next "
+                                    "checkpoint): %s", state.step, exc)
             fetch_start = time.perf_counter()
     except BaseException:
         _close_after_error(checkpointer.wait, metrics.close)
