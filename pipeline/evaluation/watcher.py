@@ -53,6 +53,7 @@ class CheckpointWatcher:
         self.poll_seconds = (config or Config()).eval.poll_seconds
         self.tensorboard = tensorboard
         self._warned: set[tuple[str, int]] = set()  # (why, step): each step is named once per watcher
+        self._schedule: tuple[int, Config] | None = None  # (newest checkpoint step, its saved config)
 
     def pending(self, only: str | None = None) -> list[CheckpointRef]:
         """Committed checkpoints without a report line (only the one at URL `only`, if given)."""
@@ -73,13 +74,19 @@ class CheckpointWatcher:
         return fresh
 
     def _warn_removed(self, done: set[int], refs: list[CheckpointRef]) -> None:
-        """Name the checkpoints that retention removed before they were evaluated (the evaluator lags behind)."""
+        """Name the checkpoints that retention removed before they were evaluated (the evaluator lags behind).
+
+        Expected steps come from the newest checkpoint's schedule (`checkpoint.every_steps`): after a resume with
+        another schedule, steps of the new schedule that the old one never wrote are named too (a warning only).
+        """
         if not refs:
             return
-        try:
-            saved = checkpoint_config(refs[-1].url, self.storage)
-        except StorageError:
-            return  # removed meanwhile; the next poll looks again
+        if self._schedule is None or self._schedule[0] != refs[-1].step:  # config.yaml read once per checkpoint
+            try:
+                self._schedule = (refs[-1].step, checkpoint_config(refs[-1].url, self.storage))
+            except StorageError:
+                return  # removed meanwhile; the next poll looks again
+        saved = self._schedule[1]
         keep = saved.checkpoint
         expected = scheduled_steps(keep.every_steps, saved.train.total_steps, refs[-1].step)
         present = {ref.step for ref in refs}
