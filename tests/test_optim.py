@@ -9,7 +9,7 @@ from torch import nn
 
 from pipeline.config import LossConfig, ScheduleConfig
 from pipeline.train.ema import ModelEma
-from pipeline.train.loss import compute_loss, sigmoid_loss, softmax_loss
+from pipeline.train.loss import compute_loss
 from pipeline.train.optim import RMSpropTF, param_groups
 from pipeline.train.schedule import StepDecaySchedule
 
@@ -143,15 +143,19 @@ def test_sigmoid_loss_by_hand():
 
     terms = [[bce(0.0, 1), bce(2.0, 0)], [bce(-1.0, 0), bce(0.5, 1)]]
     per_image = [sum(row) for row in terms]
-    assert math.isclose(sigmoid_loss(logits, targets).item(), sum(per_image) / 2, rel_tol=1e-6)
-    assert math.isclose(sigmoid_loss(logits, targets, "mean").item(), sum(per_image) / 4, rel_tol=1e-6)
+    summed, mean = LossConfig(), LossConfig(reduction="mean")
+    assert math.isclose(compute_loss(summed, logits, targets).item(), sum(per_image) / 2, rel_tol=1e-6)
+    assert math.isclose(compute_loss(mean, logits, targets).item(), sum(per_image) / 4, rel_tol=1e-6)
 
 
 def test_softmax_loss_and_shape_check():
     logits = torch.tensor([[2.0, 0.0, 0.0]])
     expected = -math.log(math.exp(2) / (math.exp(2) + 2))
-    assert math.isclose(softmax_loss(logits, torch.tensor([[1.0, 0, 0]])).item(), expected, rel_tol=1e-6)
-    with pytest.raises(ValueError, match="has no label"):
-        softmax_loss(logits, torch.zeros(1, 3))
+    softmax = LossConfig(name="softmax")
+    assert math.isclose(compute_loss(softmax, logits, torch.tensor([[1.0, 0, 0]])).item(), expected, rel_tol=1e-6)
+    # an image without a label has no target distribution: left out of the mean (training counts it as ignored)
+    both = torch.cat([logits, logits])
+    assert math.isclose(compute_loss(softmax, both, torch.tensor([[1.0, 0, 0], [0, 0, 0]])).item(), expected,
+                        rel_tol=1e-6)
     with pytest.raises(ValueError, match=r"logits \(1, 3\) and targets \(1, 2\)"):
         compute_loss(LossConfig(), logits, torch.zeros(1, 2))

@@ -40,12 +40,6 @@ def sigmoid_loss_per_image(logits: torch.Tensor, targets: torch.Tensor, reductio
     raise ValueError(f"loss.reduction={reduction!r}: must be 'sum_classes_mean_batch' or 'mean'")
 
 
-def sigmoid_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum_classes_mean_batch",
-                 label_smoothing: float = 0.0) -> torch.Tensor:
-    """Binary cross-entropy of every class, computed in fp32 from logits (numerically stable)."""
-    return sigmoid_loss_per_image(logits, targets, reduction, label_smoothing).mean()
-
-
 def softmax_loss_per_image(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """(B,) cross-entropy against the target distribution (one-hot, or multi-hot normalised to sum to 1).
 
@@ -54,13 +48,6 @@ def softmax_loss_per_image(logits: torch.Tensor, targets: torch.Tensor, label_sm
     targets = targets.float()
     distribution = targets / targets.sum(dim=1, keepdim=True).clamp(min=1.0)
     return F.cross_entropy(logits.float(), distribution, label_smoothing=label_smoothing, reduction="none")
-
-
-def softmax_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy against the target distribution; every image must have a label."""
-    if bool((targets.sum(dim=1) == 0).any()):
-        raise ValueError("softmax loss: an image has no label; the softmax preset needs exactly one label per image")
-    return softmax_loss_per_image(logits, targets, label_smoothing).mean()
 
 
 def loss_mask(config: LossConfig, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
