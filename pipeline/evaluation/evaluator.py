@@ -29,6 +29,7 @@ from pipeline.data.manifest import check_vocabulary, read_classes
 from pipeline.evaluation.metrics import MapAtK, MapAtKResult, load_class_weights
 from pipeline.models import build_model
 from pipeline.storage import join_url, read_bytes
+from pipeline.storage.checkpoints import COMMIT
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def evaluate_checkpoint(checkpoint_url: str, settings: Config | None = None, *, 
     config alone); `workers` > 1 scores shares in parallel Ray tasks and merges them."""
     start = time.perf_counter()
     config = resolve_config(checkpoint_config(checkpoint_url, settings.storage if settings else None), settings)
-    commit = json.loads(read_bytes(join_url(checkpoint_url, "COMMIT"), config.storage))
+    commit = json.loads(read_bytes(join_url(checkpoint_url, COMMIT), config.storage))
     check_vocabulary(commit.get("vocabulary"), _eval_prefix(config), config.storage)  # before loading anything
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if workers > 1:
