@@ -413,6 +413,25 @@ def test_decoded_images_are_channels_last_whatever_the_crop(size) -> None:
             assert image.shape == (3, 64, 64) and image.stride() == (1, 3 * 64, 3), (train, seed)
 
 
+def test_flip_is_a_mirror_of_the_same_crop_written_into_the_given_slot() -> None:
+    data = jpeg(4, (400, 300))
+    plain = config(augment={"horizontal_flip": False}).augment
+    flipping = config().augment
+    batch = torch.zeros(16, 96, 96, 3, dtype=torch.uint8).permute(0, 3, 1, 2)  # a channels-last batch
+    mirrored = 0
+    for seed in range(16):
+        reference = decode_image(data, 96, plain, train=True, rng=random.Random(seed))
+        out = decode_image(data, 96, flipping, train=True, rng=random.Random(seed), out=batch[seed])
+        assert out.data_ptr() == batch[seed].data_ptr() and torch.equal(batch[seed], out)
+        if torch.equal(out, reference.flip(-1)):
+            mirrored += 1
+        else:
+            assert torch.equal(out, reference), seed  # the same crop either way: the flip draw comes after it
+    assert 0 < mirrored < 16
+    with pytest.raises(ValueError, match="out must be uint8 of shape"):
+        decode_image(data, 64, plain, train=True, rng=random.Random(0), out=batch[0])
+
+
 def test_fast_train_decode_is_close_to_accurate_and_eval_is_exact() -> None:
     data = jpeg(3, (320, 240))  # decoded at full size for a 160 crop (scaled decodes have no fast IDCT)
     augment = config().augment

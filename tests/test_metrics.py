@@ -216,13 +216,19 @@ def assert_results_equal(a, b):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
+def buffer_of(rows: int, c: int, itemsize: int = 4) -> float:
+    """`MapAtK(buffer_mib=...)` for a row buffer of `rows` rows, to fold batches in at chosen points."""
+    return rows * (c * (itemsize + 1) + 8) / 2**20
+
+
+@pytest.mark.parametrize("buffer_rows", [None, 1, 7, 130])
 @pytest.mark.parametrize(("tied", "k"), [(False, 5), (True, 5), (True, 100)])
-def test_streaming_equals_one_shot(tied, k):
+def test_streaming_equals_one_shot(tied, k, buffer_rows):
     n, c = 900, 12
     scores, targets = make_case(6 + k + tied, n, c, tied)
     s, t = torch.from_numpy(scores).float(), torch.from_numpy(targets)
     rng = np.random.default_rng(7)
-    accumulator = MapAtK(c, k)
+    accumulator = MapAtK(c, k) if buffer_rows is None else MapAtK(c, k, buffer_mib=buffer_of(buffer_rows, c))
     start = 0
     while start < n:
         size = int(rng.choice([1, 3, 17, 64, 150]))  # uneven; large batches exercise the pruned merge
@@ -246,35 +252,50 @@ def test_streaming_equals_one_shot(tied, k):
     assert result.scalars()[f"map@{k}"] == result.map_at_k and result.num_images == n
 
 
-def test_streaming_with_ids_out_of_order():
+@pytest.mark.parametrize("buffer_rows", [None, 50])
+def test_streaming_with_ids_out_of_order(buffer_rows):
     """Explicit image ids in any order rank ties by id, like one-shot scoring of the rows sorted by id."""
     n, c, k = 300, 10, 20
     scores, targets = make_case(8, n, c, tied=True)
     s, t = torch.from_numpy(scores), torch.from_numpy(targets)
     ids = torch.from_numpy(np.random.default_rng(9).permutation(n))
-    accumulator = MapAtK(c, k)
+    accumulator = MapAtK(c, k) if buffer_rows is None else MapAtK(c, k, buffer_mib=buffer_of(buffer_rows, c, 8))
     for start in range(0, n, 37):
         accumulator.update(s[start:start + 37], t[start:start + 37], ids[start:start + 37])
     by_id = ids.argsort()
     assert_results_equal(accumulator.compute(), evaluate_map_at_k(s[by_id], t[by_id], k))
 
 
-def test_streaming_promotes_dtypes_and_skips_empty_batches():
+@pytest.mark.parametrize("buffer_rows", [None, 30])
+def test_streaming_promotes_dtypes_and_skips_empty_batches(buffer_rows):
     scores, targets = make_case(12, 200, 9, tied=False)
     s, t = torch.from_numpy(scores).float(), torch.from_numpy(targets)
-    accumulator = MapAtK(9, 10)
+    accumulator = MapAtK(9, 10) if buffer_rows is None else MapAtK(9, 10, buffer_mib=buffer_of(buffer_rows, 9))
     accumulator.update(s[:100], t[:100])
     accumulator.update(s[:0], t[:0])
     accumulator.update(s[100:].double(), t[100:])  # float32 values, so float64 ranks them identically
     assert_results_equal(accumulator.compute(), evaluate_map_at_k(s, t, 10))
 
 
-def test_merging_workers_equals_one_accumulator():
+def test_streaming_buffer_stays_within_its_budget():
+    accumulator = MapAtK(1000, 10, buffer_mib=1)
+    scores = torch.randn(500, 1000)
+    accumulator.update(scores, scores > 1)
+    assert accumulator._buffer is not None
+    assert sum(part.nbytes for part in accumulator._buffer) <= 2**20
+    assert accumulator.num_images == 500 and accumulator._buffered == 82  # 209 rows folded in twice
+    with pytest.raises(ValueError, match="buffer_mib must be > 0"):
+        MapAtK(10, buffer_mib=0)
+
+
+@pytest.mark.parametrize("buffer_rows", [None, 40])
+def test_merging_workers_equals_one_accumulator(buffer_rows):
     n, c, k = 600, 15, 8
     scores, targets = make_case(10, n, c, tied=True)
     s, t = torch.from_numpy(scores), torch.from_numpy(targets)
-    single = MapAtK(c, k)
-    workers = [MapAtK(c, k), MapAtK(c, k)]
+    mib = None if buffer_rows is None else buffer_of(buffer_rows, c, 8)
+    single = MapAtK(c, k) if mib is None else MapAtK(c, k, buffer_mib=mib)
+    workers = [MapAtK(c, k), MapAtK(c, k)] if mib is None else [MapAtK(c, k, buffer_mib=mib) for _ in range(2)]
     for start in range(0, n, 50):
         rows = torch.arange(start, min(n, start + 50))
         single.update(s[rows], t[rows])

@@ -54,7 +54,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -371,19 +371,21 @@ class _BatchBuilder:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def add(self, image: torch.Tensor | None, labels: list[int], key: str, sample_id: int = -1) -> None:
-        if image is not None:
-            self.images[len(self.keys)] = image
-        else:
-            self.images[len(self.keys)] = 0
+    def slot(self) -> torch.Tensor:
+        """Where the next sample's image is decoded to (`add` then records it)."""
+        return self.images[len(self.keys)]
+
+    def add(self, labels: list[int], key: str, sample_id: int = -1) -> None:
+        """Record the sample whose image is in `slot()`."""
         self.ids.extend(labels)
         self.offsets.append(len(self.ids))
         self.keys.append(key)
         self.sample_ids.append(sample_id)
 
     def take(self, valid: int, **where: Any) -> Batch:
-        while len(self.keys) < self.size:
-            self.add(None, [], "")
+        while len(self.keys) < self.size:  # padding
+            self.slot().zero_()
+            self.add([], "")
         mask = torch.zeros(self.size, dtype=torch.bool)
         mask[:valid] = True
         batch = Batch(self.images, torch.tensor(self.ids, dtype=torch.int64),
@@ -407,8 +409,9 @@ class _Slot:
         return _ReopeningReader(url, self.spec.storage)  # type: ignore[return-value]
 
     def _samples(self, plan: EpochPlan, slot: int, start: int, count_bad: bool,
-                 tag: str = "") -> Iterator[tuple[int, torch.Tensor, list[int], str, int]]:
-        """(position, image, labels, key, sample id) of the slot's good samples in plan order from `start`.
+                 destination: Callable[[], torch.Tensor], tag: str = "") -> Iterator[tuple[int, list[int], str, int]]:
+        """(position, labels, key, sample id) of the slot's good samples in plan order from `start`, each image
+        decoded into `destination()` (the batch's next slot) before it is yielded.
 
         The sample id is the sample's index in the whole dataset (manifest shard order), the same on every rank.
         """
@@ -464,16 +467,16 @@ class _Slot:
                     if data is None:
                         raise BadSample("bad_image", f"no image member (.{'/.'.join(_IMAGE_KEYS)})")
                     rng = random.Random(f"{plan.seed}:{plan.epoch}:{plan.segment}:{slot}:{position}{tag}")
-                    image = decode_image(data, spec.image_size, spec.augment, train=spec.train, rng=rng,
-                                         decoder=spec.decoder,  # type: ignore[arg-type]
-                                         fast_train_decode=spec.fast_train_decode)
+                    decode_image(data, spec.image_size, spec.augment, train=spec.train, rng=rng,
+                                 decoder=spec.decoder,  # type: ignore[arg-type]
+                                 fast_train_decode=spec.fast_train_decode, out=destination())
                 except BadSample as exc:
                     if count_bad:
                         self.tally.skip(exc.reason, url, key, exc.detail)
                     continue
                 if count_bad:
                     self.tally.good += 1
-                yield position, image, labels, key, first_id[sp.parts[pi].shard] + k
+                yield position, labels, key, first_id[sp.parts[pi].shard] + k
         finally:
             reader.close()
 
@@ -493,9 +496,9 @@ class _Slot:
                                 position=position, stats=self.tally.take(self.cache))
 
         if done < quota:
-            stream = self._samples(plan, slot, start, count_bad=True)
-            for position, image, labels, key, sample_id in stream:
-                builder.add(image, labels, key, sample_id)
+            stream = self._samples(plan, slot, start, count_bad=True, destination=builder.slot)
+            for position, labels, key, sample_id in stream:
+                builder.add(labels, key, sample_id)
                 if len(builder) == builder.size:
                     yield batch(builder.size, position + 1)
                     emitted += 1
@@ -521,13 +524,14 @@ class _Slot:
         while len(builder) < builder.size:
             got = next(self._replay, None) if self._replay is not None else None
             if got is None and not self._barren:
-                self._replay = self._samples(plan, slot, 0, count_bad=False, tag=":refill")
+                self._replay = self._samples(plan, slot, 0, count_bad=False, destination=builder.slot,
+                                             tag=":refill")
                 got = next(self._replay, None)
                 self._barren = got is None  # not one good sample in the whole slot: pad from now on
             if got is None:
                 self.tally.padded += builder.size - len(builder)
                 break
-            builder.add(got[1], got[2], got[3], got[4])
+            builder.add(*got[1:])
             self.tally.refilled += 1
 
 

@@ -490,17 +490,22 @@ class MapAtK:
     """Streaming MAP@K with bounded memory: feed (B, C) batches, read every metric of `MapAtKResult` at the end.
 
     State: per class the running top K (score, image id, relevance bit) plus positive counts, O(K*C); per image
-    six numbers (its AP@K sums, label count, hits at 1/5), O(N); each update works in O(B*C). Results equal the
-    one-shot functions exactly, including ties (the lower image id wins). Image ids default to a running counter;
-    workers that evaluate disjoint shards pass global ids (e.g. dataset indices) so that `merge` sees distinct ids
-    and ranks ties as one process would.
+    six numbers (its AP@K sums, label count, hits at 1/5), O(N); and a row buffer of at most `buffer_mib` MiB.
+    Batches are gathered in the buffer and folded into the state a buffer at a time: selecting within many rows
+    at once prunes far more than batch by batch (an evaluator's batches are small), and each fold costs a merge.
+    Results equal the one-shot functions exactly, including ties (the lower image id wins). Image ids default to
+    a running counter; workers that evaluate disjoint shards pass global ids (e.g. dataset indices) so that
+    `merge` sees distinct ids and ranks ties as one process would.
     """
 
-    def __init__(self, num_classes: int, k: int = 100) -> None:
+    def __init__(self, num_classes: int, k: int = 100, buffer_mib: float = 256.0) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not buffer_mib > 0:
+            raise ValueError(f"buffer_mib must be > 0, got {buffer_mib}")
         self.num_classes = num_classes
         self.k = _check_k(k)
+        self.buffer_mib = buffer_mib
         self.reset()
 
     def reset(self) -> None:
@@ -510,10 +515,12 @@ class MapAtK:
         self._positives: Tensor | None = None  # (C,) int64
         self._max_id = -1
         self._images: dict[str, list[Tensor]] = {name: [] for name in _IMAGE_FIELDS}
+        self._buffer: tuple[Tensor, Tensor, Tensor] | None = None  # (scores, targets, ids) rows not yet folded in
+        self._buffered = 0
 
     @property
     def num_images(self) -> int:
-        return sum(int(ids.numel()) for ids in self._images["ids"])
+        return sum(int(ids.numel()) for ids in self._images["ids"]) + self._buffered
 
     def update(self, scores: Tensor, targets: Tensor | Labels, image_ids: Tensor | Sequence[int] | None = None) -> None:
         """Add a batch: scores (B, C), targets (B, C) multi-hot or B label lists, image_ids (B,) distinct ints."""
@@ -537,90 +544,72 @@ class MapAtK:
             ids = ids.to(torch.int64)
         scores = _check_scores(scores, ids)
         targets = _as_targets(targets, scores)
-        if self._top_scores is not None and scores.dtype != self._top_scores.dtype:
-            common = torch.promote_types(scores.dtype, self._top_scores.dtype)
-            scores, self._top_scores = scores.to(common), self._top_scores.to(common)
         if batch > 1 and not bool((ids[1:] > ids[:-1]).all()):
             ids, order = ids.sort()
             if bool((ids[1:] == ids[:-1]).any()):
                 raise ValueError(f"image_ids repeat within the batch: {int(ids[1:][ids[1:] == ids[:-1]][0])}")
             scores, targets = scores[order], targets[order]
+        self._max_id = max(self._max_id, int(ids[-1]))
+        start = 0
+        while start < batch:
+            buffer_scores, buffer_targets, buffer_ids = self._buffer_for(scores)
+            take = min(batch - start, buffer_ids.shape[0] - self._buffered)
+            rows = slice(self._buffered, self._buffered + take)
+            buffer_scores[rows] = scores[start:start + take]
+            buffer_targets[rows] = targets[start:start + take]
+            buffer_ids[rows] = ids[start:start + take]
+            self._buffered += take
+            start += take
+            if self._buffered == buffer_ids.shape[0]:
+                self._flush()
+
+    def _buffer_for(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The row buffer, (re)allocated for scores' dtype (promoting what it holds) and device."""
+        if self._buffer is not None and self._buffer[0].dtype != scores.dtype:
+            common = torch.promote_types(scores.dtype, self._buffer[0].dtype)
+            if common != self._buffer[0].dtype:
+                self._flush()
+                self._buffer = None
+        if self._buffer is None:
+            c = self.num_classes
+            dtype = scores.dtype if self._top_scores is None else torch.promote_types(scores.dtype,
+                                                                                       self._top_scores.dtype)
+            rows = max(1, int(self.buffer_mib * 2**20) // (c * (dtype.itemsize + 1) + 8))
+            self._buffer = (torch.empty(rows, c, dtype=dtype, device=scores.device),
+                            torch.empty(rows, c, dtype=torch.bool, device=scores.device),
+                            torch.empty(rows, dtype=torch.int64, device=scores.device))
+        return self._buffer
+
+    def _flush(self) -> None:
+        """Fold the buffered rows into the per-image results and the per-class top K."""
+        if self._buffer is None or self._buffered == 0:
+            return
+        scores, targets, ids = (part[: self._buffered] for part in self._buffer)
+        self._buffered = 0
+        if ids.shape[0] > 1 and not bool((ids[1:] > ids[:-1]).all()):  # batches came with interleaved ids
+            ids, order = ids.sort()
+            if bool((ids[1:] == ids[:-1]).any()):
+                raise ValueError(f"image id {int(ids[1:][ids[1:] == ids[:-1]][0])} was added more than once")
+            scores, targets = scores[order], targets[order]
         self._update_images(scores, targets, ids)
         self._update_classes(scores, targets, ids)
-        self._max_id = max(self._max_id, int(ids[-1]))
 
     def _update_images(self, scores: Tensor, targets: Tensor, ids: Tensor) -> None:
         c = self.num_classes
         depth = min(max(self.k, 5), c)
         relevant = targets.gather(1, _top_k_positions(scores, depth, dim=1))  # (B, depth) in rank order
         numerator, hits_k = _ranked_sums(relevant[:, : min(self.k, c)], dim=1)
-        values = (ids, numerator, hits_k, _count_true(targets, dim=1), relevant[:, 0].to(torch.int64),
+        values = (ids.clone(), numerator, hits_k, _count_true(targets, dim=1), relevant[:, 0].to(torch.int64),
                   _count_true(relevant[:, : min(5, c)], dim=1))
         for name, value in zip(_IMAGE_FIELDS, values, strict=True):
             self._images[name].append(value)
 
     def _update_classes(self, scores: Tensor, targets: Tensor, ids: Tensor) -> None:
+        """Rows in ascending id order: select each class's top K within them (ties by row = by id), then merge."""
         positives = _count_true(targets, dim=0)
         self._positives = positives if self._positives is None else self._positives + positives
-        if self._top_scores is None:
-            pos = _top_k_set(scores, self.k, dim=0)
-            self._set_top(scores.gather(0, pos), ids[pos], targets.gather(0, pos))
-        elif int(ids[0]) > self._max_id:
-            self._merge_later_batch(scores, targets, ids)
-        else:  # ids interleave with earlier batches: select within the batch (rows are in id order), merge by id
-            pos = _top_k_set(scores, self.k, dim=0)
-            self._merge_set(scores.gather(0, pos), ids[pos], targets.gather(0, pos))
-
-    def _merge_later_batch(self, scores: Tensor, targets: Tensor, ids: Tensor) -> None:
-        """Merge a batch whose ids (ascending with the rows) all exceed the state's."""
-        assert self._top_scores is not None and self._top_ids is not None and self._top_relevant is not None
-        rows = self._entering_rows(scores)
-        if rows is None:  # much of the batch may enter: select within it first (ties by row = by id)
-            rows = _top_k_set(scores, self.k, dim=0)
-        elif rows.shape[0] == 0:
-            return
-        held = self._top_scores.shape[0]
-        merged = torch.cat([self._top_scores, scores.gather(0, rows)])
-        state_ids = self._top_ids
-        pos = _top_k_set(merged, self.k, 0, lambda queries: torch.cat([state_ids[:, queries], ids[rows[:, queries]]]))
-        from_state = pos < held
-        state_pos = pos.clamp(max=held - 1)
-        batch_rows = rows.gather(0, (pos - held).clamp(min=0))
-        self._set_top(
-            merged.gather(0, pos),
-            torch.where(from_state, self._top_ids.gather(0, state_pos), ids[batch_rows]),
-            torch.where(from_state, self._top_relevant.gather(0, state_pos), targets.gather(0, batch_rows)),
-        )
-
-    def _entering_rows(self, scores: Tensor) -> Tensor | None:
-        """Rows (P, C) per class that may enter a full running top K; None if pruning would not pay.
-
-        A later image must beat the K-th held score strictly (ties go to the earlier id), so only groups of rows
-        whose maximum exceeds it are kept.
-        """
-        assert self._top_scores is not None
-        if self._top_scores.shape[0] < self.k:
-            return None
-        batch, c = scores.shape
-        group = int(math.sqrt(batch / 8))
-        if group < 2:
-            return None
-        n_groups = batch // group
-        group_max = scores[: n_groups * group].unflatten(0, (n_groups, group)).amax(dim=1)
-        entering = int(_count_true(group_max > self._top_scores.amin(dim=0), dim=0).max())
-        if 2 * entering * group > batch:
-            return None
-        parts = []
-        if entering:
-            kept = group_max.topk(entering, dim=0, sorted=False).indices
-            offsets = torch.arange(group, device=scores.device).view(1, group, 1)
-            parts.append((kept.unsqueeze(1) * group + offsets).reshape(entering * group, c))
-        if n_groups * group < batch:
-            rest = torch.arange(n_groups * group, batch, device=scores.device)
-            parts.append(rest.unsqueeze(1).expand(-1, c))
-        if not parts:
-            return torch.empty(0, c, dtype=torch.int64, device=scores.device)
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        pos = _top_k_set(scores, self.k, dim=0)
+        self._merge_set(scores.gather(0, pos), ids[pos], targets.gather(0, pos))
 
     def _merge_set(self, scores: Tensor, ids: Tensor, relevant: Tensor) -> None:
         """Merge (k', C) entries with arbitrary ids into the state (ties by id)."""
@@ -641,6 +630,7 @@ class MapAtK:
     def compute(self, weights: Tensor | Sequence[float] | None = None, normalize: Normalize = "min") -> MapAtKResult:
         """All metrics over the images added so far; weights (C,) per-class MAP weights (uniform if None)."""
         _check_choice("normalize", normalize, ("min", "hits"))
+        self._flush()
         if self._top_relevant is None or self._positives is None:
             raise ValueError("empty evaluation set: MapAtK.compute() called before any image was added")
         images = {name: torch.cat(parts) for name, parts in self._images.items()}
@@ -679,6 +669,7 @@ class MapAtK:
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and counters that `load_state_dict` / `merge` need (to checkpoint or gather from workers)."""
+        self._flush()
         return {
             "num_classes": self.num_classes,
             "k": self.k,
@@ -715,6 +706,8 @@ class MapAtK:
         if (other.num_classes, other.k) != (self.num_classes, self.k):
             raise ValueError(f"cannot merge MapAtK(num_classes={other.num_classes}, k={other.k}) into "
                              f"MapAtK(num_classes={self.num_classes}, k={self.k})")
+        other._flush()
+        self._flush()
         if other._top_scores is None or other._positives is None:
             return self
         device = self._positives.device if self._positives is not None else other._positives.device
