@@ -280,10 +280,13 @@ def test_streaming_promotes_dtypes_and_skips_empty_batches(buffer_rows):
 def test_streaming_buffer_stays_within_its_budget():
     accumulator = MapAtK(1000, 10, buffer_mib=1)
     scores = torch.randn(500, 1000)
-    accumulator.update(scores, scores > 1)
+    for start in range(0, 500, 50):
+        accumulator.update(scores[start:start + 50], scores[start:start + 50] > 1)
     assert accumulator._buffer is not None
     assert sum(part.nbytes for part in accumulator._buffer) <= 2**20
     assert accumulator.num_images == 500 and accumulator._buffered == 82  # 209 rows folded in twice
+    accumulator.update(scores, scores > 1, image_ids=range(500, 1000))  # a full buffer's worth: no copy
+    assert accumulator.num_images == 1000 and accumulator._buffered == 0
     with pytest.raises(ValueError, match="buffer_mib must be > 0"):
         MapAtK(10, buffer_mib=0)
 

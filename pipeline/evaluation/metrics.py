@@ -550,6 +550,10 @@ class MapAtK:
                 raise ValueError(f"image_ids repeat within the batch: {int(ids[1:][ids[1:] == ids[:-1]][0])}")
             scores, targets = scores[order], targets[order]
         self._max_id = max(self._max_id, int(ids[-1]))
+        if batch >= self._buffer_rows(scores.dtype):  # as large as a full buffer: fold it in as it is
+            self._flush()
+            self._fold(scores, targets, ids)
+            return
         start = 0
         while start < batch:
             buffer_scores, buffer_targets, buffer_ids = self._buffer_for(scores)
@@ -563,6 +567,9 @@ class MapAtK:
             if self._buffered == buffer_ids.shape[0]:
                 self._flush()
 
+    def _buffer_rows(self, dtype: torch.dtype) -> int:
+        return max(1, int(self.buffer_mib * 2**20) // (self.num_classes * (dtype.itemsize + 1) + 8))
+
     def _buffer_for(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The row buffer, (re)allocated for scores' dtype (promoting what it holds) and device."""
         if self._buffer is not None and self._buffer[0].dtype != scores.dtype:
@@ -574,7 +581,7 @@ class MapAtK:
             c = self.num_classes
             dtype = scores.dtype if self._top_scores is None else torch.promote_types(scores.dtype,
                                                                                        self._top_scores.dtype)
-            rows = max(1, int(self.buffer_mib * 2**20) // (c * (dtype.itemsize + 1) + 8))
+            rows = self._buffer_rows(dtype)
             self._buffer = (torch.empty(rows, c, dtype=dtype, device=scores.device),
                             torch.empty(rows, c, dtype=torch.bool, device=scores.device),
                             torch.empty(rows, dtype=torch.int64, device=scores.device))
@@ -586,6 +593,10 @@ class MapAtK:
             return
         scores, targets, ids = (part[: self._buffered] for part in self._buffer)
         self._buffered = 0
+        self._fold(scores, targets, ids)
+
+    def _fold(self, scores: Tensor, targets: Tensor, ids: Tensor) -> None:
+        """Fold rows into the per-image results and the per-class top K (the tensors are not kept)."""
         if ids.shape[0] > 1 and not bool((ids[1:] > ids[:-1]).all()):  # batches came with interleaved ids
             ids, order = ids.sort()
             if bool((ids[1:] == ids[:-1]).any()):
