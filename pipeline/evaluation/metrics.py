@@ -222,8 +222,8 @@ def _key_shape(dim: int, length: int) -> list[int]:
 
 def _top_k_positions(values: Tensor, k: int, dim: int) -> Tensor:
     """Positions (int64) of the top min(k, M) values along `dim` (length M), ranked by (value desc, position asc)."""
-    chosen = _top_k_set(values, k, dim)
-    order = _rank_order(values.gather(dim, chosen), dim, lambda queries: chosen.index_select(1 - dim, queries))
+    chosen, chosen_values = _top_k_set(values, k, dim)
+    order = _rank_order(chosen_values, dim, lambda queries: chosen.index_select(1 - dim, queries))
     return chosen.gather(dim, order)
 
 
@@ -243,8 +243,10 @@ def _rank_order(chosen_values: Tensor, dim: int, keys: Keys) -> Tensor:
     return order
 
 
-def _top_k_set(values: Tensor, k: int, dim: int, keys: Keys | None = None, prune: bool = True) -> Tensor:
-    """Positions of the top min(k, M) values along `dim` by (value desc, key asc), in no particular order.
+def _top_k_set(values: Tensor, k: int, dim: int, keys: Keys | None = None,
+               prune: bool = True) -> tuple[Tensor, Tensor]:
+    """Positions of the top min(k, M) values along `dim` by (value desc, key asc), in no particular order, and
+    those values (a new tensor: selection has them at hand, and gathering them again is a random read).
 
     keys default to the position. Ranking is left to `_rank_order` because sorting k values per query costs
     more than selecting them, and the streaming state never needs an order.
@@ -252,7 +254,8 @@ def _top_k_set(values: Tensor, k: int, dim: int, keys: Keys | None = None, prune
     other = 1 - dim
     m = values.shape[dim]
     if k >= m:
-        return torch.arange(m, device=values.device).view(_key_shape(dim, m)).expand(values.shape).clone()
+        return torch.arange(m, device=values.device).view(_key_shape(dim, m)).expand(values.shape).clone(), \
+            values.clone()
     group = int(math.sqrt(m / k))  # balances ranking the unit maxima against ranking the candidates
     if prune and keys is None and group >= 4 and m // group >= 2 * (k + 1):
         return _top_k_set_pruned(values, k, dim, group)
@@ -260,6 +263,7 @@ def _top_k_set(values: Tensor, k: int, dim: int, keys: Keys | None = None, prune
     at_cut = chosen_values == chosen_values.amin(dim=dim, keepdim=True)  # the (k+1)-th value
     drop = at_cut.to(torch.uint8).argmax(dim=dim, keepdim=True)
     chosen = chosen.scatter(dim, drop, chosen.narrow(dim, k, 1)).narrow(dim, 0, k).contiguous()
+    chosen_values = chosen_values.scatter(dim, drop, chosen_values.narrow(dim, k, 1)).narrow(dim, 0, k).contiguous()
     straddle = _count_true(at_cut, dim) > 1
     if bool(straddle.any()):
         # equal values at the cut: topk kept an arbitrary subset of them, so order those queries fully
@@ -270,11 +274,13 @@ def _top_k_set(values: Tensor, k: int, dim: int, keys: Keys | None = None, prune
         else:
             by_key = keys(queries).argsort(dim=dim)
             ranked = by_key.gather(dim, sub.gather(dim, by_key).sort(dim=dim, descending=True, stable=True).indices)
-        chosen.index_copy_(other, queries, ranked.narrow(dim, 0, k))
-    return chosen
+        ranked = ranked.narrow(dim, 0, k)
+        chosen.index_copy_(other, queries, ranked)
+        chosen_values.index_copy_(other, queries, sub.gather(dim, ranked))
+    return chosen, chosen_values
 
 
-def _top_k_set_pruned(values: Tensor, k: int, dim: int, group: int) -> Tensor:
+def _top_k_set_pruned(values: Tensor, k: int, dim: int, group: int) -> tuple[Tensor, Tensor]:
     """`_top_k_set` that only looks inside the k+1 units (of `group` positions) with the largest maxima.
 
     torch.topk costs several ns per value scanned. Unit j holds positions j, j + U, j + 2U, ... (U units), so
@@ -302,14 +308,16 @@ def _top_k_set_pruned(values: Tensor, k: int, dim: int, group: int) -> Tensor:
         rest_shape = [m - body_len, queries.numel()] if dim == 0 else [queries.numel(), m - body_len]
         return torch.cat([grid, rest.expand(rest_shape)], dim=dim)
 
-    chosen = _top_k_set(candidates, k, dim, candidate_positions)
+    chosen, chosen_values = _top_k_set(candidates, k, dim, candidate_positions)
     in_body = kept.gather(dim, chosen % (k + 1)) + (chosen // (k + 1)) * units
     positions = torch.where(chosen < n_kept, in_body, chosen - n_kept + body_len)
-    unsafe = candidates.gather(dim, chosen).amin(dim=dim) <= kept_max.amin(dim=dim)
+    unsafe = chosen_values.amin(dim=dim) <= kept_max.amin(dim=dim)
     if bool(unsafe.any()):
         queries = unsafe.nonzero().flatten()
-        positions.index_copy_(other, queries, _top_k_set(values.index_select(other, queries), k, dim, prune=False))
-    return positions
+        exact, exact_values = _top_k_set(values.index_select(other, queries), k, dim, prune=False)
+        positions.index_copy_(other, queries, exact)
+        chosen_values.index_copy_(other, queries, exact_values)
+    return positions, chosen_values
 
 
 def _count_true(flags: Tensor, dim: int) -> Tensor:
@@ -409,7 +417,7 @@ def precision_at_k(scores: Tensor, targets: Tensor | Labels, k: int = 1) -> floa
     scores = _check_scores(scores)
     targets = _as_targets(targets, scores)
     k = min(k, scores.shape[1])
-    relevant = targets.gather(1, _top_k_set(scores, k, dim=1))
+    relevant = targets.gather(1, _top_k_set(scores, k, dim=1)[0])
     hits = _count_true(relevant, dim=1).to(torch.float64) / k
     valid = _count_true(targets, dim=1) > 0
     return _weighted_mean(hits, valid, torch.ones_like(hits), "image")
@@ -421,7 +429,7 @@ def class_recall_at_k(scores: Tensor, targets: Tensor | Labels, k: int = 100,
     k = _check_k(k)
     scores = _check_scores(scores)
     targets = _as_targets(targets, scores)
-    hits = _count_true(targets.gather(0, _top_k_set(scores, k, dim=0)), dim=0)
+    hits = _count_true(targets.gather(0, _top_k_set(scores, k, dim=0)[0]), dim=0)
     positives = _count_true(targets, dim=0)
     recall = hits.to(torch.float64) / positives.clamp(min=1)
     return _weighted_mean(recall, positives > 0, _check_weights(weights, scores.shape[1], scores.device), "class")
@@ -619,8 +627,8 @@ class MapAtK:
         """Rows in ascending id order: select each class's top K within them (ties by row = by id), then merge."""
         positives = _count_true(targets, dim=0)
         self._positives = positives if self._positives is None else self._positives + positives
-        pos = _top_k_set(scores, self.k, dim=0)
-        self._merge_set(scores.gather(0, pos), ids[pos], targets.gather(0, pos))
+        pos, top = _top_k_set(scores, self.k, dim=0)
+        self._merge_set(top, ids[pos], targets.gather(0, pos))
 
     def _merge_set(self, scores: Tensor, ids: Tensor, relevant: Tensor) -> None:
         """Merge (k', C) entries with arbitrary ids into the state (ties by id)."""
@@ -631,8 +639,8 @@ class MapAtK:
         common = torch.promote_types(scores.dtype, self._top_scores.dtype)
         all_scores = torch.cat([self._top_scores.to(common), scores.to(common)])
         all_ids = torch.cat([self._top_ids, ids])
-        pos = _top_k_set(all_scores, self.k, 0, lambda queries: all_ids[:, queries])
-        self._set_top(all_scores.gather(0, pos), all_ids.gather(0, pos),
+        pos, top = _top_k_set(all_scores, self.k, 0, lambda queries: all_ids[:, queries])
+        self._set_top(top, all_ids.gather(0, pos),
                       torch.cat([self._top_relevant, relevant]).gather(0, pos))
 
     def _set_top(self, scores: Tensor, ids: Tensor, relevant: Tensor) -> None:
