@@ -380,6 +380,28 @@ def test_to_device_multi_hot_and_normalisation() -> None:
         to_device(batch, "cpu", num_classes=3)
 
 
+def test_workers_reuse_their_shared_buffers_without_corrupting_batches(uneven: str, monkeypatch) -> None:
+    owned: list[tuple[int, int]] = []
+    real_own = loader_module._own
+
+    def own(batch: Batch, returned: list) -> Batch:
+        owned.append(batch.buffer)
+        return real_own(batch, returned)
+
+    monkeypatch.setattr(loader_module, "_own", own)
+
+    def images_by_key(workers: int) -> tuple[dict[str, torch.Tensor], int]:
+        batches = list(streams(uneven, 1, batch=1, train=False, loader_workers=workers)[0])  # all held at once
+        assert all(b.buffer is None and not b.images.is_shared() for b in batches)
+        return {k: b.images[i] for b in batches for i, k in enumerate(b.keys) if b.valid[i]}, len(batches)
+
+    alone, _ = images_by_key(0)
+    shared, count = images_by_key(2)
+    assert alone.keys() == shared.keys() and all(torch.equal(alone[k], shared[k]) for k in alone)
+    assert len(owned) == count  # every batch came in a pooled buffer: handed back, the pool never ran dry
+    assert len(set(owned)) <= 2 * loader_module._SharedBuffers.LIMIT < count  # so buffers were reused
+
+
 def test_decoders_crop_and_scale_large_images() -> None:
     data = jpeg(7, (640, 480))
     augment = config().augment

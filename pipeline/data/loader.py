@@ -16,7 +16,9 @@ Design (the plan itself is in `pipeline.data.plan`):
 - Reading. Tars are parsed with webdataset's `tar_file_iterator`/`group_by_keys` from `pipeline.storage.open_read`
   streams (or the local shard cache, `pipeline.data.cache`), in a thread per slot that reads ahead of decoding
   (network reads release the GIL); it holds at most the current window plus `shuffle_buffer` raw samples.
-  Workers build batches in shared memory, so handing them to the main process copies nothing.
+  Workers build batches in shared memory buffers that they reuse: the main process copies each batch out (on
+  CUDA the pin-memory thread's copy is that copy) and hands the buffer back, cheaper than a fresh shared-memory
+  file per batch. The small index tensors travel inline with the pickled batch.
 - Position. Each batch carries (epoch, segment, slot, batch index, position = planned samples the slot has emitted).
   The main process records what it has handed to the training loop, so prefetched batches are not counted;
   `state_dict()` is that record. Restored with the same split, a slot re-plans its order and continues at its
@@ -101,6 +103,7 @@ class Batch:
     index: int  # batch index within the slot's quota in this epoch segment
     position: int  # planned samples the slot has emitted after this batch
     stats: dict[str, Any] = field(default_factory=dict)  # the slot's counters since its previous item
+    buffer: tuple[int, int] | None = None  # (worker, index): the worker's reusable buffer holding the images
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -108,10 +111,22 @@ class Batch:
     def labels(self, i: int) -> list[int]:
         return self.label_ids[self.label_offsets[i]:self.label_offsets[i + 1]].tolist()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (worker -> main process) with the small index tensors as numpy arrays, which travel inline:
+        torch sends every tensor through its own shared-memory file and a descriptor handed over a socket, ~0.6 ms
+        of CPU per tensor in all (measured), more than the rest of the hand-off. The images do go that way."""
+        return {**self.__dict__, **{name: getattr(self, name).numpy() for name in _INLINE}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({**state, **{name: torch.from_numpy(state[name]) for name in _INLINE}})
+
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin-memory thread (CUDA only)."""
         return dataclasses.replace(self, images=self.images.pin_memory(), label_ids=self.label_ids.pin_memory(),
                                    label_offsets=self.label_offsets.pin_memory())
+
+
+_INLINE = ("label_ids", "label_offsets", "valid", "sample_ids")
 
 
 @dataclass
@@ -347,17 +362,65 @@ class _Tally:
         return stats
 
 
+class _SharedBuffers:
+    """A DataLoader worker's shared-memory image buffers, reused once the main process holds its own copy.
+
+    A fresh shared-memory buffer per batch costs the kernel ~5 ms per 8.5 MB batch (allocating, zeroing and
+    mapping the pages, then tearing them down; measured), more than the main process copying the batch out (~1.9 ms;
+    on CUDA the pin-memory thread copies it anyway) and sending the buffer's index back on `returned`.
+    """
+
+    LIMIT = 6  # per worker: the DataLoader's prefetch (2), the batch being built, the one being copied, and room
+
+    def __init__(self, worker: int, returned: Any) -> None:
+        self.worker, self._returned = worker, returned
+        self._buffers: list[torch.UntypedStorage] = []
+        self._free: list[int] = []
+
+    def take(self, nbytes: int) -> tuple[int, torch.UntypedStorage]:
+        """(index, storage) of a free buffer; index -1 for a one-off buffer when every pooled one is out."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._free.append(self._returned.get_nowait())
+        if self._free:
+            index = self._free.pop()
+            assert self._buffers[index].nbytes() == nbytes, "a worker's batches all have one size"
+            return index, self._buffers[index]
+        storage = torch.UntypedStorage._new_shared(nbytes)
+        if len(self._buffers) == self.LIMIT:
+            return -1, storage
+        self._buffers.append(storage)
+        return len(self._buffers) - 1, storage
+
+
+def _own(batch: Batch, returned: list[Any]) -> Batch:
+    """`batch` with its images in this process's memory; the worker may then reuse the shared buffer."""
+    assert batch.buffer is not None
+    images = batch.images
+    if not images.is_pinned():  # else the pin-memory thread has copied them already
+        images = torch.empty_like(images).copy_(images)  # keeps channels-last
+    worker, index = batch.buffer
+    returned[worker].put(index)
+    return dataclasses.replace(batch, images=images, buffer=None)
+
+
 class _BatchBuilder:
-    def __init__(self, size: int, image_size: int) -> None:
-        self.size, self.image_size = size, image_size
+    def __init__(self, size: int, image_size: int, buffers: _SharedBuffers | None = None) -> None:
+        self.size, self.image_size, self._buffers = size, image_size, buffers
         self._new()
 
     def _new(self) -> None:
         side = self.image_size
+        self.buffer: tuple[int, int] | None = None
         # (B, 3, H, W) in channels-last memory, the layout images decode in (`pipeline.data.decode`)
         if get_worker_info() is not None:  # in a DataLoader worker: build the batch in shared memory, as
             # torch's default_collate does, so that sending it to the main process copies nothing
-            storage = torch.UntypedStorage._new_shared(self.size * 3 * side ** 2)
+            nbytes = self.size * 3 * side ** 2
+            if self._buffers is not None:
+                index, storage = self._buffers.take(nbytes)
+                self.buffer = (self._buffers.worker, index) if index >= 0 else None
+            else:
+                storage = torch.UntypedStorage._new_shared(nbytes)
             hwc = torch.empty(0, dtype=torch.uint8).set_(storage).view(self.size, side, side, 3)
             self.images = hwc.permute(0, 3, 1, 2)
         else:
@@ -390,7 +453,7 @@ class _BatchBuilder:
         mask[:valid] = True
         batch = Batch(self.images, torch.tensor(self.ids, dtype=torch.int64),
                       torch.tensor(self.offsets, dtype=torch.int64), self.keys, mask,
-                      torch.tensor(self.sample_ids, dtype=torch.int64), **where)
+                      torch.tensor(self.sample_ids, dtype=torch.int64), buffer=self.buffer, **where)
         self._new()
         return batch
 
@@ -398,8 +461,9 @@ class _BatchBuilder:
 class _Slot:
     """Produces one slot's items for one epoch segment: its quota of batches, then fillers up to `items`."""
 
-    def __init__(self, spec: _Spec, cache: ShardCache | None, tally: _Tally) -> None:
-        self.spec, self.cache, self.tally = spec, cache, tally
+    def __init__(self, spec: _Spec, cache: ShardCache | None, tally: _Tally,
+                 buffers: _SharedBuffers | None = None) -> None:
+        self.spec, self.cache, self.tally, self.buffers = spec, cache, tally, buffers
         self._replay: Iterator | None = None  # a short slot's second pass over its own stream
         self._barren = False  # the slot has no good sample at all
 
@@ -485,7 +549,7 @@ class _Slot:
         """Batches `done`..quota-1 of the slot from planned position `start`, then fillers up to `items` in all
         (`lead`: one filler first)."""
         spec, quota, samples = self.spec, plan.slots[slot].batches, plan.slots[slot].samples
-        builder = _BatchBuilder(plan.split.batch_size, spec.image_size)
+        builder = _BatchBuilder(plan.split.batch_size, spec.image_size, self.buffers)
         emitted = 0
         if lead:
             items -= 1
@@ -536,11 +600,12 @@ class _Slot:
 
 
 class _RankStream(IterableDataset):
-    """The items of one rank; inside a DataLoader worker it is that worker's slot."""
+    """The items of one rank; inside a DataLoader worker it is that worker's slot. `returned`: one queue per
+    worker on which the main process hands back the indices of shared buffers it has copied out (`_own`)."""
 
-    def __init__(self, spec: _Spec, start: _Start | None) -> None:
+    def __init__(self, spec: _Spec, start: _Start | None, returned: list[Any] | None = None) -> None:
         super().__init__()
-        self.spec, self.start = spec, start
+        self.spec, self.start, self.returned = spec, start, returned
 
     def __iter__(self) -> Iterator[Batch | _Tick]:
         spec = self.spec
@@ -550,7 +615,10 @@ class _RankStream(IterableDataset):
         if spec.cache_dir is not None:
             cache = ShardCache(spec.cache_dir, spec.cache_max_bytes, spec.storage,
                                opener=lambda url: _ReopeningReader(url, spec.storage))  # type: ignore[arg-type,return-value]
-        producer = _Slot(spec, cache, _Tally())
+        buffers = None
+        if info is not None and self.returned is not None:
+            buffers = _SharedBuffers(info.id, self.returned[info.id])
+        producer = _Slot(spec, cache, _Tally(), buffers)
         if not spec.train:
             plan = eval_plan(spec.counts, spec.split)
             yield from producer.items(plan, slot, 0, 0, plan.items_per_worker(spec.rank))
@@ -701,13 +769,15 @@ class ShardStream:
     def __iter__(self) -> Iterator[Batch]:
         spec = self._spec
         start = _Start(self._epoch, self._history, dict(self._progress)) if self.train else None
-        dataset = _RankStream(spec, start)
         workers = self.data.loader_workers
         if workers == 0:
-            source: Iterator = iter(dataset)
+            returned: list[Any] = []
+            source: Iterator = iter(_RankStream(spec, start))
         else:
-            source = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
-                                     pin_memory=torch.cuda.is_available(), multiprocessing_context=_worker_context(),
+            context = _worker_context()
+            returned = [context.Queue() for _ in range(workers)]
+            source = iter(DataLoader(_RankStream(spec, start, returned), batch_size=None, num_workers=workers,
+                                     pin_memory=torch.cuda.is_available(), multiprocessing_context=context,
                                      worker_init_fn=functools.partial(_adopt_environment, dict(os.environ))))
         self._enter(self.plan())
         delivered = sum(b for _, b in self._progress.values()) if self.train else 0
@@ -719,6 +789,8 @@ class ShardStream:
                 self._absorb(item.stats)
                 if isinstance(item, _Tick):
                     continue
+                if item.buffer is not None:
+                    item = _own(item, returned)
                 if self.train and (item.epoch, item.segment) != (self._epoch, len(self._history)):
                     self._epoch, self._history, self._progress, delivered = item.epoch, (), {}, 0
                     self._enter(self.plan())
