@@ -400,6 +400,11 @@ def test_workers_reuse_their_shared_buffers_without_corrupting_batches(uneven: s
     assert alone.keys() == shared.keys() and all(torch.equal(alone[k], shared[k]) for k in alone)
     assert len(owned) == count  # every batch came in a pooled buffer: handed back, the pool never ran dry
     assert len(set(owned)) <= 2 * loader_module._SharedBuffers.LIMIT < count  # so buffers were reused
+    # training: one iterator spans epochs (and a builder per epoch); buffers must come back epoch after epoch
+    owned.clear()
+    stream = streams(uneven, 1, batch=1, loader_workers=2)[0]
+    batches = take(iter(stream), 12 * stream.batches_per_epoch())
+    assert batches[-1].epoch == 11 and len(owned) == len(batches)
 
 
 def test_decoders_crop_and_scale_large_images() -> None:
@@ -450,6 +455,11 @@ def test_flip_is_a_mirror_of_the_same_crop_written_into_the_given_slot() -> None
         else:
             assert torch.equal(out, reference), seed  # the same crop either way: the flip draw comes after it
     assert 0 < mirrored < 16
+    wide = (torch.zeros(3, 96, 200, dtype=torch.uint8), torch.zeros(96, 200, 3, dtype=torch.uint8).permute(2, 0, 1))
+    for canvas in wide:
+        view = canvas[:, :, 50:146]  # not compact: written through a copy
+        decode_image(data, 96, flipping, train=True, rng=random.Random(3), out=view)
+        assert torch.equal(view, decode_image(data, 96, flipping, train=True, rng=random.Random(3)))
     with pytest.raises(ValueError, match="out must be uint8 of shape"):
         decode_image(data, 64, plain, train=True, rng=random.Random(0), out=batch[0])
 

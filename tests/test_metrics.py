@@ -374,8 +374,9 @@ def test_non_finite_scores_are_located():
     assert math.isfinite(map_at_k(huge, T))
 
 
-def test_repeated_image_ids_across_batches_are_refused():
-    accumulator = MapAtK(4)
+@pytest.mark.parametrize("buffer_rows", [None, 2])
+def test_repeated_image_ids_across_batches_are_refused(buffer_rows):
+    accumulator = MapAtK(4) if buffer_rows is None else MapAtK(4, buffer_mib=buffer_of(buffer_rows, 4))
     accumulator.update(S, T, image_ids=[0, 1, 2])
     accumulator.update(S, T, image_ids=[2, 3, 4])
     with pytest.raises(ValueError, match="image id 2 was added more than once"):

@@ -185,6 +185,10 @@ def decode_image(data: bytes, image_size: int, augment: AugmentConfig, *, train:
     if out.shape != (3, image_size, image_size) or out.dtype != torch.uint8:
         raise ValueError(f"out must be uint8 of shape (3, {image_size}, {image_size}), got {out.dtype} "
                          f"{tuple(out.shape)}")
+    if not out[None].is_contiguous(memory_format=torch.channels_last):  # the resize's out= form assumes it
+        out.copy_(decode_image(data, image_size, augment, train=train, rng=rng, decoder=decoder,
+                               fast_train_decode=fast_train_decode))
+        return out
     mirror = train and augment.horizontal_flip
     if train and augment.random_resized_crop:
         def choose(w: int, h: int) -> tuple[Box, bool]:

@@ -376,21 +376,29 @@ class _SharedBuffers:
         self.worker, self._returned = worker, returned
         self._buffers: list[torch.UntypedStorage] = []
         self._free: list[int] = []
+        self._warned = False
 
     def take(self, nbytes: int) -> tuple[int, torch.UntypedStorage]:
-        """(index, storage) of a free buffer; index -1 for a one-off buffer when every pooled one is out."""
+        """(index, storage) of a free buffer; index -1 for a one-off buffer when every pooled one stays out."""
         with contextlib.suppress(queue.Empty):
             while True:
                 self._free.append(self._returned.get_nowait())
+        if not self._free and len(self._buffers) == self.LIMIT:  # a return may still be on its way
+            with contextlib.suppress(queue.Empty):
+                self._free.append(self._returned.get(timeout=1.0))
         if self._free:
             index = self._free.pop()
             assert self._buffers[index].nbytes() == nbytes, "a worker's batches all have one size"
             return index, self._buffers[index]
         storage = torch.UntypedStorage._new_shared(nbytes)
-        if len(self._buffers) == self.LIMIT:
-            return -1, storage
-        self._buffers.append(storage)
-        return len(self._buffers) - 1, storage
+        if len(self._buffers) < self.LIMIT:
+            self._buffers.append(storage)
+            return len(self._buffers) - 1, storage
+        if not self._warned:
+            self._warned = True
+            log.warning("DataLoader worker %d: all %d shared batch buffers are out; using one-off buffers (slower)",
+                        self.worker, self.LIMIT)
+        return -1, storage
 
 
 def _own(batch: Batch, returned: list[Any]) -> Batch:
@@ -410,26 +418,32 @@ class _BatchBuilder:
         self._new()
 
     def _new(self) -> None:
-        side = self.image_size
+        self._images: torch.Tensor | None = None  # taken at the first slot(): a builder left empty holds no buffer
         self.buffer: tuple[int, int] | None = None
-        # (B, 3, H, W) in channels-last memory, the layout images decode in (`pipeline.data.decode`)
-        if get_worker_info() is not None:  # in a DataLoader worker: build the batch in shared memory, as
-            # torch's default_collate does, so that sending it to the main process copies nothing
-            nbytes = self.size * 3 * side ** 2
-            if self._buffers is not None:
-                index, storage = self._buffers.take(nbytes)
-                self.buffer = (self._buffers.worker, index) if index >= 0 else None
-            else:
-                storage = torch.UntypedStorage._new_shared(nbytes)
-            hwc = torch.empty(0, dtype=torch.uint8).set_(storage).view(self.size, side, side, 3)
-            self.images = hwc.permute(0, 3, 1, 2)
-        else:
-            self.images = torch.empty((self.size, 3, side, side), dtype=torch.uint8,
-                                      memory_format=torch.channels_last)
         self.ids: list[int] = []
         self.offsets = [0]
         self.keys: list[str] = []
         self.sample_ids: list[int] = []
+
+    @property
+    def images(self) -> torch.Tensor:
+        """(B, 3, H, W) uint8 in channels-last memory, the layout images decode in (`pipeline.data.decode`)."""
+        if self._images is None:
+            side = self.image_size
+            if get_worker_info() is not None:  # in a DataLoader worker: build the batch in shared memory, as
+                # torch's default_collate does, so that sending it to the main process copies nothing here
+                nbytes = self.size * 3 * side ** 2
+                if self._buffers is not None:
+                    index, storage = self._buffers.take(nbytes)
+                    self.buffer = (self._buffers.worker, index) if index >= 0 else None
+                else:
+                    storage = torch.UntypedStorage._new_shared(nbytes)
+                hwc = torch.empty(0, dtype=torch.uint8).set_(storage).view(self.size, side, side, 3)
+                self._images = hwc.permute(0, 3, 1, 2)
+            else:
+                self._images = torch.empty((self.size, 3, side, side), dtype=torch.uint8,
+                                           memory_format=torch.channels_last)
+        return self._images
 
     def __len__(self) -> int:
         return len(self.keys)

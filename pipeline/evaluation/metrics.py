@@ -540,7 +540,8 @@ class MapAtK:
             raise ValueError(f"scores have {scores.shape[1]} classes; this MapAtK was built for {self.num_classes}")
         if batch == 0:
             return
-        device = self._top_scores.device if self._top_scores is not None else scores.device
+        held = self._top_scores if self._top_scores is not None else self._buffer[0] if self._buffer else None
+        device = held.device if held is not None else scores.device  # the first batch's device, for good
         scores = scores.to(device)
         if image_ids is None:
             ids = torch.arange(self._max_id + 1, self._max_id + 1 + batch, device=device)
@@ -579,7 +580,7 @@ class MapAtK:
         return max(1, int(self.buffer_mib * 2**20) // (self.num_classes * (dtype.itemsize + 1) + 8))
 
     def _buffer_for(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The row buffer, (re)allocated for scores' dtype (promoting what it holds) and device."""
+        """The row buffer, (re)allocated for scores' dtype (promoting what it holds)."""
         if self._buffer is not None and self._buffer[0].dtype != scores.dtype:
             common = torch.promote_types(scores.dtype, self._buffer[0].dtype)
             if common != self._buffer[0].dtype:
@@ -600,15 +601,15 @@ class MapAtK:
         if self._buffer is None or self._buffered == 0:
             return
         scores, targets, ids = (part[: self._buffered] for part in self._buffer)
-        self._buffered = 0
         self._fold(scores, targets, ids)
+        self._buffered = 0
 
     def _fold(self, scores: Tensor, targets: Tensor, ids: Tensor) -> None:
-        """Fold rows into the per-image results and the per-class top K (the tensors are not kept)."""
+        """Fold rows into the per-image results and the per-class top K (the tensors are not kept).
+
+        An id repeated across batches is reported by `compute`, which sees every id."""
         if ids.shape[0] > 1 and not bool((ids[1:] > ids[:-1]).all()):  # batches came with interleaved ids
-            ids, order = ids.sort()
-            if bool((ids[1:] == ids[:-1]).any()):
-                raise ValueError(f"image id {int(ids[1:][ids[1:] == ids[:-1]][0])} was added more than once")
+            ids, order = ids.sort(stable=True)
             scores, targets = scores[order], targets[order]
         self._update_images(scores, targets, ids)
         self._update_classes(scores, targets, ids)
@@ -713,8 +714,8 @@ class MapAtK:
                 self._images[name].append(state[f"image_{name}"])
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> MapAtK:
-        accumulator = cls(state["num_classes"], state["k"])
+    def from_state_dict(cls, state: dict[str, Any], buffer_mib: float = 256.0) -> MapAtK:
+        accumulator = cls(state["num_classes"], state["k"], buffer_mib)
         accumulator.load_state_dict(state)
         return accumulator
 
