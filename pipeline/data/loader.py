@@ -430,19 +430,14 @@ class _BatchBuilder:
         """(B, 3, H, W) uint8 in channels-last memory, the layout images decode in (`pipeline.data.decode`)."""
         if self._images is None:
             side = self.image_size
-            if get_worker_info() is not None:  # in a DataLoader worker: build the batch in shared memory, as
-                # torch's default_collate does, so that sending it to the main process copies nothing here
-                nbytes = self.size * 3 * side ** 2
-                if self._buffers is not None:
-                    index, storage = self._buffers.take(nbytes)
-                    self.buffer = (self._buffers.worker, index) if index >= 0 else None
-                else:
-                    storage = torch.UntypedStorage._new_shared(nbytes)
+            if self._buffers is not None:  # a DataLoader worker: build the batch in one of its shared buffers,
+                # so that sending it to the main process copies nothing here
+                index, storage = self._buffers.take(self.size * 3 * side ** 2)
+                self.buffer = (self._buffers.worker, index) if index >= 0 else None
                 hwc = torch.empty(0, dtype=torch.uint8).set_(storage).view(self.size, side, side, 3)
-                self._images = hwc.permute(0, 3, 1, 2)
             else:
-                self._images = torch.empty((self.size, 3, side, side), dtype=torch.uint8,
-                                           memory_format=torch.channels_last)
+                hwc = torch.empty((self.size, side, side, 3), dtype=torch.uint8)
+            self._images = hwc.permute(0, 3, 1, 2)
         return self._images
 
     def __len__(self) -> int:

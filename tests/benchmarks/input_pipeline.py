@@ -33,7 +33,9 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,17 +164,22 @@ def run_plain_pil_loader(urls: list[str], samples: int, processes: int, passes: 
     torch.set_num_threads(1)
     loader = DataLoader(PlainPilBatches(urls, to_float), batch_size=None, num_workers=processes,
                         multiprocessing_context=multiprocessing.get_context("forkserver"))
-    iterator, per_pass = iter(loader), samples // BATCH
-    for _ in range(per_pass):  # warm-up: worker start-up, storage clients
+    return _time_batches(iter(loader), samples // BATCH, passes, processes, lambda batch: len(batch["labels"]))
+
+
+def _time_batches(iterator: Iterator[Any], per_pass: int, passes: int, processes: int,
+                  size: Callable[[Any], int]) -> dict:
+    """Rates of a DataLoader-fed iterator over `per_pass` batches (`size(batch)` samples each), best of `passes`
+    after a warm-up pass (worker start-up, storage clients); CPU of the workers and the main process."""
+    for _ in range(per_pass):
         next(iterator)
     wall_rates, cpu_rates = [], []
     for _ in range(passes):
         wall, cpu, count = time.perf_counter(), time.process_time() + _children_cpu_s(), 0
         for _ in range(per_pass):
-            count += len(next(iterator)["labels"])
+            count += size(next(iterator))
         wall_rates.append(count / (time.perf_counter() - wall))
         cpu_rates.append(count / (time.process_time() + _children_cpu_s() - cpu))  # workers + main process
-    del iterator
     best = max(wall_rates)
     return {"samples_per_s": best, "per_process": best / processes, "per_cpu_s": max(cpu_rates)}
 
@@ -234,20 +241,7 @@ def run_loader(prefix: str, decoder: str, processes: int, passes: int) -> dict:
     torch.set_num_threads(1)
     data = DataConfig(image_size=IMAGE_SIZE, loader_workers=processes, decoder=decoder, shuffle_buffer=64)
     stream = ShardStream(prefix, data, batch_size=BATCH, rank=0, world_size=1, train=True)
-    per_epoch = stream.batches_per_epoch()
-    iterator = iter(stream)
-    for _ in range(per_epoch):  # warm-up epoch: worker start-up, storage clients
-        next(iterator)
-    wall_rates, cpu_rates = [], []
-    for _ in range(passes):
-        wall, cpu, count = time.perf_counter(), time.process_time() + _children_cpu_s(), 0
-        for _ in range(per_epoch):
-            count += len(next(iterator))
-        wall_rates.append(count / (time.perf_counter() - wall))
-        cpu_rates.append(count / (time.process_time() + _children_cpu_s() - cpu))  # workers + main process
-    del iterator
-    best = max(wall_rates)
-    return {"samples_per_s": best, "per_process": best / processes, "per_cpu_s": max(cpu_rates)}
+    return _time_batches(iter(stream), stream.batches_per_epoch(), passes, processes, len)
 
 
 # --------------------------------------------------------------------------------------------------------- main
