@@ -2,6 +2,7 @@
 
 import io
 import json
+import time
 import uuid
 
 import pytest
@@ -114,14 +115,16 @@ def test_training_resumes_a_finished_run_with_more_steps(tiny_demo, tmp_path):
 
 
 def test_interrupted_run_resumes_from_its_last_complete_checkpoint(tiny_demo, tmp_path):
-    dropout = "model.dropout=0.5"  # the resumed run matches only if the RNG state travels with the checkpoint
+    # The resumed run matches only if the RNG state travels with the checkpoint. A step schedule: the demo's cosine
+    # follows train.total_steps, so stopping at 3 of 3 and extending to 6 would re-plan it.
+    dropout = ["model.dropout=0.5", "schedule.name=step"]
     config = tiny_config(tiny_demo, tmp_path, "train.total_steps=6", "checkpoint.every_steps=3",
-                         "train.log_samples=true", dropout)
+                         "train.log_samples=true", *dropout)
     reference_config = tiny_config(tiny_demo, tmp_path / "ref", "train.total_steps=6", "checkpoint.every_steps=3",
-                                   dropout)
+                                   *dropout)
     reference = train(reference_config)
     train(tiny_config(tiny_demo, tmp_path, "train.total_steps=3", "checkpoint.every_steps=3",
-                      "train.log_samples=true", dropout))
+                      "train.log_samples=true", *dropout))
     # Simulate a crash after step 3 during the next checkpoint's upload: a partial step-6 directory.
     write_bytes(join_url(config.run_dir, "checkpoints", "step-000000006", "state.pt"), b"torn")
     resumed = train(config)
@@ -199,3 +202,26 @@ def test_scheduled_steps_are_the_steps_training_checkpoints_at():
             for until in (0, 4, 12):
                 expected = [s for s in range(1, min(until, total) + 1) if is_checkpoint_step(s, every, total)]
                 assert scheduled_steps(every, total, until) == expected, (every, total, until)
+
+
+def test_logged_throughput_counts_the_time_spent_logging_and_ray_hears_only_at_checkpoints(tiny_demo, tmp_path,
+                                                                                           monkeypatch):
+    """samples/s covers all wall time between two logged steps: a record that takes 0.3 s to write caps the next
+    window's figure at batch / 0.3 s. Ray Train's report (a barrier) is called at checkpoint steps only."""
+    from pipeline.train.metrics import MetricsWriter
+
+    records, reported = [], []
+    write = MetricsWriter.write
+
+    def slow_write(self, record):
+        records.append(record)
+        write(self, record)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(MetricsWriter, "write", slow_write)
+    config = tiny_config(tiny_demo, tmp_path, "train.total_steps=6", "train.log_every=1", "checkpoint.every_steps=3",
+                         "train.global_batch_size=4", "checkpoint.background=false")
+    train(config, report=reported.append)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["samples_per_s"] <= 4 / 0.3 for r in records[1:]), [r["samples_per_s"] for r in records]
+    assert [r["step"] for r in reported] == [3, 6]

@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -109,6 +110,19 @@ def test_openmoji_has_many_classes_and_credits_its_sources(openmoji: DemoDataset
     assert fewer.num_classes < openmoji.num_classes  # rarer tags are dropped, groups and subgroups stay
     same_art = open_demo("openmoji", image_size=OPENMOJI_SIZE, eval_art="openmoji")
     assert same_art.artists["eval"].name == "openmoji" and "Twemoji" not in same_art.attribution
+
+
+def test_a_small_openmoji_catalog_keeps_the_most_common_emoji_and_only_shared_classes() -> None:
+    small = open_demo("openmoji", image_size=OPENMOJI_SIZE, catalog_size=100, min_tag_count=3, eval_artist="same")
+    assert small.artists["eval"].name == "openmoji" and small.artists["train"].name == "openmoji"
+    assert 90 <= len(small.objects) <= 100 and 20 <= small.num_classes <= 60
+    shared = Counter(label for obj in small.objects for label in obj.labels)
+    assert all(shared[c.id] >= 3 for c in small.classes) and all(obj.labels for obj in small.objects)
+    # the most common base emoji: Zipf weights 1/rank, ranks 1..100 (one may be dropped for lack of a shared class)
+    ranks = sorted(round(1 / obj.weight) for obj in small.objects)
+    assert ranks[-1] <= 100 and len(set(ranks)) == len(ranks)
+    tiny_same = open_demo("tiny", image_size=64, eval_artist="same")
+    assert tiny_same.artists["eval"].name == tiny_same.artists["train"].name == "shapes-flat"
 
 
 def _top_decile_share(ds: DemoDataset, samples: list[DemoSample]) -> float:

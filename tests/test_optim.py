@@ -11,7 +11,7 @@ from pipeline.config import LossConfig, ScheduleConfig
 from pipeline.train.ema import ModelEma
 from pipeline.train.loss import compute_loss
 from pipeline.train.optim import RMSpropTF, param_groups
-from pipeline.train.schedule import StepDecaySchedule
+from pipeline.train.schedule import LearningRateSchedule
 
 
 @pytest.mark.parametrize("momentum", [0.9, 0.0])
@@ -80,22 +80,22 @@ def test_rmsprop_tf_rejects_bad_hyperparameters():
 
 
 def test_step_decay_in_samples_and_epochs():
-    jft = StepDecaySchedule(ScheduleConfig(decay_rate=0.9, decay_every=3_000_000, unit="samples"), base_lr=0.001)
+    jft = LearningRateSchedule(ScheduleConfig(decay_rate=0.9, decay_every=3_000_000, unit="samples"), base_lr=0.001)
     assert jft(0) == 0.001
     assert jft(2_999_999) == 0.001
     assert math.isclose(jft(3_000_000), 0.0009)
     assert math.isclose(jft(10_000_000), 0.001 * 0.9**3)
-    imagenet = StepDecaySchedule(ScheduleConfig(decay_rate=0.94, decay_every=2, unit="epochs"), base_lr=0.045,
+    imagenet = LearningRateSchedule(ScheduleConfig(decay_rate=0.94, decay_every=2, unit="epochs"), base_lr=0.045,
                                  samples_per_epoch=1_281_167)
     assert imagenet(2 * 1_281_167 - 1) == 0.045
     assert math.isclose(imagenet(2 * 1_281_167), 0.045 * 0.94)
     assert math.isclose(imagenet(7 * 1_281_167), 0.045 * 0.94**3)
     with pytest.raises(ValueError, match="needs the epoch length"):
-        StepDecaySchedule(ScheduleConfig(unit="epochs"), base_lr=0.1)
+        LearningRateSchedule(ScheduleConfig(unit="epochs"), base_lr=0.1)
 
 
 def test_warmup_and_constant():
-    warm = StepDecaySchedule(ScheduleConfig(name="constant", warmup_samples=1000), base_lr=0.2)
+    warm = LearningRateSchedule(ScheduleConfig(name="constant", warmup_samples=1000), base_lr=0.2)
     assert warm(0) == 0.0 and math.isclose(warm(250), 0.05) and warm(1000) == 0.2 and warm(10**9) == 0.2
 
 
@@ -159,3 +159,17 @@ def test_softmax_loss_and_shape_check():
                         rel_tol=1e-6)
     with pytest.raises(ValueError, match=r"logits \(1, 3\) and targets \(1, 2\)"):
         compute_loss(LossConfig(), logits, torch.zeros(1, 2))
+
+
+def test_cosine_follows_the_planned_run_and_takes_a_warmup():
+    cosine = LearningRateSchedule(ScheduleConfig(name="cosine"), base_lr=0.01, total_samples=32_000)
+    assert cosine(0) == 0.01
+    assert math.isclose(cosine(16_000), 0.005)
+    assert math.isclose(cosine(8_000), 0.01 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert cosine(32_000) == 0.0 and cosine(64_000) == 0.0  # past the plan (a raised total_steps re-plans)
+    floored = LearningRateSchedule(ScheduleConfig(name="cosine", final_fraction=0.1, warmup_samples=1000),
+                                   base_lr=0.01, total_samples=32_000)
+    assert math.isclose(floored(500), 0.5 * 0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 500 / 32_000))))
+    assert math.isclose(floored(32_000), 0.001)
+    with pytest.raises(ValueError, match="planned samples"):
+        LearningRateSchedule(ScheduleConfig(name="cosine"), base_lr=0.1)

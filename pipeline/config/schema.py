@@ -64,6 +64,14 @@ class DemoConfig(Section):
     eval_images: PositiveInt = 500
     image_size: int = Field(160, ge=71, description="side of the generated images (crops are data.image_size)")
     seed: int = 0
+    catalog_size: PositiveInt | None = Field(
+        None, description="openmoji: only the N most common emoji (no skin-tone variants); None = all ~3,900")
+    min_tag_count: PositiveInt = Field(
+        5, description="openmoji: a tag (with catalog_size also a group or subgroup) is a class when at least this "
+        "many of the emoji share it")
+    eval_artist: Literal["same", "second"] = Field(
+        "same", description="which evaluation set data.eval points at: objects drawn by the training images' artist "
+        "(in-domain) or by a second artist (Twemoji; outlined shapes): both are generated")
     images_per_shard: PositiveInt = 250
     location: str = Field("~/.cache/xception-pipeline/demo", description="where the shards are written (any URL)")
 
@@ -125,12 +133,14 @@ class OptimizerConfig(Section):
 
 
 class ScheduleConfig(Section):
-    """Step decay: lr * decay_rate ** floor(progress / decay_every), progress counted in samples or epochs."""
+    """step: lr * decay_rate ** floor(progress / decay_every), progress in samples or epochs (the paper's);
+    cosine: lr down to lr * final_fraction over train.total_steps (short and medium runs); constant."""
 
-    name: Literal["step", "constant"] = "step"
-    decay_rate: float = Field(0.9, gt=0.0, le=1.0)
-    decay_every: PositiveInt = 3_000_000
-    unit: Literal["samples", "epochs"] = "samples"
+    name: Literal["step", "cosine", "constant"] = "step"
+    decay_rate: float = Field(0.9, gt=0.0, le=1.0, description="step: factor per decay_every")
+    decay_every: PositiveInt = Field(3_000_000, description="step: samples or epochs (unit) between decays")
+    unit: Literal["samples", "epochs"] = Field("samples", description="step: what decay_every counts")
+    final_fraction: float = Field(0.0, ge=0.0, le=1.0, description="cosine: the last step's lr as a fraction of lr")
     warmup_samples: int = Field(0, ge=0, description="linear warm-up from 0 over this many samples")
 
 

@@ -26,6 +26,7 @@ from pipeline.cluster import connect_ray
 from pipeline.config import Config, StorageConfig, validate
 from pipeline.data import ShardStream, read_manifest, to_device
 from pipeline.data.manifest import check_vocabulary, read_classes
+from pipeline.evaluation.baselines import BaselineScorers, baseline_key, class_prior, read_cached, write_cached
 from pipeline.evaluation.metrics import MapAtK, MapAtKResult, load_class_weights
 from pipeline.models import build_model
 from pipeline.storage import join_url, read_bytes
@@ -45,6 +46,7 @@ class Scored:
     accumulator: MapAtK
     examples: list[dict[str, Any]] = field(default_factory=list)
     images: int = 0
+    baselines: BaselineScorers | None = None  # the same images scored without looking at them
 
 
 def checkpoint_config(checkpoint_url: str, storage: StorageConfig | None) -> Config:
@@ -95,9 +97,9 @@ def load_weights(checkpoint_url: str, config: Config, device: torch.device) -> t
 
 
 def score_share(model: torch.nn.Module, config: Config, *, rank: int = 0, world_size: int = 1,
-                device: torch.device | None = None) -> Scored:
+                device: torch.device | None = None, baselines: bool = False) -> Scored:
     """Stream this rank's share of `data.eval` through `model` into a `MapAtK` accumulator, decoding with
-    `data.loader_workers` processes."""
+    `data.loader_workers` processes; with `baselines`, also score the same images with `BaselineScorers`."""
     device = device or torch.device("cpu")
     eval_prefix, storage = _eval_prefix(config), config.storage
     manifest = read_manifest(eval_prefix, storage)
@@ -107,7 +109,8 @@ def score_share(model: torch.nn.Module, config: Config, *, rank: int = 0, world_
     loader = ShardStream(eval_prefix, config.data, batch_size=config.eval.batch_size, rank=rank,
                          world_size=world_size, train=False, storage=storage, num_classes=num_classes,
                          manifest=manifest)
-    scored = Scored(MapAtK(num_classes, config.eval.k))
+    scored = Scored(MapAtK(num_classes, config.eval.k),
+                    baselines=BaselineScorers(class_prior(config), config.eval.k) if baselines else None)
     limit = config.eval.max_images
     with torch.inference_mode():
         for batch in loader:
@@ -122,6 +125,8 @@ def score_share(model: torch.nn.Module, config: Config, *, rank: int = 0, world_
                 keep, ids = keep[ids < limit], ids[ids < limit]
             if keep.numel():
                 scored.accumulator.update(logits[keep], targets[keep], ids)
+                if scored.baselines is not None:
+                    scored.baselines.update(targets[keep], ids)
                 scored.images += int(keep.numel())
                 _keep_examples(scored, batch, logits, targets, keep)
     return scored
@@ -170,53 +175,76 @@ class Evaluation:
     examples: list[dict[str, Any]]
     seconds: float
     config: Config  # what it ran with (`resolve_config`)
+    baselines: dict[str, dict[str, float]] | None = None  # `BaselineScorers.compute()` on the same eval set
 
     def record(self) -> dict[str, Any]:
-        """The JSON line appended to `reports/map100.jsonl`, naming k, the class weighting and EMA/raw weights."""
+        """The JSON line appended to `reports/map100.jsonl`, naming k, the class weighting and EMA/raw weights,
+        with the random and class-prior scores of the same evaluation set under "baselines"."""
         return {"step": self.step, "samples_seen": self.samples_seen, "checkpoint": self.checkpoint,
-                **eval_settings(self.config), **self.result.scalars(), "eval_seconds": round(self.seconds, 3),
-                "time": time.time()}
+                **eval_settings(self.config), **self.result.scalars(), "baselines": self.baselines,
+                "eval_seconds": round(self.seconds, 3), "time": time.time()}
 
 
 def evaluate_checkpoint(checkpoint_url: str, settings: Config | None = None, *, device: torch.device | None = None,
-                        workers: int = 1) -> Evaluation:
+                        workers: int = 1, reports_dir: str | None = None) -> Evaluation:
     """Evaluate one complete checkpoint with the evaluator's `settings` (see `resolve_config`; None: the saved
-    config alone); `workers` > 1 scores shares in parallel Ray tasks and merges them."""
+    config alone); `workers` > 1 scores shares in parallel Ray tasks and merges them.
+
+    The random and class-prior baselines come from `reports_dir`'s cache when it has them for this evaluation
+    set, else they are computed in the same pass (and cached there when `reports_dir` is given)."""
     start = time.perf_counter()
     config = resolve_config(checkpoint_config(checkpoint_url, settings.storage if settings else None), settings)
     commit = json.loads(read_bytes(join_url(checkpoint_url, COMMIT), config.storage))
     check_vocabulary(commit.get("vocabulary"), _eval_prefix(config), config.storage)  # before loading anything
+    key = baseline_key(config)
+    baselines = read_cached(reports_dir, key, config.storage) if reports_dir else None
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if workers > 1:
-        shares = _score_with_ray(checkpoint_url, config, workers)
+        shares = _score_with_ray(checkpoint_url, config, workers, baselines is None)
     else:
         model = load_weights(checkpoint_url, config, device)
-        shares = [score_share(model, config, device=device)]
-    accumulator, examples = shares[0].accumulator, list(shares[0].examples)
+        shares = [score_share(model, config, device=device, baselines=baselines is None)]
+    first = shares[0]
+    accumulator, examples = first.accumulator, list(first.examples)
     for share in shares[1:]:
         accumulator.merge(share.accumulator)
         examples += share.examples
-    result = accumulator.compute(class_weights(config))
+        if first.baselines is not None and share.baselines is not None:
+            first.baselines.merge(share.baselines.state_dict())
+    weights = class_weights(config)
+    result = accumulator.compute(weights)
+    if baselines is None and first.baselines is not None:
+        baselines = first.baselines.compute(weights)
+        if reports_dir:
+            write_cached(reports_dir, key, baselines, config.storage)
     return Evaluation(step=int(commit.get("step", -1)), samples_seen=commit.get("samples_seen"),
                       checkpoint=checkpoint_url, result=result, examples=examples[:EXAMPLES],
-                      seconds=time.perf_counter() - start, config=config)
+                      seconds=time.perf_counter() - start, config=config, baselines=baselines)
 
 
-def _score_remote(checkpoint_url: str, raw_config: dict, rank: int, world_size: int) -> tuple[dict, list, int]:
+def _score_remote(checkpoint_url: str, raw_config: dict, rank: int, world_size: int,
+                  baselines: bool) -> tuple[dict, list, int, dict | None]:
     config = validate(raw_config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_weights(checkpoint_url, config, device)
-    scored = score_share(model, config, rank=rank, world_size=world_size, device=device)
-    return scored.accumulator.state_dict(), scored.examples, scored.images
+    scored = score_share(model, config, rank=rank, world_size=world_size, device=device, baselines=baselines)
+    return (scored.accumulator.state_dict(), scored.examples, scored.images,
+            scored.baselines.state_dict() if scored.baselines is not None else None)
 
 
-def _score_with_ray(checkpoint_url: str, config: Config, workers: int) -> list[Scored]:
+def _score_with_ray(checkpoint_url: str, config: Config, workers: int, baselines: bool) -> list[Scored]:
     import ray
 
     connect_ray(config)
     remote = ray.remote(**ray_options(config))(_score_remote)
-    futures = [remote.remote(checkpoint_url, config.model_dump(mode="json"), rank, workers) for rank in range(workers)]
+    futures = [remote.remote(checkpoint_url, config.model_dump(mode="json"), rank, workers, baselines)
+               for rank in range(workers)]
     shares = []
-    for state, examples, images in ray.get(futures):
-        shares.append(Scored(MapAtK.from_state_dict(state), examples, images))
+    prior = class_prior(config) if baselines else None
+    for state, examples, images, baseline_state in ray.get(futures):
+        scorers = None
+        if baseline_state is not None:
+            scorers = BaselineScorers(prior, config.eval.k)
+            scorers.merge(baseline_state)
+        shares.append(Scored(MapAtK.from_state_dict(state), examples, images, scorers))
     return shares

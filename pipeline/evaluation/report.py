@@ -71,15 +71,23 @@ def _png(fig: plt.Figure) -> bytes:
 
 
 def plot_map_curve(records: list[dict[str, Any]], k: int) -> bytes:
+    """MAP@K per class and per image over training, each with its class-prior (dashed) and random (dotted)
+    baseline on the same evaluation set: the floor a learning model must leave behind."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     x = [r.get("samples_seen") or r["step"] for r in records]
-    for key, label in ((f"map@{k}", f"MAP@{k} (per class, paper)"), (f"image_map@{k}", f"MAP@{k} (per image)")):
-        ax.plot(x, [100 * r.get(key, float("nan")) for r in records], marker="o", label=label)
+    baselines = next((r["baselines"] for r in reversed(records) if r.get("baselines")), None)
+    for key, what in ((f"map@{k}", "per class, paper"), (f"image_map@{k}", "per image")):
+        (line,) = ax.plot(x, [100 * r.get(key, float("nan")) for r in records], marker="o",
+                          label=f"MAP@{k} ({what})")
+        if baselines:
+            for name, style in (("prior", "--"), ("random", ":")):
+                ax.axhline(100 * baselines[name][key], color=line.get_color(), linestyle=style, linewidth=1,
+                           label=f"{'class-prior' if name == 'prior' else 'random'} scores ({what.split(',')[0]})")
     ax.set_xlabel("training samples seen" if records and records[0].get("samples_seen") else "step")
     ax.set_ylabel("%")
     ax.set_title(f"MAP@{k} on the evaluation set")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(fig)
 
 
@@ -110,7 +118,7 @@ def plot_best_worst(ap: np.ndarray, valid: np.ndarray, names: list[str], k: int,
 def plot_examples(examples: list[dict[str, Any]], names: list[str]) -> bytes:
     cols = max(1, min(4, len(examples)))
     rows = max(1, -(-len(examples) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 4.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, ex in zip(axes.flat, examples, strict=False):
@@ -118,8 +126,12 @@ def plot_examples(examples: list[dict[str, Any]], names: list[str]) -> bytes:
         truth = set(ex["labels"])
         lines = [f"{'+' if c in truth else '-'} {names[c][:22]} {p:.2f}" for c, p in ex["top"][:4]]
         ax.set_title("\n".join(lines), fontsize=7, loc="left", family="monospace")
-        ax.text(0, -0.02, f"{ex['key']}: {len(truth)} true labels", transform=ax.transAxes, fontsize=7, va="top")
-    fig.suptitle("top predictions (+ = a true label) with probabilities", fontsize=9)
+        shown = [names[c][:24] for c in sorted(truth)[:6]]
+        more = f" +{len(truth) - len(shown)} more" if len(truth) > len(shown) else ""
+        ax.text(0, -0.02, f"{ex['key']}, true:\n" + "\n".join(shown) + more, transform=ax.transAxes, fontsize=6.5,
+                va="top", family="monospace")
+    fig.suptitle("top predictions (+ = a true label) with probabilities; the true labels below each image",
+                 fontsize=9)
     return _png(fig)
 
 
@@ -158,6 +170,13 @@ def render_html(records: list[dict[str, Any]], latest: Evaluation, plots: dict[s
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"<figcaption>{html.escape(name)}</figcaption></figure>" for name, png in plots.items())
     scalars = latest.result.scalars()
+    floor = ""
+    if latest.baselines:
+        b = latest.baselines
+        floor = (f"<p>Baselines on the same images (no model): class prior {100 * b['prior'][f'map@{k}']:.2f}% "
+                 f"per class, {100 * b['prior'][f'image_map@{k}']:.2f}% per image; random scores "
+                 f"{100 * b['random'][f'map@{k}']:.2f}% per class, {100 * b['random'][f'image_map@{k}']:.2f}% per "
+                 "image. A model near the class prior has learned the label frequencies, not the images.</p>")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>MAP@{k} report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
@@ -167,6 +186,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:10
 class weighting {html.escape(latest.config.eval.class_weights)}); {scalars["num_images"]:.0f} images,
 {scalars["num_classes_with_positives"]:.0f} classes with positives. MAP@{k} ranks the images for each class
 (AP normalised by min({k}, positives), as TensorFlow's <code>average_precision_at_k</code>).</p>
+{floor}
 <table><tr>{head}</tr>{rows}</table>
 {images}
 </body></html>

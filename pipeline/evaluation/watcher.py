@@ -109,16 +109,14 @@ class CheckpointWatcher:
 
     def evaluate(self, ref: CheckpointRef) -> Evaluation:
         """Evaluate one checkpoint, record it, regenerate the report."""
-        evaluation = evaluate_checkpoint(ref.url, self.config, workers=self.workers)
+        evaluation = evaluate_checkpoint(ref.url, self.config, workers=self.workers, reports_dir=self.reports_dir)
         append_record(self.reports_dir, evaluation.record(), self.storage)
         names, frequency = self._classes(evaluation.config)
         url = write_report(self.reports_dir, evaluation, names, frequency, self.storage)
         if self.tensorboard:
             self._tensorboard(evaluation)
-        scalars = evaluation.result.scalars()
-        log.info("step %d: MAP@%d %.2f%% (per image %.2f%%) on %d images in %.1fs -> %s", evaluation.step,
-                 evaluation.result.k, 100 * evaluation.result.map_at_k, 100 * evaluation.result.image_map_at_k,
-                 scalars["num_images"], evaluation.seconds, url)
+        log.info("step %d: %s; %d images in %.1fs -> %s", evaluation.step, summarize(evaluation.record()),
+                 evaluation.result.num_images, evaluation.seconds, url)
         return evaluation
 
     def run(self, once: bool = False, until_step: int | None = None, only: str | None = None) -> list[Evaluation]:
@@ -167,10 +165,24 @@ def evaluate_latest(config: Config, workers: int = 1) -> str:
     if not records:
         return f"no complete checkpoint under {config.run_dir} to evaluate"
     last = records[-1]
-    k = last.get("k", config.eval.k)  # lines written before k was recorded: assume this config's
     report = join_url(watcher.reports_dir, "report.html")
-    return (f"MAP@{k} {100 * last[f'map@{k}']:.2f}% (per image {100 * last[f'image_map@{k}']:.2f}%) at step "
-            f"{last['step']} on {last['num_images']:.0f} images; report: {report}")
+    where = f"at step {last['step']} on {last['num_images']:.0f} images"
+    return f"{summarize(last, config.eval.k)} {where}; report: {report}"
+
+
+def summarize(record: dict, default_k: int = 100) -> str:
+    """One line of a `map100.jsonl` record: MAP@K per class and per image, each next to its class-prior and
+    random baselines on the same evaluation set, so that nobody reads a number without its floor."""
+    k = record.get("k", default_k)  # lines written before k was recorded: assume this config's
+    baselines = record.get("baselines")
+
+    def one(key: str, label: str) -> str:
+        text = f"{label} {100 * record[key]:.2f}%"
+        if baselines:
+            text += f" (class prior {100 * baselines['prior'][key]:.2f}%, random {100 * baselines['random'][key]:.2f}%)"
+        return text
+
+    return f"{one(f'map@{k}', f'MAP@{k}')}; {one(f'image_map@{k}', 'per image')}"
 
 
 def _steps(steps: list[int], shown: int = 10) -> str:

@@ -146,7 +146,10 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
             window_steps += 1
             window_ignored += result.ignored
             if state.step % config.train.log_every == 0 or state.step == config.train.total_steps:
-                elapsed = time.perf_counter() - window_start
+                # The window runs from the previous logging step to this one, so the time spent writing records
+                # and checkpoints counts against the throughput it reports.
+                now = time.perf_counter()
+                elapsed = now - window_start
                 record = {
                     "step": state.step, "samples_seen": state.samples_seen, "loss": result.loss, "lr": result.lr,
                     "grad_norm": result.grad_norm,
@@ -156,9 +159,10 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
                     "ignored_images": window_ignored,  # this rank's since the last record: padding (+ unlabeled)
                     **{f"data/{k}": v for k, v in loader.metrics().items()},
                 }
+                window_start, window_steps, window_ignored, wait_s = now, 0, 0, 0.0
                 metrics.write(record)
-                window_start, window_steps, window_ignored, wait_s = time.perf_counter(), 0, 0, 0.0
             if is_checkpoint_step(state.step, config.checkpoint.every_steps, config.train.total_steps):
+                metrics.report()  # to Ray Train: a barrier across ranks, so only as often as checkpoints
                 ranks = gather_ranks((loader.state_dict(), rng_state(device)), ctx)
                 if config.train.log_samples:
                     # Written before the checkpoint commits: a step's keys are on record whenever its checkpoint is.

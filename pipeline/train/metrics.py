@@ -1,7 +1,9 @@
-"""Training metrics to three places: a console progress line, Ray Train (`ray.train.report`), TensorBoard.
+"""Training metrics to three places: a console progress line, TensorBoard, and Ray Train (`ray.train.report`).
 
-Only rank 0 writes to the console and TensorBoard; every rank calls the reporter, because Ray Train's report is a
-barrier that all workers must reach the same number of times. TensorBoard event files go straight into
+Only rank 0 writes to the console and TensorBoard, at every logging step. Ray Train's report is a barrier that
+every rank must reach the same number of times and a round trip through Ray's controller, so the loop reports
+the latest record to Ray only at checkpoint steps (`report()`): logging every 10 steps must not slow training.
+The console and TensorBoard carry the full curve. TensorBoard event files go straight into
 `<run>/tensorboard/` when the run directory is local; for object storage they are written to a local directory
 and uploaded whole on `flush()`/`close()` (TensorBoard cannot append to S3 objects). The loop flushes at every
 checkpoint and closes on the way out of a failed run too, so a run's curves are visible while it trains and
@@ -32,7 +34,7 @@ class MetricsWriter:
     def __init__(self, run_dir: str, config: Config, *, enabled: bool, report: Callable[[dict], None] | None) -> None:
         self.config = config
         self.enabled = enabled
-        self.report = report
+        self._report = report
         self.last: dict | None = None
         self._remote = None if _is_local(run_dir) else join_url(run_dir, "tensorboard")
         self._writer = None
@@ -46,8 +48,6 @@ class MetricsWriter:
 
     def write(self, record: dict) -> None:
         self.last = record
-        if self.report is not None:
-            self.report(record)
         if not self.enabled:
             return
         total = self.config.train.total_steps
@@ -58,6 +58,11 @@ class MetricsWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float):
                 self._writer.add_scalar(key, value, global_step=record["step"])
+
+    def report(self) -> None:
+        """The latest record to Ray Train (every rank must call this equally often: it is a barrier)."""
+        if self._report is not None and self.last is not None:
+            self._report(self.last)
 
     def flush(self) -> None:
         if self._writer is None:

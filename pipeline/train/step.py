@@ -24,7 +24,7 @@ from pipeline.models import build_model
 from pipeline.train.ema import ModelEma, unwrap
 from pipeline.train.loss import compute_loss, loss_mask
 from pipeline.train.optim import build_optimizer
-from pipeline.train.schedule import StepDecaySchedule, build_schedule
+from pipeline.train.schedule import LearningRateSchedule, build_schedule
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class NonFiniteError(FloatingPointError):
 class TrainState:
     model: nn.Module  # possibly DDP- or compile-wrapped; `unwrap` gives the plain module
     optimizer: torch.optim.Optimizer
-    schedule: StepDecaySchedule
+    schedule: LearningRateSchedule
     ema: ModelEma | None
     step: int = 0
     samples_seen: int = 0  # global samples, across all ranks: drives the schedule

@@ -24,8 +24,12 @@ VARIANTS = ("openmoji", "tiny")
 
 
 def open_demo(variant: Literal["openmoji", "tiny"] = "openmoji", image_size: int = 320, jpeg_quality: int = 90,
-              train_label_keep: float = 0.5, **options: Any) -> DemoDataset:
+              train_label_keep: float = 0.5, eval_artist: Literal["second", "same"] = "second",
+              **options: Any) -> DemoDataset:
     """Open a demo variant.
+
+    `eval_artist`: who draws the eval split's objects: a second artist (Twemoji; outlined shapes), so that eval
+    measures recognising the concept rather than one drawing, or the training split's artist (in-domain).
 
     `options` are further `SceneConfig` fields (object_count_weights, object_scale, max_rotation, min_visible, ...)
     and, for "openmoji", `eval_art` ("twemoji" | "openmoji"), `min_tag_count` (default 5), `zipf_exponent`.
@@ -37,17 +41,20 @@ def open_demo(variant: Literal["openmoji", "tiny"] = "openmoji", image_size: int
     config = SceneConfig(image_size=image_size, jpeg_quality=jpeg_quality, train_label_keep=train_label_keep,
                          **{k: v for k, v in options.items() if k in scene_keys})
     rest = {k: v for k, v in options.items() if k not in scene_keys}
+    if eval_artist not in ("second", "same"):
+        raise ValueError(f"eval_artist must be 'second' or 'same', got {eval_artist!r}")
     if variant == "tiny":
         if rest:
             raise TypeError(f"unknown options for the tiny demo: {sorted(rest)}")
         from pipeline.data.demo.tiny import open_tiny
 
-        return open_tiny(config)
+        return open_tiny(config, outlined_eval=eval_artist == "second")
     if variant == "openmoji":
         from pipeline.data.demo import openmoji
 
-        unknown = set(rest) - {"eval_art", "min_tag_count", "zipf_exponent"}
+        unknown = set(rest) - {"eval_art", "min_tag_count", "zipf_exponent", "catalog_size"}
         if unknown:
             raise TypeError(f"unknown options for the openmoji demo: {sorted(unknown)}")
+        rest.setdefault("eval_art", "twemoji" if eval_artist == "second" else "openmoji")
         return openmoji.open_openmoji(config, **rest)
     raise ValueError(f"unknown demo variant {variant!r}; choose one of {VARIANTS}")

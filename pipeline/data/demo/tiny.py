@@ -111,7 +111,7 @@ class NoiseBackgrounds:
         return Image.fromarray(out, "RGB"), "noise"
 
 
-def open_tiny(config: SceneConfig) -> DemoDataset:
+def open_tiny(config: SceneConfig, outlined_eval: bool = True) -> DemoDataset:
     """The shapes dataset: 270 object types, 115 classes (3 groups, 9 shapes, 10 colours, 3 fills, 90 pairs)."""
     groups = list(dict.fromkeys(SHAPE_GROUPS.values()))
     named = ([("group", g) for g in groups] + [("subgroup", s) for s in SHAPE_GROUPS]
@@ -125,6 +125,6 @@ def open_tiny(config: SceneConfig) -> DemoDataset:
         labels = sorted({index["group", SHAPE_GROUPS[s]], index["subgroup", s], index["tag", c], index["tag", f],
                          index["tag", f"{c} {s}"]})
         objects.append(ObjectType(key=f"{s}-{c}-{f}", name=f"{f} {c} {s}", labels=tuple(labels), weight=float(w)))
-    return DemoDataset("tiny", classes, objects, {"train": ShapeArtist(False), "eval": ShapeArtist(True)},
+    return DemoDataset("tiny", classes, objects, {"train": ShapeArtist(False), "eval": ShapeArtist(outlined_eval)},
                        NoiseBackgrounds(), config, attribution="Procedurally drawn shapes (no third-party art).",
                        info={"variant": "tiny"})

@@ -1,0 +1,270 @@
+"""Learning benchmark: does the pipeline train a model that sees the images, and as fast as a plain PyTorch loop?
+
+On the built-in demo data (a preset's `data.demo`, generated on first use), for a fixed budget of steps:
+
+- **pipeline** runs: the project's training loop (`pipeline.train.loop.train`, in this process), its streaming
+  loader (its own worker processes), the preset's settings (default `demo`), a checkpoint every `--eval-every`
+  steps; afterwards the project's evaluator scores each checkpoint (EMA weights, the evaluation transform).
+  `--variant NAME=key=value,key=value` adds runs of the same preset with overrides; `paper-style` (TF-RMSprop
+  epsilon 1.0 inside the root, Inception crops down to 8% of the image) is one by default, to show why the
+  defaults are what they are.
+- **peer**: a plain PyTorch loop with no project code but the model: the same training images decoded once into
+  memory (webdataset + Pillow, resized to the input size), random flips, Adam (lr 1e-3), `BCEWithLogitsLoss`,
+  fp32, the same Xception and batch, evaluated at the same steps on the evaluation images resized the same way.
+  Its wall time includes decoding the images into memory.
+- **baselines**: random and class-prior scores of the same evaluation set (`pipeline.evaluation.baselines`).
+
+Every number is MAP@100 as the project defines it (`pipeline.evaluation.metrics`), per class (the paper's) and
+per image. Wall times count training only (evaluation pauses the peer's clock; the pipeline is evaluated after
+it has finished). Loss is reported as the pipeline logs it: summed over classes, averaged over images.
+The goal: the pipeline reaches the peer's final per-class MAP@100 in no more wall time than the peer took.
+Prints a table and writes JSON and a PNG of the curves.
+
+    python tests/benchmarks/learning.py --steps 600 --eval-every 100 --out benchmark-results/learning.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, load_config, validate
+from pipeline.data.demo.prepare import prepare_demo_data
+from pipeline.evaluation.baselines import BaselineScorers, class_prior
+from pipeline.evaluation.evaluator import evaluate_checkpoint
+from pipeline.evaluation.metrics import evaluate_map_at_k
+from pipeline.models import build_model
+from pipeline.storage.checkpoints import committed_checkpoints
+from pipeline.train.loop import train
+
+PAPER_STYLE = ["optimizer.epsilon=1.0", "data.augment.random_resized_crop=true", "data.augment.min_area=0.08",
+               "data.augment.eval_crop_fraction=0.875"]
+
+
+# -- the pipeline -------------------------------------------------------------------------------------------------
+
+def run_pipeline(config: Config, eval_every: int) -> dict:
+    """Train with the project's loop in this process, then evaluate every checkpoint with its evaluator."""
+    run = tempfile.mkdtemp(prefix="learning-")
+    raw = config.model_dump(mode="json")
+    raw["run"].update(storage=run, name="pipeline")
+    raw["checkpoint"].update(every_steps=eval_every, keep_last=10_000, background=False)
+    config = validate(raw)
+    times: dict[int, float] = {}
+    start = time.perf_counter()
+
+    def on_report(record: dict) -> None:  # called at checkpoint steps
+        times[record["step"]] = time.perf_counter() - start
+
+    train(config, report=on_report)
+    wall = time.perf_counter() - start
+    points = []
+    for ref in committed_checkpoints(config.run_dir, None):
+        evaluation = evaluate_checkpoint(ref.url, config, reports_dir=f"{run}/reports")
+        scalars = evaluation.result.scalars()
+        points.append({"step": ref.step, "seconds": times.get(ref.step, wall), "map": scalars["map@100"],
+                       "image_map": scalars["image_map@100"]})
+    return {"points": points, "loss": _logged_losses(f"{config.run_dir}/tensorboard"), "wall_s": wall,
+            "baselines": evaluation.baselines}
+
+
+def _logged_losses(tensorboard_dir: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(tensorboard_dir)
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("loss")]
+
+
+# -- the plain PyTorch peer ---------------------------------------------------------------------------------------
+
+def load_images(prefix: str, image_size: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of a local dataset prefix, resized to `image_size` (uint8 NCHW), and its multi-hot labels."""
+    import webdataset as wds
+    from PIL import Image
+
+    manifest = json.loads(Path(prefix, "manifest.json").read_text())
+    urls = [str(Path(prefix, shard["url"])) for shard in manifest["shards"]]
+    images, targets = [], []
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB").resize((image_size, image_size),
+                                                                            Image.Resampling.BILINEAR)
+        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+        target = torch.zeros(num_classes)
+        target[json.loads(sample["json"])["labels"]] = 1.0
+        targets.append(target)
+    return torch.stack(images), torch.stack(targets)
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def _scores(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    model.eval()
+    out = torch.cat([model(_normalise(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    model.train()
+    return out
+
+
+def run_peer(config: Config, steps: int, eval_every: int, lr: float = 1e-3) -> dict:
+    """A plain PyTorch training loop on in-memory images (see the module docstring)."""
+    torch.manual_seed(config.train.seed)
+    start = time.perf_counter()
+    size, num_classes = config.data.image_size, config.model.num_classes
+    train_x, train_y = load_images(config.data.train, size, num_classes)
+    clock = time.perf_counter() - start  # training time so far (evaluation is not counted)
+    eval_x, eval_y = load_images(config.data.eval, size, num_classes)
+    model = build_model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    batch, generator = config.train.global_batch_size, torch.Generator().manual_seed(config.train.seed)
+    order, position = torch.randperm(len(train_x), generator=generator), 0
+    points, losses = [], []
+    resumed = time.perf_counter()
+    for step in range(1, steps + 1):
+        if position + batch > len(order):
+            order, position = torch.randperm(len(train_x), generator=generator), 0
+        index = order[position:position + batch]
+        position += batch
+        x = _normalise(train_x[index])
+        flip = torch.rand(batch, generator=generator) < 0.5
+        x[flip] = x[flip].flip(-1)
+        y = train_y[index]
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % config.train.log_every == 0:
+            losses.append((step, float(loss.detach()) * num_classes))  # as the pipeline logs it: sum over classes
+        if step % eval_every == 0 or step == steps:
+            clock += time.perf_counter() - resumed
+            scalars = evaluate_map_at_k(_scores(model, eval_x), eval_y).scalars()
+            points.append({"step": step, "seconds": clock, "map": scalars["map@100"],
+                           "image_map": scalars["image_map@100"]})
+            resumed = time.perf_counter()
+    return {"points": points, "loss": losses, "wall_s": clock, "eval_images": eval_y}
+
+
+# -- the report ---------------------------------------------------------------------------------------------------
+
+def time_to(points: list[dict], target: float) -> float | None:
+    """Wall seconds at the first evaluation whose per-class MAP@100 reaches `target` (None: never)."""
+    return next((p["seconds"] for p in points if p["map"] >= target), None)
+
+
+def plot(runs: dict[str, dict], baselines: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, run in runs.items():
+        seconds = [p["seconds"] for p in run["points"]]
+        (line,) = axes[0].plot(seconds, [100 * p["map"] for p in run["points"]], marker="o", label=name)
+        axes[1].plot(seconds, [100 * p["image_map"] for p in run["points"]], marker="o", color=line.get_color())
+        axes[2].plot(*zip(*run["loss"], strict=True), color=line.get_color(), label=name)
+    for ax, key in ((axes[0], "map@100"), (axes[1], "image_map@100")):
+        ax.axhline(100 * baselines["prior"][key], linestyle="--", color="grey", label="class prior")
+        ax.axhline(100 * baselines["random"][key], linestyle=":", color="grey", label="random")
+        ax.set_xlabel("training wall time (s)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("MAP@100 per class (%)")
+    axes[1].set_ylabel("MAP@100 per image (%)")
+    axes[2].set_xlabel("step")
+    axes[2].set_ylabel("training loss (sum over classes)")
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="demo")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=key=value,...",
+                        help="an extra pipeline run with these overrides (repeatable)")
+    parser.add_argument("--no-paper-style", action="store_true", help="skip the paper-style pipeline run")
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--peer-lr", type=float, default=1e-3)
+    parser.add_argument("--out", default="benchmark-results/learning.json")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the preset for every run")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    base = [f"train.total_steps={args.steps}", *args.overrides]
+    config = prepare_demo_data(load_config(args.preset, base))
+    variants = {"pipeline": []}
+    if not args.no_paper_style:
+        variants["paper-style"] = PAPER_STYLE
+    for spec in args.variant:
+        name, _, overrides = spec.partition("=")
+        variants[name] = overrides.split(",")
+    runs: dict[str, dict] = {}
+    for name, overrides in variants.items():
+        print(f"running {name} ...", flush=True)
+        raw = load_config(args.preset, [*base, *overrides]).model_dump(mode="json")
+        raw["data"].update(train=config.data.train, eval=config.data.eval)
+        raw["model"]["num_classes"] = config.model.num_classes
+        runs[name] = run_pipeline(validate(raw), args.eval_every)
+    baselines = runs["pipeline"]["baselines"]
+    if not args.no_peer:
+        print("running peer ...", flush=True)
+        runs["peer"] = run_peer(config, args.steps, args.eval_every, args.peer_lr)
+        eval_y = runs["peer"].pop("eval_images")
+        scorers = BaselineScorers(class_prior(config), 100)  # the peer's eval set is the same images and labels
+        scorers.update(eval_y, torch.arange(len(eval_y)))
+        runs["peer"]["baselines"] = scorers.compute(None)
+
+    peer_final = runs["peer"]["points"][-1]["map"] if "peer" in runs else None
+    print(f"\n{config.model.num_classes} classes; baselines on the evaluation set: class prior "
+          f"{100 * baselines['prior']['map@100']:.2f}% per class / {100 * baselines['prior']['image_map@100']:.2f}%"
+          f" per image; random {100 * baselines['random']['map@100']:.2f}% / "
+          f"{100 * baselines['random']['image_map@100']:.2f}%")
+    header = f"{'run':<16}{'final loss':>11}{'MAP@100':>9}{'x prior':>8}{'per image':>10}{'wall s':>8}"
+    if peer_final is not None:
+        header += f"{'s to peer final':>16}"
+    print(header)
+    for name, run in runs.items():
+        last = run["points"][-1]
+        row = (f"{name:<16}{run['loss'][-1][1]:>11.3f}{100 * last['map']:>8.2f}%"
+               f"{last['map'] / baselines['prior']['map@100']:>8.1f}{100 * last['image_map']:>9.2f}%"
+               f"{run['wall_s']:>8.0f}")
+        if peer_final is not None:
+            reached = time_to(run["points"], peer_final)
+            row += f"{'never' if reached is None else f'{reached:.0f}':>16}"
+        print(row)
+    goal = None
+    if peer_final is not None:
+        reached = time_to(runs["pipeline"]["points"], peer_final)
+        goal = reached is not None and reached <= runs["peer"]["wall_s"]
+        print(f"goal (pipeline reaches the peer's final MAP@100 {100 * peer_final:.2f}% within the peer's "
+              f"{runs['peer']['wall_s']:.0f} s): {'met' if goal else 'NOT met'}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(runs, baselines, out.with_suffix(".png"))
+    out.write_text(json.dumps({"preset": args.preset, "steps": args.steps, "overrides": args.overrides,
+                               "variants": variants, "num_classes": config.model.num_classes,
+                               "baselines": baselines, "runs": runs, "goal_met": goal,
+                               "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()}},
+                              indent=1))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
