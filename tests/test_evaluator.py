@@ -75,6 +75,11 @@ def test_watcher_reports_each_checkpoint_once_and_ignores_partial_ones(tiny_demo
     records = read_records(watcher.reports_dir)
     assert [r["step"] for r in records] == [1, 2]
     assert all(0.0 <= r["map@100"] <= 1.0 and r["num_images"] == 80 for r in records)
+    # The baselines of the eval set: computed with the first checkpoint, cached once, in every line.
+    cached = json.loads(read_bytes(join_url(watcher.reports_dir, "baselines.json")))
+    assert len(cached) == 1 and cached[0]["key"]["eval"] == config.data.eval
+    assert records[0]["baselines"] == records[1]["baselines"] == cached[0]["baselines"]
+    assert set(records[0]["baselines"]) == {"random", "prior"}
     # A restarted evaluator finds nothing new to do.
     assert CheckpointWatcher(config.run_dir).run(once=True) == []
     assert len(read_records(watcher.reports_dir)) == 2
@@ -82,7 +87,7 @@ def test_watcher_reports_each_checkpoint_once_and_ignores_partial_ones(tiny_demo
     for plot in ("map_curve.png", "ap_vs_frequency.png", "best_worst_classes.png", "examples.png"):
         assert plot in html
         assert read_bytes(join_url(watcher.reports_dir, plot))[:4] == b"\x89PNG"
-    assert len(re.findall(r'src="data:image/png;base64,', html)) == 4
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 4 and "class prior" in html
     assert (tmp_path / "demo/tensorboard/eval").is_dir()
 
 

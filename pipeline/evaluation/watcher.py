@@ -152,9 +152,13 @@ class CheckpointWatcher:
         from torch.utils.tensorboard import SummaryWriter
 
         directory = Path(self.run_dir.removeprefix("file://")) / "tensorboard" / "eval"
+        step = evaluation.samples_seen or evaluation.step
         with SummaryWriter(str(directory)) as writer:
             for name, value in evaluation.result.scalars().items():
-                writer.add_scalar(f"eval/{name}", value, global_step=evaluation.samples_seen or evaluation.step)
+                writer.add_scalar(f"eval/{name}", value, global_step=step)
+            for baseline, scores in (evaluation.baselines or {}).items():
+                for name, value in scores.items():
+                    writer.add_scalar(f"eval/{baseline}_baseline/{name}", value, global_step=step)
 
 
 def evaluate_latest(config: Config, workers: int = 1) -> str:
