@@ -314,3 +314,25 @@ def test_absolute_url_resolves_local_paths_only(monkeypatch, tmp_path):
     assert absolute_url("file://runs") == f"file://{tmp_path / 'runs'}"
     assert absolute_url("s3://bucket/runs") == "s3://bucket/runs"
     assert absolute_url("/already/absolute") == "/already/absolute"
+
+
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"])
+def test_ray_train_storage_uses_the_pipelines_endpoint_and_region(monkeypatch, variable):
+    """Ray Train's run storage and the pipeline's s3fs clients resolve one endpoint: with only
+    AWS_ENDPOINT_URL_S3 set, the launcher used to send Ray's files to AWS itself."""
+    import pyarrow.fs
+
+    from pipeline.config import load_config
+    from pipeline.train.launcher import _ray_storage
+
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    made = []
+    monkeypatch.setattr(pyarrow.fs, "S3FileSystem", lambda **kwargs: made.append(kwargs) or "fs")
+    config = load_config("demo", ["run.storage=s3://bucket/runs"])
+    assert _ray_storage(config) == {"storage_path": "bucket/runs/_ray", "storage_filesystem": "fs"}
+    assert made == [{"region": "eu-west-3", "endpoint_override": "127.0.0.1:9", "scheme": "http"}]
+    client = storage_urls._s3_kwargs(config.storage)["client_kwargs"]
+    assert client == {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-3"}

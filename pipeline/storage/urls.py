@@ -116,15 +116,22 @@ def _env_fingerprint() -> str:
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
-def _s3_endpoint(options: StorageConfig) -> str | None:
+def s3_endpoint(options: StorageConfig) -> str | None:
+    """The S3 endpoint every client of the project uses (the pipeline's s3fs and Ray Train's storage): the config,
+    then AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL, as botocore orders them; None is AWS itself."""
     return options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_region(options: StorageConfig) -> str | None:
+    """The S3 region: the config, then AWS_REGION, then AWS_DEFAULT_REGION; None leaves it to the client."""
+    return options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
 def _s3_kwargs(options: StorageConfig) -> dict[str, object]:
     client_kwargs: dict[str, str] = {}
     config_kwargs: dict[str, object] = {"retries": {"total_max_attempts": 1}}  # retried (and logged) here
-    endpoint = _s3_endpoint(options)
-    region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint = s3_endpoint(options)
+    region = s3_region(options)
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
         # S3-compatible servers (SeaweedFS, MinIO, Ceph) are addressed by path, not by bucket DNS names.
@@ -180,7 +187,7 @@ def filesystem(url: str, options: StorageConfig | None = None) -> tuple[fsspec.A
             fs = _new_filesystem(url, protocol, options)
             _cache[key] = fs
             if protocol in S3_PROTOCOLS:
-                logger.debug("s3 filesystem for endpoint %s", _s3_endpoint(options) or "AWS default")
+                logger.debug("s3 filesystem for endpoint %s", s3_endpoint(options) or "AWS default")
     return fs, fs._strip_protocol(url)
 
 
@@ -331,7 +338,7 @@ def _credential_hint(protocol: str | None, options: StorageConfig) -> str:
             "botocore's default chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the [default] profile in "
             "~/.aws/credentials, or the instance/container role"
         )
-    hint = f"check {source}; endpoint {_s3_endpoint(options) or 'AWS default'}"
+    hint = f"check {source}; endpoint {s3_endpoint(options) or 'AWS default'}"
     return hint if protocol is not None else hint + " (for a local path: its file permissions)"
 
 

@@ -17,7 +17,7 @@ from pipeline.cluster import connect_ray
 from pipeline.config import Config, validate
 from pipeline.data import check_shard_split, read_manifest
 from pipeline.data.manifest import check_vocabulary, vocabulary
-from pipeline.storage import absolute_url, join_url, read_bytes
+from pipeline.storage import absolute_url, join_url, read_bytes, s3_endpoint, s3_region
 from pipeline.storage.checkpoints import COMMIT, latest_checkpoint
 from pipeline.train.failure import clear_failure, raise_recorded_failure, record_failure
 from pipeline.train.loop import WorkerContext, train
@@ -80,8 +80,10 @@ def _ray_storage(config: Config) -> dict[str, Any]:
     if storage.startswith("s3://"):
         import pyarrow.fs
 
-        kwargs: dict[str, Any] = {"region": config.storage.region or os.environ.get("AWS_REGION", "us-east-1")}
-        endpoint = config.storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        # The same endpoint and region as the pipeline's own clients (pipeline.storage), so Ray's files and ours
+        # land in one store; pyarrow needs a region where botocore would fall back to its default.
+        kwargs: dict[str, Any] = {"region": s3_region(config.storage) or "us-east-1"}
+        endpoint = s3_endpoint(config.storage)
         if endpoint:
             scheme, _, host = endpoint.partition("://")
             kwargs.update(endpoint_override=host, scheme=scheme)
