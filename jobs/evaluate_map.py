@@ -43,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from pipeline.evaluation.watcher import CheckpointWatcher, run_dir_of
+    from pipeline.evaluation.watcher import CheckpointWatcher, run_dir_of, summarize
 
     run_dir = run_dir_of(args.checkpoint) if args.checkpoint else config.run_dir
     watcher = CheckpointWatcher(run_dir, config, workers=args.workers)
     evaluations = watcher.run(once=args.once or bool(args.checkpoint), until_step=args.until_step,
                               only=args.checkpoint)
     for evaluation in evaluations:
-        print(f"step {evaluation.step}: MAP@{evaluation.result.k} {100 * evaluation.result.map_at_k:.2f}%")
+        print(f"step {evaluation.step}: {summarize(evaluation.record())}")
     return 0
 
 

@@ -121,7 +121,8 @@ def test_evaluate_map_job_evaluates_one_named_checkpoint(tiny_demo, tmp_path, ca
     spec.loader.exec_module(job)
     url = join_url(config.run_dir, "checkpoints", "step-000000002")
     assert job.main(["--checkpoint", url, f"data.eval={tiny_demo.eval}", "eval.batch_size=16"]) == 0
-    assert "step 2: MAP@100" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step 2: MAP@100" in out and "(class prior" in out
     assert [r["step"] for r in read_records(join_url(config.run_dir, "reports"))] == [2]
     assert job.main(["eval.k=0"]) == 2  # bad config: refused before any work
 
