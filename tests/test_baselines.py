@@ -1,6 +1,7 @@
 """The random and class-prior baselines: what they score, that shares merge exactly, and the per-eval-set cache."""
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.evaluation.baselines import BaselineScorers, random_scores, read_cached, write_cached
@@ -20,7 +21,7 @@ def _targets(n=60, c=8, seed=0):
 def test_prior_ranks_common_classes_first_for_every_image_and_ties_images_per_class():
     targets = _targets()
     prior = targets.sum(0).double()
-    scorers = BaselineScorers(prior, k=100)
+    scorers = BaselineScorers.for_prior(prior, k=100)
     scorers.update(targets, torch.arange(len(targets)))
     result = scorers.compute(None)["prior"]
     # per image: a hand computation of AP@100 with the classes ranked by frequency, the same ranking for all images
@@ -40,13 +41,18 @@ def test_random_scores_depend_only_on_the_image_so_shares_merge_to_one_pass():
     targets = _targets(n=50)
     ids = torch.arange(50)
     assert torch.equal(random_scores(ids[10:20], 8), random_scores(ids, 8)[10:20])
-    whole = BaselineScorers(targets.sum(0), k=100)
+    whole = BaselineScorers.for_prior(targets.sum(0), k=100)
     whole.update(targets, ids)
-    first, second = BaselineScorers(targets.sum(0), k=100), BaselineScorers(targets.sum(0), k=100)
+    first, second = BaselineScorers.for_prior(targets.sum(0), k=100), BaselineScorers.for_prior(targets.sum(0), k=100)
     first.update(targets[:23], ids[:23])
     second.update(targets[23:], ids[23:])
     first.merge(second.state_dict())
     assert first.compute(None) == whole.compute(None)
+    # a worker's state rebuilt on the driver merges and computes without the prior
+    rebuilt = BaselineScorers.from_state_dict(second.state_dict())
+    assert BaselineScorers.for_prior(targets.sum(0), k=100).merge(rebuilt).compute(None) == second.compute(None)
+    with pytest.raises(ValueError, match="rebuilt from a state"):
+        rebuilt.update(targets[:1], ids[:1])
     # random per-class MAP sits near the class frequencies, far below a perfect scorer
     value = whole.compute(None)["random"]["map@100"]
     assert 0.1 < value < 0.7 and map_at_k(targets, targets) == 1.0

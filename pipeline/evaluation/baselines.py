@@ -8,7 +8,7 @@
 
 A model that scores near `prior` has learned the label frequencies, not the images. The evaluator computes both
 once per evaluation set (alongside its first pass over the images: they need only the labels) and caches them in
-`reports/baselines.json`, keyed by everything that changes them (`BaselineKey`).
+`reports/baselines.json`, keyed by everything that changes them (`baseline_key`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def class_prior(config: Config) -> Tensor:
     is not known), float64 (C,)."""
     prefix = config.data.train or config.data.eval
     if prefix is None:
-        raise ValueError("the class-prior baseline needs data.train or data.eval (their classes.tsv)")
+        raise ValueError("class frequencies need data.train or data.eval (their classes.tsv)")
     classes = read_classes(prefix, read_manifest(prefix, config.storage), config.storage)
     return torch.tensor([float(c.train_frequency) for c in classes], dtype=torch.float64)
 
@@ -52,14 +52,26 @@ def random_scores(image_ids: Tensor, num_classes: int) -> Tensor:
 
 
 class BaselineScorers:
-    """One `MapAtK` per baseline, fed the same targets and image ids as the model's accumulator."""
+    """One `MapAtK` per baseline, fed the same targets and image ids as the model's accumulator.
 
-    def __init__(self, prior: Tensor, k: int) -> None:
-        self.prior = prior.to(torch.float32)
-        self.k = k
-        self.accumulators = {name: MapAtK(prior.numel(), k) for name in BASELINES}
+    `for_prior` makes scorers that score batches; `from_state_dict` rebuilds a worker's scorers on the driver,
+    which only merges and computes them (it has no prior to score with, and needs none)."""
+
+    def __init__(self, accumulators: dict[str, MapAtK], prior: Tensor | None = None) -> None:
+        self.accumulators = accumulators
+        self.prior = prior
+
+    @classmethod
+    def for_prior(cls, prior: Tensor, k: int) -> BaselineScorers:
+        return cls({name: MapAtK(prior.numel(), k) for name in BASELINES}, prior.to(torch.float32))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> BaselineScorers:
+        return cls({name: MapAtK.from_state_dict(state[name]) for name in BASELINES})
 
     def update(self, targets: Tensor, image_ids: Tensor) -> None:
+        if self.prior is None:
+            raise ValueError("these baseline scorers were rebuilt from a state: they merge and compute, not score")
         targets, image_ids = targets.cpu(), image_ids.cpu()
         n = targets.shape[0]
         self.accumulators["random"].update(random_scores(image_ids, self.prior.numel()), targets, image_ids)
@@ -68,16 +80,19 @@ class BaselineScorers:
     def state_dict(self) -> dict[str, Any]:
         return {name: acc.state_dict() for name, acc in self.accumulators.items()}
 
-    def merge(self, state: dict[str, Any]) -> None:
+    def merge(self, other: BaselineScorers | dict[str, Any]) -> BaselineScorers:
+        """Fold another share's scorers (or their state_dict) over disjoint image ids into these; returns self."""
+        states = other if isinstance(other, dict) else other.state_dict()
         for name, acc in self.accumulators.items():
-            acc.merge(state[name])
+            acc.merge(states[name])
+        return self
 
     def compute(self, weights: Tensor | None) -> dict[str, dict[str, float]]:
         """{"random": {"map@K": ..., "image_map@K": ...}, "prior": {...}}."""
         out = {}
         for name, acc in self.accumulators.items():
             scalars = acc.compute(weights).scalars()
-            out[name] = {key: scalars[key] for key in (f"map@{self.k}", f"image_map@{self.k}")}
+            out[name] = {key: scalars[key] for key in (f"map@{acc.k}", f"image_map@{acc.k}")}
         return out
 
 
@@ -93,26 +108,26 @@ def baseline_key(config: Config) -> dict[str, Any]:
             "k": config.eval.k, "class_weights": config.eval.class_weights, "max_images": config.eval.max_images}
 
 
-def read_cached(reports_dir: str, key: dict[str, Any], storage: StorageConfig | None) -> dict | None:
-    """The cached baselines for `key`, or None (also when the cache is unreadable: it is recomputed)."""
-    url = join_url(reports_dir, CACHE_FILE)
+def _cached_entries(url: str, storage: StorageConfig | None) -> list[dict[str, Any]]:
+    """The cache file's entries; none when it is missing or unreadable (the baselines are then computed again)."""
     if not exists(url, storage):
-        return None
+        return []
     try:
-        entries = json.loads(read_bytes(url, storage))
+        return json.loads(read_bytes(url, storage))
     except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("%s is unreadable; the baselines are computed again", url)
-        return None
+        return []
+
+
+def read_cached(reports_dir: str, key: dict[str, Any], storage: StorageConfig | None) -> dict | None:
+    """The cached baselines for `key`, or None."""
+    entries = _cached_entries(join_url(reports_dir, CACHE_FILE), storage)
     return next((entry["baselines"] for entry in entries if entry.get("key") == key), None)
 
 
 def write_cached(reports_dir: str, key: dict[str, Any], baselines: dict, storage: StorageConfig | None) -> None:
+    """Add (or replace) the entry for `key`, keeping the other keys' entries."""
     url = join_url(reports_dir, CACHE_FILE)
-    entries = []
-    if exists(url, storage):
-        try:
-            entries = [e for e in json.loads(read_bytes(url, storage)) if e.get("key") != key]
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            entries = []
+    entries = [e for e in _cached_entries(url, storage) if e.get("key") != key]
     entries.append({"key": key, "baselines": baselines})
     write_bytes(url, json.dumps(entries, indent=1).encode("utf-8"), storage)

@@ -25,7 +25,7 @@ import yaml
 from pipeline.cluster import connect_ray
 from pipeline.config import Config, StorageConfig, validate
 from pipeline.data import ShardStream, read_manifest, to_device
-from pipeline.data.manifest import check_vocabulary, read_classes
+from pipeline.data.manifest import check_vocabulary
 from pipeline.evaluation.baselines import BaselineScorers, baseline_key, class_prior, read_cached, write_cached
 from pipeline.evaluation.metrics import MapAtK, MapAtKResult, load_class_weights
 from pipeline.models import build_model
@@ -110,7 +110,7 @@ def score_share(model: torch.nn.Module, config: Config, *, rank: int = 0, world_
                          world_size=world_size, train=False, storage=storage, num_classes=num_classes,
                          manifest=manifest)
     scored = Scored(MapAtK(num_classes, config.eval.k),
-                    baselines=BaselineScorers(class_prior(config), config.eval.k) if baselines else None)
+                    baselines=BaselineScorers.for_prior(class_prior(config), config.eval.k) if baselines else None)
     limit = config.eval.max_images
     with torch.inference_mode():
         for batch in loader:
@@ -157,9 +157,7 @@ def class_weights(config: Config) -> torch.Tensor | None:
     if source == "uniform":
         return None
     if source == "train_frequency":
-        prefix = config.data.train or config.data.eval
-        classes = read_classes(prefix, read_manifest(prefix, storage), storage)
-        return torch.tensor([float(c.train_frequency) for c in classes], dtype=torch.float64)
+        return class_prior(config)
     text = read_bytes(source, storage).decode("utf-8")
     return load_class_weights(text.splitlines(), config.model.num_classes)
 
@@ -196,8 +194,8 @@ def evaluate_checkpoint(checkpoint_url: str, settings: Config | None = None, *, 
     config = resolve_config(checkpoint_config(checkpoint_url, settings.storage if settings else None), settings)
     commit = json.loads(read_bytes(join_url(checkpoint_url, COMMIT), config.storage))
     check_vocabulary(commit.get("vocabulary"), _eval_prefix(config), config.storage)  # before loading anything
-    key = baseline_key(config)
-    baselines = read_cached(reports_dir, key, config.storage) if reports_dir else None
+    key = baseline_key(config) if reports_dir else None
+    baselines = read_cached(reports_dir, key, config.storage) if reports_dir and key else None
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if workers > 1:
         shares = _score_with_ray(checkpoint_url, config, workers, baselines is None)
@@ -210,12 +208,12 @@ def evaluate_checkpoint(checkpoint_url: str, settings: Config | None = None, *, 
         accumulator.merge(share.accumulator)
         examples += share.examples
         if first.baselines is not None and share.baselines is not None:
-            first.baselines.merge(share.baselines.state_dict())
+            first.baselines.merge(share.baselines)
     weights = class_weights(config)
     result = accumulator.compute(weights)
     if baselines is None and first.baselines is not None:
         baselines = first.baselines.compute(weights)
-        if reports_dir:
+        if reports_dir and key is not None:
             write_cached(reports_dir, key, baselines, config.storage)
     return Evaluation(step=int(commit.get("step", -1)), samples_seen=commit.get("samples_seen"),
                       checkpoint=checkpoint_url, result=result, examples=examples[:EXAMPLES],
@@ -240,11 +238,7 @@ def _score_with_ray(checkpoint_url: str, config: Config, workers: int, baselines
     futures = [remote.remote(checkpoint_url, config.model_dump(mode="json"), rank, workers, baselines)
                for rank in range(workers)]
     shares = []
-    prior = class_prior(config) if baselines else None
     for state, examples, images, baseline_state in ray.get(futures):
-        scorers = None
-        if baseline_state is not None:
-            scorers = BaselineScorers(prior, config.eval.k)
-            scorers.merge(baseline_state)
+        scorers = BaselineScorers.from_state_dict(baseline_state) if baseline_state is not None else None
         shares.append(Scored(MapAtK.from_state_dict(state), examples, images, scorers))
     return shares

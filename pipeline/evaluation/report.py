@@ -76,13 +76,13 @@ def plot_map_curve(records: list[dict[str, Any]], k: int) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     x = [r.get("samples_seen") or r["step"] for r in records]
     baselines = next((r["baselines"] for r in reversed(records) if r.get("baselines")), None)
-    for key, what in ((f"map@{k}", "per class, paper"), (f"image_map@{k}", "per image")):
+    for key, what, note in ((f"map@{k}", "per class", ", paper"), (f"image_map@{k}", "per image", "")):
         (line,) = ax.plot(x, [100 * r.get(key, float("nan")) for r in records], marker="o",
-                          label=f"MAP@{k} ({what})")
+                          label=f"MAP@{k} ({what}{note})")
         if baselines:
-            for name, style in (("prior", "--"), ("random", ":")):
+            for name, style, scorer in (("prior", "--", "class-prior"), ("random", ":", "random")):
                 ax.axhline(100 * baselines[name][key], color=line.get_color(), linestyle=style, linewidth=1,
-                           label=f"{'class-prior' if name == 'prior' else 'random'} scores ({what.split(',')[0]})")
+                           label=f"{scorer} scores ({what})")
     ax.set_xlabel("training samples seen" if records and records[0].get("samples_seen") else "step")
     ax.set_ylabel("%")
     ax.set_title(f"MAP@{k} on the evaluation set")

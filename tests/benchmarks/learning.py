@@ -227,7 +227,8 @@ def main() -> None:
         print("running peer ...", flush=True)
         runs["peer"] = run_peer(config, args.steps, args.eval_every, args.peer_lr)
         eval_y = runs["peer"].pop("eval_images")
-        scorers = BaselineScorers(class_prior(config), 100)  # the peer's eval set is the same images and labels
+        # the peer's evaluation set: the same images and labels as the pipeline's
+        scorers = BaselineScorers.for_prior(class_prior(config), 100)
         scorers.update(eval_y, torch.arange(len(eval_y)))
         runs["peer"]["baselines"] = scorers.compute(None)
 
