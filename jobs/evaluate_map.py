@@ -17,16 +17,17 @@ eval set in N parallel Ray tasks, each asking for 1 CPU, 1 GPU when cluster.use_
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from a copy
 
-from pipeline.config import ConfigError, config_argument_parser, load_config
+from pipeline.cli import job_main
+from pipeline.config import config_argument_parser, load_config
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = config_argument_parser(__doc__)
     parser.add_argument("--checkpoint", help="evaluate this one checkpoint URL (its run directory gets the report)")
     parser.add_argument("--once", action="store_true", help="evaluate the checkpoints present now, then exit")
@@ -35,14 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+@job_main
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
     from pipeline.evaluation.watcher import CheckpointWatcher, run_dir_of, summarize
 
     run_dir = run_dir_of(args.checkpoint) if args.checkpoint else config.run_dir

@@ -13,26 +13,25 @@ AWS_ENDPOINT_URL) for S3-compatible servers. Formats and rules: `pipeline/data/s
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from a copy
+
+from pipeline.cli import job_main
 from pipeline.config import StorageConfig
-from pipeline.data.demo import DemoAssetsMissing
-from pipeline.data.manifest import ManifestError
 from pipeline.data.shards import (
     DEFAULT_JPEG_QUALITY,
     DEFAULT_MAX_IMAGE_SIDE,
-    LabelsFileError,
     ShardOptions,
-    ShardWriteError,
     read_vocabulary,
     write_demo_shards,
     write_folder_shards,
 )
-from pipeline.storage import StorageError
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("source: a folder of images and a labels file, or the demo dataset")
     source.add_argument("--images", help="folder (local path or URL) the labels file's paths are relative to")
@@ -73,26 +72,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+@job_main
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     storage = StorageConfig(endpoint_url=args.endpoint_url, region=args.region, profile=args.profile)
-    try:
-        options = ShardOptions(max_shard_bytes=int(args.shard_size_mb * 2**20),
-                               max_shard_samples=args.max_shard_samples, samples_per_shard=args.samples_per_shard,
-                               max_image_side=args.max_image_side, jpeg_quality=args.jpeg_quality,
-                               workers=args.workers, progress=not args.no_progress, tmp_dir=args.tmp_dir)
-        vocabulary = read_vocabulary(args.vocab, storage) if args.vocab else None
-        if args.demo:
-            report = write_demo_shards(args.demo, args.split, args.count, args.seed, args.out, vocabulary=vocabulary,
-                                       image_size=args.image_size, options=options, storage=storage)
-        else:
-            report = write_folder_shards(args.images, args.labels, args.out, vocabulary=vocabulary,
-                                         labels=args.labels_kind, attribution=args.attribution, options=options,
-                                         storage=storage)
-    except (LabelsFileError, ShardWriteError, ManifestError, StorageError, DemoAssetsMissing, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    options = ShardOptions(max_shard_bytes=int(args.shard_size_mb * 2**20),
+                           max_shard_samples=args.max_shard_samples, samples_per_shard=args.samples_per_shard,
+                           max_image_side=args.max_image_side, jpeg_quality=args.jpeg_quality,
+                           workers=args.workers, progress=not args.no_progress, tmp_dir=args.tmp_dir)
+    vocabulary = read_vocabulary(args.vocab, storage) if args.vocab else None
+    if args.demo:
+        report = write_demo_shards(args.demo, args.split, args.count, args.seed, args.out, vocabulary=vocabulary,
+                                   image_size=args.image_size, options=options, storage=storage)
+    else:
+        report = write_folder_shards(args.images, args.labels, args.out, vocabulary=vocabulary,
+                                     labels=args.labels_kind, attribution=args.attribution, options=options,
+                                     storage=storage)
     print(report.summary())
     return 0
 

@@ -12,39 +12,32 @@ the preset (YAML values); every setting and its default is listed below.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from a copy
 
-from pipeline.config import ConfigError, config_argument_parser, load_config
+from pipeline.cli import job_main
+from pipeline.config import config_argument_parser, load_config
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = config_argument_parser(__doc__)
     parser.add_argument("--no-eval", action="store_true", help="skip the final MAP@K evaluation")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+@job_main
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = load_config(args.config, args.overrides)  # validated before any cluster resource is requested
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)  # validated before any cluster resource is requested
     from pipeline.evaluation.background import start_background_evaluator
     from pipeline.evaluation.watcher import evaluate_latest
-    from pipeline.storage import StorageError
     from pipeline.train.launcher import launch, prepare
 
-    try:  # the demo dataset when data.demo stands in for data.train; data vs config vs cluster checks
-        config = prepare(config)
-    except (ValueError, StorageError) as exc:  # ShardSplitError, class-count mismatch, missing manifest, ...
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    # The demo dataset when data.demo stands in for data.train; data vs config vs cluster checks (refused: exit 2).
+    config = prepare(config)
     background = start_background_evaluator(config) if config.eval.with_training else None
     metrics = launch(config)
     print(f"training finished at step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}")

@@ -104,9 +104,9 @@ def test_training_resumes_a_finished_run_with_more_steps(tiny_demo, tmp_path):
     assert second["step"] == 7 and second["samples_seen"] == 7 * 8
     restored = load_checkpoint(latest_checkpoint(longer.run_dir))
     assert restored["state"]["counters"] == {"step": 7, "samples_seen": 56, "skipped_nonfinite": 0}
-    vocabulary = restored["commit"]["vocabulary"]  # what the class ids mean travels with every checkpoint
-    assert vocabulary["classes"] == join_url(tiny_demo.train, "classes.tsv")
-    assert vocabulary["num_classes"] == tiny_demo.num_classes and len(vocabulary["sha256"]) == 64
+    fingerprint = restored["commit"]["class_fingerprint"]  # what the class ids mean travels with every checkpoint
+    assert fingerprint["classes"] == join_url(tiny_demo.train, "classes.tsv")
+    assert fingerprint["num_classes"] == tiny_demo.num_classes and len(fingerprint["sha256"]) == 64
     # The data position carried over: 7 steps x 8 images, no image twice within the epoch (320 images).
     keys = []
     for step in (2, 4, 6, 7):

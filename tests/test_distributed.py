@@ -23,6 +23,8 @@ from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.loop import WorkerContext, wrap_model
 from pipeline.train.step import NonFiniteError, build_train_state, train_step
 
+pytestmark = pytest.mark.slow  # multi-node Ray clusters
+
 TINY = ["model.width_multiplier=0.125", "model.middle_blocks=1", "model.num_classes=10", "data.image_size=71",
         "train.precision=fp32", "train.channels_last=false",  # the equivalence is exact in fp32
         "optimizer.lr=0.01", "train.ema_decay=0.9"]

@@ -12,13 +12,14 @@ from conftest import copy_with_swapped_classes
 from pipeline.cluster import FORWARDED_ENV, connect_ray
 from pipeline.config import config_to_yaml, load_config
 from pipeline.data import ShardStream, read_manifest, to_device
-from pipeline.data.manifest import vocabulary
+from pipeline.data.manifest import class_fingerprint
 from pipeline.evaluation import evaluator
 from pipeline.evaluation.background import start_background_evaluator
 from pipeline.evaluation.evaluator import evaluate_checkpoint, load_weights, ray_options, resolve_config
 from pipeline.evaluation.metrics import evaluate_map_at_k
 from pipeline.evaluation.report import append_record, read_records
 from pipeline.evaluation.watcher import CheckpointWatcher
+from pipeline.models import preprocess_input
 from pipeline.storage import StorageError, join_url, read_bytes, write_bytes
 from pipeline.storage.checkpoints import COMMIT, step_dir_name
 from pipeline.train.checkpoint import Checkpointer
@@ -49,8 +50,8 @@ def test_eval_data_with_other_classes_is_refused(tiny_demo, tmp_path):
     config = _config(tiny_demo, tmp_path)
     state = build_train_state(config)
     saver = Checkpointer(config.run_dir, config)
-    classes = vocabulary(tiny_demo.train, read_manifest(tiny_demo.train))
-    saver.save(1, state.state_dict(), extra={"vocabulary": classes})
+    classes = class_fingerprint(tiny_demo.train, read_manifest(tiny_demo.train))
+    saver.save(1, state.state_dict(), extra={"class_fingerprint": classes})
     url = join_url(config.run_dir, "checkpoints", step_dir_name(1))
     assert evaluate_checkpoint(url, config).result.num_images == 80  # the eval set shares the training classes
     swapped = copy_with_swapped_classes(tiny_demo.eval, tmp_path / "swapped-eval")  # ids mean other classes
@@ -101,8 +102,8 @@ def test_evaluation_scores_every_eval_image_once_and_matches_a_one_shot_computat
     scores, targets = [], []
     with torch.inference_mode():
         for batch in loader:
-            images, target = to_device(batch, "cpu", tiny_demo.num_classes)
-            scores.append(model(images)[batch.valid])
+            pixels, target = to_device(batch, "cpu", tiny_demo.num_classes)
+            scores.append(model(preprocess_input(pixels))[batch.valid])
             targets.append(target[batch.valid])
     reference = evaluate_map_at_k(torch.cat(scores), torch.cat(targets))
     assert evaluation.result.num_images == 80 == reference.num_images

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # `ray start` + `ray job submit`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

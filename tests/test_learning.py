@@ -18,6 +18,8 @@ from pipeline.evaluation.evaluator import evaluate_checkpoint
 from pipeline.storage.checkpoints import latest_checkpoint
 from pipeline.train.loop import train
 
+pytestmark = pytest.mark.slow  # minutes of training on the CPU
+
 # The demo preset's model, batch and optimizer at 96 px: 300 steps, about a minute per run on 2 cores.
 SMALL = ["data.image_size=96", "data.demo=null", "data.loader_workers=1", "train.total_steps=300",
          "train.log_every=50", "checkpoint.every_steps=300", "checkpoint.background=false", "eval.batch_size=100"]

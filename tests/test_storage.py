@@ -174,7 +174,7 @@ def test_s3_write_is_atomic_for_a_concurrent_reader(s3_prefix: str) -> None:
 
 
 def test_with_retries_retries_transient_errors_and_logs(caplog: pytest.LogCaptureFixture) -> None:
-    options = StorageConfig(retries=3, retry_backoff_s=0.01)
+    storage = StorageConfig(retries=3, retry_backoff_s=0.01)
     calls: list[int] = []
 
     def flaky() -> str:
@@ -184,14 +184,14 @@ def test_with_retries_retries_transient_errors_and_logs(caplog: pytest.LogCaptur
         return "ok"
 
     with caplog.at_level(logging.WARNING, logger=RETRY_LOGGER):
-        assert with_retries(flaky, what="read s3://b/k", options=options) == "ok"
+        assert with_retries(flaky, what="read s3://b/k", storage=storage) == "ok"
     assert len(calls) == 3
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.WARNING]
     assert "read s3://b/k" in caplog.records[0].getMessage()
 
 
 def test_with_retries_gives_up_and_does_not_retry_permanent_errors() -> None:
-    options = StorageConfig(retries=2, retry_backoff_s=0.01)
+    storage = StorageConfig(retries=2, retry_backoff_s=0.01)
     calls: list[int] = []
 
     def down() -> None:
@@ -199,7 +199,7 @@ def test_with_retries_gives_up_and_does_not_retry_permanent_errors() -> None:
         raise TimeoutError("read timed out")
 
     with pytest.raises(StorageError, match=r"read s3://b/k: still failing after 3 attempts"):
-        with_retries(down, what="read s3://b/k", options=options)
+        with_retries(down, what="read s3://b/k", storage=storage)
     assert len(calls) == 3
 
     calls.clear()
@@ -209,26 +209,26 @@ def test_with_retries_gives_up_and_does_not_retry_permanent_errors() -> None:
         raise FileNotFoundError("b/k")
 
     with pytest.raises(StorageError, match="read s3://b/k: not found"):
-        with_retries(missing, what="read s3://b/k", options=options)
+        with_retries(missing, what="read s3://b/k", storage=storage)
     assert len(calls) == 1
 
     def bug() -> None:
         raise TypeError("not a storage failure")
 
     with pytest.raises(TypeError):  # programming errors are not wrapped or retried
-        with_retries(bug, what="read s3://b/k", options=options)
+        with_retries(bug, what="read s3://b/k", storage=storage)
 
 
 def test_read_retries_while_the_server_restarts(
     restartable_s3: tuple[LocalS3, StorageConfig], caplog: pytest.LogCaptureFixture
 ) -> None:
-    server, options = restartable_s3
+    server, storage = restartable_s3
     url = "s3://restart/shard-000.tar"
     payload = os.urandom(1 << 20)
-    write_bytes(url, payload, options)
+    write_bytes(url, payload, storage)
     server.stop()
     with restarted_after(server, 1.5), caplog.at_level(logging.WARNING, logger=RETRY_LOGGER):
-        assert read_bytes(url, options) == payload
+        assert read_bytes(url, storage) == payload
     retries = [r.getMessage() for r in caplog.records if r.name == RETRY_LOGGER]
     assert retries and all(url in message and "retrying" in message for message in retries)
 
@@ -243,15 +243,15 @@ def test_wrong_credentials_raise_auth_error_without_leaking_the_secret(
         assert secret not in repr(server)
         for name, value in server.env().items():
             monkeypatch.setenv(name, value)
-        options = server.storage_config()
+        storage = server.storage_config()
         url = "s3://private/weights.pt"
-        write_bytes(url, b"weights", options)  # the right secret works: authentication is on, not broken
+        write_bytes(url, b"weights", storage)  # the right secret works: authentication is on, not broken
 
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
         failures: list[StorageAuthError] = []
         with caplog.at_level(logging.DEBUG):
-            for call in (lambda: read_bytes(url, options), lambda: exists(url, options),
-                         lambda: write_bytes(url, b"x", options), lambda: list_dir("s3://private", options)):
+            for call in (lambda: read_bytes(url, storage), lambda: exists(url, storage),
+                         lambda: write_bytes(url, b"x", storage), lambda: list_dir("s3://private", storage)):
                 with pytest.raises(StorageAuthError) as info:
                     call()
                 failures.append(info.value)
@@ -269,7 +269,7 @@ def test_wrong_credentials_raise_auth_error_without_leaking_the_secret(
         monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
         monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
         with pytest.raises(StorageAuthError, match="default chain"):
-            read_bytes(url, options)
+            read_bytes(url, storage)
 
 
 def _read_in_child(url: str, expected: bytes, results: multiprocessing.Queue) -> None:

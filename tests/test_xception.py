@@ -1,4 +1,5 @@
-"""Xception matches the paper (PAPER.md): parameter counts, shapes, layer structure, cost, and every head option."""
+"""Xception matches the paper (Chollet 2017, arXiv:1610.02357): parameter counts, shapes, layer structure, cost,
+and every head option."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import Xception, count_parameters, xception_macs
+from pipeline.models import Xception, count_parameters, preprocess_input, xception_macs
 from pipeline.models.xception import Block, SeparableConv2d, _macs_per_module
 
 TINY = {"width_multiplier": 0.125, "middle_blocks": 2}  # 8..256 channels: fast, same topology
@@ -255,4 +256,16 @@ def test_macs_match_paper():
         per_module = _macs_per_module(model, torch.empty(1, 3, 299, 299))
     pointwise = sum(v for k, v in per_module.items() if k.endswith(".pointwise"))
     assert sum(per_module.values()) == macs
-    assert pointwise / macs == pytest.approx(0.91, abs=0.01)  # PAPER.md: 91% in pointwise convs
+    assert pointwise / macs == pytest.approx(0.91, abs=0.01)  # the paper's cost split: ~91% in pointwise convs
+
+
+def test_preprocess_input_maps_pixels_to_the_inception_range() -> None:
+    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    pixels = pixels.contiguous(memory_format=torch.channels_last)
+    x = preprocess_input(pixels)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert x[0, :, 0, 0].tolist() == pytest.approx([-1.0, 51 / 127.5 - 1, 1.0])
+    assert preprocess_input(pixels, torch.bfloat16).dtype == torch.bfloat16
+    assert pixels[0, 2, 0, 0] == 255  # the caller's pixels are left alone
+    with pytest.raises(TypeError, match="uint8"):
+        preprocess_input(x)

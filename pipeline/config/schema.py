@@ -20,7 +20,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    """Xception and its head (paper section 4; PAPER.md)."""
+    """Xception and its head (the paper, section 4)."""
 
     name: Literal["xception"] = "xception"
     num_classes: PositiveInt = 17000

@@ -33,11 +33,11 @@ _TEMP_PREFIX = ".tmp-"
 class ShardCache:
     """Opens shard URLs through a local directory; counts hits and misses (this process only)."""
 
-    def __init__(self, directory: str, max_bytes: int, options: StorageConfig | None = None,
+    def __init__(self, directory: str, max_bytes: int, storage: StorageConfig | None = None,
                  opener: Callable[[str], BinaryIO] | None = None) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
-        self._opener = opener or (lambda url: open_read(url, options))
+        self._opener = opener or (lambda url: open_read(url, storage))
         self.hits = 0
         self.misses = 0
         os.makedirs(directory, exist_ok=True)

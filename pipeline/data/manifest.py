@@ -103,14 +103,14 @@ class Manifest:
         return manifest
 
 
-def read_manifest(prefix: str, options: StorageConfig | None = None) -> Manifest:
+def read_manifest(prefix: str, storage: StorageConfig | None = None) -> Manifest:
     """The manifest of the dataset at `prefix`; fails clearly if it is missing, malformed or of another version."""
     url = join_url(prefix, MANIFEST_FILE)
-    return Manifest.from_json(read_bytes(url, options).decode("utf-8"), source=url)
+    return Manifest.from_json(read_bytes(url, storage).decode("utf-8"), source=url)
 
 
-def write_manifest(prefix: str, manifest: Manifest, options: StorageConfig | None = None) -> None:
-    write_bytes(join_url(prefix, MANIFEST_FILE), manifest.to_json().encode("utf-8"), options)
+def write_manifest(prefix: str, manifest: Manifest, storage: StorageConfig | None = None) -> None:
+    write_bytes(join_url(prefix, MANIFEST_FILE), manifest.to_json().encode("utf-8"), storage)
 
 
 def classes_to_tsv(classes: list[ClassInfo]) -> str:
@@ -139,32 +139,32 @@ def classes_from_tsv(text: str, source: str = CLASSES_FILE) -> list[ClassInfo]:
     return classes
 
 
-def read_classes(prefix: str, manifest: Manifest, options: StorageConfig | None = None) -> list[ClassInfo]:
-    """The class vocabulary of the dataset at `prefix`, checked against the manifest's class count."""
+def read_classes(prefix: str, manifest: Manifest, storage: StorageConfig | None = None) -> list[ClassInfo]:
+    """The classes (vocabulary) of the dataset at `prefix`, checked against the manifest's class count."""
     url = join_url(prefix, manifest.classes)
-    classes = classes_from_tsv(read_bytes(url, options).decode("utf-8"), source=url)
+    classes = classes_from_tsv(read_bytes(url, storage).decode("utf-8"), source=url)
     if len(classes) != manifest.num_classes:
         raise ManifestError(f"{url}: {len(classes)} classes but the manifest says {manifest.num_classes}")
     return classes
 
 
-def vocabulary(prefix: str, manifest: Manifest, options: StorageConfig | None = None) -> dict[str, object]:
+def class_fingerprint(prefix: str, manifest: Manifest, storage: StorageConfig | None = None) -> dict[str, object]:
     """What a model's class ids mean: the classes file's URL, the class count, and the sha256 of the class names
     in id order (frequencies and weights left out, so a training set and its evaluation set compare equal)."""
-    names = "\n".join(c.name for c in read_classes(prefix, manifest, options))
+    names = "\n".join(c.name for c in read_classes(prefix, manifest, storage))
     return {"classes": join_url(prefix, manifest.classes), "num_classes": manifest.num_classes,
             "sha256": hashlib.sha256(names.encode("utf-8")).hexdigest()}
 
 
-def check_vocabulary(trained: dict[str, Any] | None, eval_prefix: str, storage: StorageConfig | None) -> None:
+def check_same_classes(trained: dict[str, Any] | None, eval_prefix: str, storage: StorageConfig | None) -> None:
     """Refuse eval data whose class ids mean other classes than the model's (MAP would be silently meaningless).
 
-    `trained` is a `vocabulary` record (the training data's, or a checkpoint's); checkpoints written before it was
-    recorded have none and are evaluated on trust.
+    `trained` is a `class_fingerprint` record (the training data's, or a checkpoint's); a checkpoint without one is
+    evaluated on trust.
     """
     if trained is None:
         return
-    found = vocabulary(eval_prefix, read_manifest(eval_prefix, storage), storage)
+    found = class_fingerprint(eval_prefix, read_manifest(eval_prefix, storage), storage)
     if found["sha256"] != trained["sha256"]:
         raise ValueError(
             f"the eval data's classes ({found['classes']}, {found['num_classes']} classes) are not the model's "
@@ -172,5 +172,5 @@ def check_vocabulary(trained: dict[str, Any] | None, eval_prefix: str, storage: 
             f"eval shards with --vocab {trained['classes']}")
 
 
-def write_classes(prefix: str, classes: list[ClassInfo], options: StorageConfig | None = None) -> None:
-    write_bytes(join_url(prefix, CLASSES_FILE), classes_to_tsv(classes).encode("utf-8"), options)
+def write_classes(prefix: str, classes: list[ClassInfo], storage: StorageConfig | None = None) -> None:
+    write_bytes(join_url(prefix, CLASSES_FILE), classes_to_tsv(classes).encode("utf-8"), storage)

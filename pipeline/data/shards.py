@@ -15,8 +15,9 @@ turned upright, downscaled to `max_image_side` (Lanczos, after JPEG DCT scaling)
 Undecodable or truncated inputs are skipped and reported with their path/key; they never stop the run.
 
 Default `max_image_side` = 512: training crops are resized to 299 (paper), so a longer side of 512 still keeps the
-shorter side >= 299 for aspect ratios up to 1.7:1, while decoding stays cheap (ENVIRONMENT.md: ~600 decodes+crops/s
-per core at 500x375 versus ~100/s at 1024x768) and shards stay ~3-4x smaller than at full resolution.
+shorter side >= 299 for aspect ratios up to 1.7:1, while decoding stays cheap (measured on a 2-core machine:
+~600 decodes+crops/s per core at 500x375 versus ~100/s at 1024x768) and shards stay ~3-4x smaller than at full
+resolution.
 
 Shard boundaries are planned in input order, greedily, by each sample's *estimated* tar record size: exact for
 pass-through JPEGs (their bytes are known), and for re-encoded images the output pixel count times a bytes-per-pixel
@@ -684,7 +685,7 @@ class ShardWriter:
                 return {}
             return {os.path.basename(str(e["name"]).rstrip("/")): int(e.get("size") or 0) for e in entries}
 
-        sizes = with_retries(listing, what=f"list {self.out}", options=self.storage)
+        sizes = with_retries(listing, what=f"list {self.out}", storage=self.storage)
         indices = sorted({int(m.group(1)) for n in sizes if (m := _SHARD_RE.match(n)) and m.group(2) == "json"})
         with cf.ThreadPoolExecutor(8) as pool:
             texts = list(pool.map(lambda i: read_bytes(join_url(self.out, _sidecar_name(i)), self.storage), indices))

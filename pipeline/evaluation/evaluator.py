@@ -25,10 +25,10 @@ import yaml
 from pipeline.cluster import connect_ray
 from pipeline.config import Config, StorageConfig, validate
 from pipeline.data import ShardStream, read_manifest, to_device
-from pipeline.data.manifest import check_vocabulary
+from pipeline.data.manifest import check_same_classes
 from pipeline.evaluation.baselines import BaselineScorers, baseline_key, class_prior, read_cached, write_cached
 from pipeline.evaluation.metrics import MapAtK, MapAtKResult, load_class_weights
-from pipeline.models import build_model
+from pipeline.models import build_model, preprocess_input
 from pipeline.storage import join_url, read_bytes
 from pipeline.storage.checkpoints import COMMIT
 
@@ -114,7 +114,8 @@ def score_share(model: torch.nn.Module, config: Config, *, rank: int = 0, world_
     limit = config.eval.max_images
     with torch.inference_mode():
         for batch in loader:
-            images, targets = to_device(batch, device, num_classes)
+            pixels, targets = to_device(batch, device, num_classes)
+            images = preprocess_input(pixels)
             valid = batch.valid.to(device)
             if not bool(valid.any()):
                 continue
@@ -193,7 +194,7 @@ def evaluate_checkpoint(checkpoint_url: str, settings: Config | None = None, *, 
     start = time.perf_counter()
     config = resolve_config(checkpoint_config(checkpoint_url, settings.storage if settings else None), settings)
     commit = json.loads(read_bytes(join_url(checkpoint_url, COMMIT), config.storage))
-    check_vocabulary(commit.get("vocabulary"), _eval_prefix(config), config.storage)  # before loading anything
+    check_same_classes(commit.get("class_fingerprint"), _eval_prefix(config), config.storage)  # before loading anything
     key = baseline_key(config) if reports_dir else None
     baselines = read_cached(reports_dir, key, config.storage) if reports_dir and key else None
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")

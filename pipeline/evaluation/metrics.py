@@ -1,6 +1,6 @@
 """MAP@K for multi-label classification: the Xception paper's FastEval14k MAP@100, one-shot and streaming.
 
-Definitions (PAPER.md, "The metric"); `scores` and `targets` are (N images, C classes):
+Definitions (the paper's FastEval14k metric, MAP@100); `scores` and `targets` are (N images, C classes):
 
 - Per-class orientation (default, the paper's): for class c rank all N images by score for c; rel_i = 1 if the
   image at rank i carries c. AP@K_c = sum over the top K ranks of rel_i * Precision@i, divided by

@@ -1,7 +1,7 @@
 """Models the pipeline trains: the paper's Xception and its cost/size accounting."""
 
 from pipeline.config import Config
-from pipeline.models.xception import Xception, count_parameters, xception_macs
+from pipeline.models.xception import Xception, count_parameters, preprocess_input, xception_macs
 
 
 def build_model(config: Config) -> Xception:
@@ -12,4 +12,4 @@ def build_model(config: Config) -> Xception:
                     checkpoint_middle_flow=m.checkpoint_middle_flow)
 
 
-__all__ = ["Xception", "build_model", "count_parameters", "xception_macs"]
+__all__ = ["Xception", "build_model", "count_parameters", "preprocess_input", "xception_macs"]

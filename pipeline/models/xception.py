@@ -20,10 +20,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Block", "SeparableConv2d", "Xception", "count_parameters", "xception_macs"]
+__all__ = ["Block", "SeparableConv2d", "Xception", "count_parameters", "preprocess_input", "xception_macs"]
 
 BN_EPS = 1e-3  # Keras BatchNormalization default
 BN_MOMENTUM = 0.01  # = 1 - Keras momentum 0.99 (PyTorch weights the new batch, Keras the old average)
+
+
+def preprocess_input(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 pixels (B, 3, H, W) to the model's input range [-1, 1]: x / 127.5 - 1, as Keras'
+    `applications.xception.preprocess_input` (the Inception convention), keeping the memory format."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"preprocess_input takes uint8 pixels, got {images.dtype}")
+    return images.to(dtype).div_(127.5).sub_(1.0)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -191,7 +199,7 @@ class Xception(nn.Module):
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters (BatchNorm running statistics are buffers and do not count), as PAPER.md's table."""
+    """Trainable parameters (BatchNorm running statistics are buffers and do not count), as the paper counts them."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

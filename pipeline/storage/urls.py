@@ -84,7 +84,7 @@ class StorageAuthError(StorageError):
 
 # --------------------------------------------------------------------------------------------------- filesystems
 
-# One filesystem per (process, protocol, options, client environment). The pid is part of the key because
+# One filesystem per (process, protocol, storage settings, client environment). The pid is part of the key because
 # s3fs/aiobotocore sessions (an event loop thread and open sockets) do not survive fork: a forked child builds
 # its own. The parent's instances are left untouched in the child (closing them there could disturb sockets that
 # the parent still uses).
@@ -116,22 +116,22 @@ def _env_fingerprint() -> str:
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
-def s3_endpoint(options: StorageConfig) -> str | None:
+def s3_endpoint(storage: StorageConfig) -> str | None:
     """The S3 endpoint every client of the project uses (the pipeline's s3fs and Ray Train's storage): the config,
     then AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL, as botocore orders them; None is AWS itself."""
-    return options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def s3_region(options: StorageConfig) -> str | None:
+def s3_region(storage: StorageConfig) -> str | None:
     """The S3 region: the config, then AWS_REGION, then AWS_DEFAULT_REGION; None leaves it to the client."""
-    return options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
-def _s3_kwargs(options: StorageConfig) -> dict[str, object]:
+def _s3_kwargs(storage: StorageConfig) -> dict[str, object]:
     client_kwargs: dict[str, str] = {}
     config_kwargs: dict[str, object] = {"retries": {"total_max_attempts": 1}}  # retried (and logged) here
-    endpoint = s3_endpoint(options)
-    region = s3_region(options)
+    endpoint = s3_endpoint(storage)
+    region = s3_region(storage)
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
         # S3-compatible servers (SeaweedFS, MinIO, Ceph) are addressed by path, not by bucket DNS names.
@@ -139,55 +139,55 @@ def _s3_kwargs(options: StorageConfig) -> dict[str, object]:
     if region:
         client_kwargs["region_name"] = region
     kwargs: dict[str, object] = {
-        "anon": options.anonymous,
+        "anon": storage.anonymous,
         "client_kwargs": client_kwargs,
         "config_kwargs": config_kwargs,
         # Listings must be fresh: checkpoints and shards are written by other processes.
         "use_listings_cache": False,
     }
-    if options.profile:
-        kwargs["profile"] = options.profile
+    if storage.profile:
+        kwargs["profile"] = storage.profile
     return kwargs
 
 
-def _new_filesystem(url: str, protocol: str, options: StorageConfig) -> fsspec.AbstractFileSystem:
+def _new_filesystem(url: str, protocol: str, storage: StorageConfig) -> fsspec.AbstractFileSystem:
     try:
         cls = fsspec.get_filesystem_class(protocol)
     except (ImportError, ValueError) as exc:
         raise StorageError(f"{url}: cannot use {protocol}:// URLs: {exc}") from exc
     kwargs: dict[str, object] = {}
     if protocol in S3_PROTOCOLS:
-        kwargs = _s3_kwargs(options)
+        kwargs = _s3_kwargs(storage)
     elif protocol in GCS_PROTOCOLS:
         kwargs = {"use_listings_cache": False}
-        if options.anonymous:
+        if storage.anonymous:
             kwargs["token"] = "anon"
     # Our cache replaces fsspec's: its key ignores the environment that botocore reads credentials from.
     return cls(skip_instance_cache=True, **kwargs)
 
 
-def _resolve(url: str, options: StorageConfig | None) -> tuple[fsspec.AbstractFileSystem, str, str]:
-    fs, path = filesystem(url, options)
+def _resolve(url: str, storage: StorageConfig | None) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    fs, path = filesystem(url, storage)
     return fs, path, _protocol(url)
 
 
-def filesystem(url: str, options: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(url: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for `url` and the path within it.
 
-    Instances are cached per (process, protocol, options, credential/endpoint environment): cheap to call per
+    Instances are cached per (process, protocol, storage settings, credential/endpoint environment): cheap to call per
     operation, safe to use after fork (a child builds its own), and thread-safe.
     """
-    options = options or StorageConfig()
+    storage = storage or StorageConfig()
     protocol = _protocol(url)
     remote = _is_remote(protocol)
-    key = (os.getpid(), protocol, options.model_dump_json(), _env_fingerprint() if remote else "")
+    key = (os.getpid(), protocol, storage.model_dump_json(), _env_fingerprint() if remote else "")
     with _cache_lock:
         fs = _cache.get(key)
         if fs is None:
-            fs = _new_filesystem(url, protocol, options)
+            fs = _new_filesystem(url, protocol, storage)
             _cache[key] = fs
             if protocol in S3_PROTOCOLS:
-                logger.debug("s3 filesystem for endpoint %s", s3_endpoint(options) or "AWS default")
+                logger.debug("s3 filesystem for endpoint %s", s3_endpoint(storage) or "AWS default")
     return fs, fs._strip_protocol(url)
 
 
@@ -319,16 +319,16 @@ def _describe(exc: BaseException) -> str:
     return _redact(f"{type(exc).__name__}: {text}")
 
 
-def _credential_hint(protocol: str | None, options: StorageConfig) -> str:
+def _credential_hint(protocol: str | None, storage: StorageConfig) -> str:
     """Which credential source to check (never its value)."""
     if protocol in GCS_PROTOCOLS:
         return "check GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default login`"
     if protocol is not None and protocol not in S3_PROTOCOLS:
         return f"check the credentials of the {protocol}:// filesystem" if _is_remote(protocol) else "check permissions"
-    if options.anonymous:
+    if storage.anonymous:
         source = "storage.anonymous=true, which sends unsigned requests (set it false, or make the data public)"
-    elif options.profile:
-        source = f"the AWS profile '{options.profile}' (storage.profile) in ~/.aws/credentials or ~/.aws/config"
+    elif storage.profile:
+        source = f"the AWS profile '{storage.profile}' (storage.profile) in ~/.aws/credentials or ~/.aws/config"
     elif os.environ.get("AWS_ACCESS_KEY_ID"):
         source = "the environment variables AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)"
     elif os.environ.get("AWS_PROFILE"):
@@ -338,13 +338,13 @@ def _credential_hint(protocol: str | None, options: StorageConfig) -> str:
             "botocore's default chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the [default] profile in "
             "~/.aws/credentials, or the instance/container role"
         )
-    hint = f"check {source}; endpoint {s3_endpoint(options) or 'AWS default'}"
+    hint = f"check {source}; endpoint {s3_endpoint(storage) or 'AWS default'}"
     return hint if protocol is not None else hint + " (for a local path: its file permissions)"
 
 
-def _retrying(fn: Callable[[], T], what: str, options: StorageConfig | None, protocol: str | None) -> T:
-    options = options or StorageConfig()
-    attempts = options.retries + 1
+def _retrying(fn: Callable[[], T], what: str, storage: StorageConfig | None, protocol: str | None) -> T:
+    storage = storage or StorageConfig()
+    attempts = storage.retries + 1
     remote = None if protocol is None else _is_remote(protocol)
     for attempt in range(1, attempts + 1):
         try:
@@ -357,7 +357,7 @@ def _retrying(fn: Callable[[], T], what: str, options: StorageConfig | None, pro
             kind = _classify(exc, remote)
             cause = _describe(exc)
             if kind == "transient" and attempt < attempts:
-                delay = min(_MAX_BACKOFF_S, options.retry_backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                delay = min(_MAX_BACKOFF_S, storage.retry_backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
                 logger.warning(
                     "%s failed (attempt %d/%d, transient): %s; retrying in %.2f s",
                     what, attempt, attempts, cause, delay,
@@ -365,7 +365,7 @@ def _retrying(fn: Callable[[], T], what: str, options: StorageConfig | None, pro
                 time.sleep(delay)
                 continue
             if kind == "auth":
-                hint = _credential_hint(protocol, options)
+                hint = _credential_hint(protocol, storage)
                 raise StorageAuthError(f"{what}: access denied ({cause}); {hint}") from exc
             if kind == "missing":
                 raise StorageError(f"{what}: not found ({cause})", errno_code=errno.ENOENT) from exc
@@ -375,49 +375,49 @@ def _retrying(fn: Callable[[], T], what: str, options: StorageConfig | None, pro
     raise AssertionError("unreachable")
 
 
-def with_retries(fn: Callable[[], T], *, what: str, options: StorageConfig | None = None) -> T:
+def with_retries(fn: Callable[[], T], *, what: str, storage: StorageConfig | None = None) -> T:
     """Call `fn`, retrying transient storage errors with exponential backoff (each retry logged at WARNING).
 
     Transient: connection refused/reset, timeouts, HTTP 5xx/429, SlowDown. Other storage failures (missing object,
     403, bad or missing credentials) raise at once: `StorageAuthError` for credentials, `StorageError` otherwise,
-    with `what` (say "read s3://bucket/key") in the message. Budget: `options.retries` retries after the first.
+    with `what` (say "read s3://bucket/key") in the message. Budget: `storage.retries` retries after the first.
     Exceptions that are not I/O or storage-client errors (a TypeError from a bug) propagate unchanged.
     """
-    return _retrying(fn, what, options, None)
+    return _retrying(fn, what, storage, None)
 
 
 # ------------------------------------------------------------------------------------------------------- reading
 
 
-def open_read(url: str, options: StorageConfig | None = None) -> BinaryIO:
+def open_read(url: str, storage: StorageConfig | None = None) -> BinaryIO:
     """Open `url` for streaming reads; the caller closes it.
 
     Opening is retried on transient errors (a missing object fails here, not at the first read). Reads in the
     middle of the stream rely on the filesystem's own short retry; a caller that must survive a long outage
     mid-stream re-opens and seeks.
     """
-    fs, path, protocol = _resolve(url, options)
-    return _retrying(lambda: fs.open(path, "rb"), f"open {url}", options, protocol)
+    fs, path, protocol = _resolve(url, storage)
+    return _retrying(lambda: fs.open(path, "rb"), f"open {url}", storage, protocol)
 
 
-def read_bytes(url: str, options: StorageConfig | None = None) -> bytes:
+def read_bytes(url: str, storage: StorageConfig | None = None) -> bytes:
     """The whole object at `url`, retried on transient errors."""
-    fs, path, protocol = _resolve(url, options)
-    return _retrying(lambda: fs.cat_file(path), f"read {url}", options, protocol)
+    fs, path, protocol = _resolve(url, storage)
+    return _retrying(lambda: fs.cat_file(path), f"read {url}", storage, protocol)
 
 
-def exists(url: str, options: StorageConfig | None = None) -> bool:
+def exists(url: str, storage: StorageConfig | None = None) -> bool:
     """Whether an object or a non-empty directory/prefix exists at `url` (denied access raises, not False)."""
-    fs, path, protocol = _resolve(url, options)
-    return _retrying(lambda: bool(fs.exists(path)), f"check {url}", options, protocol)
+    fs, path, protocol = _resolve(url, storage)
+    return _retrying(lambda: bool(fs.exists(path)), f"check {url}", storage, protocol)
 
 
-def list_dir(url: str, options: StorageConfig | None = None) -> list[str]:
+def list_dir(url: str, storage: StorageConfig | None = None) -> list[str]:
     """Full URLs of the direct children of `url`, sorted, in the same spelling as `url`; [] if it is missing.
 
     Temporary files of in-flight local atomic writes are not listed.
     """
-    fs, path, protocol = _resolve(url, options)
+    fs, path, protocol = _resolve(url, storage)
 
     def _list() -> list[str]:
         try:
@@ -428,7 +428,7 @@ def list_dir(url: str, options: StorageConfig | None = None) -> list[str]:
         children = {posixpath.basename(str(name).rstrip("/")) for name in names if str(name).rstrip("/") != base}
         return sorted(join_url(url, child) for child in children if child and not _TEMP_NAME.match(child))
 
-    return _retrying(_list, f"list {url}", options, protocol)
+    return _retrying(_list, f"list {url}", storage, protocol)
 
 
 # ------------------------------------------------------------------------------------------------------- writing
@@ -459,28 +459,28 @@ def _local_atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
             os.close(dir_fd)
 
 
-def write_bytes(url: str, data: bytes, options: StorageConfig | None = None) -> None:
+def write_bytes(url: str, data: bytes, storage: StorageConfig | None = None) -> None:
     """Publish `data` at `url` atomically (readers see the old object or the new one), retried on transient errors.
 
     Local files: temp file + os.replace. Object stores: a single PUT, or for large payloads a multipart upload,
     is atomic by the S3/GCS contract: the key appears only when the PUT or the multipart completion succeeds, so
     nothing is ever written under the final key in pieces.
     """
-    fs, path, protocol = _resolve(url, options)
+    fs, path, protocol = _resolve(url, storage)
     if isinstance(fs, LocalFileSystem):
         action: Callable[[], None] = lambda: _local_atomic_write(path, lambda handle: handle.write(data))  # noqa: E731
     else:
         action = lambda: fs.pipe_file(path, data)  # noqa: E731
-    _retrying(action, f"write {url}", options, protocol)
+    _retrying(action, f"write {url}", storage, protocol)
 
 
-def upload_file(local_path: str, url: str, options: StorageConfig | None = None) -> None:
+def upload_file(local_path: str, url: str, storage: StorageConfig | None = None) -> None:
     """Copy the local file `local_path` to `url` atomically, streaming (for checkpoints and shards).
 
     Object stores: one PUT below s3fs's multipart threshold, a multipart upload above it; either way the key
     appears only on completion (an aborted multipart upload leaves no object).
     """
-    fs, path, protocol = _resolve(url, options)
+    fs, path, protocol = _resolve(url, storage)
     if isinstance(fs, LocalFileSystem):
 
         def action() -> None:
@@ -494,7 +494,7 @@ def upload_file(local_path: str, url: str, options: StorageConfig | None = None)
                 raise FileNotFoundError(errno.ENOENT, "no such local file", local_path)
             fs.put_file(local_path, path)
 
-    _retrying(action, f"upload {local_path} to {url}", options, protocol)
+    _retrying(action, f"upload {local_path} to {url}", storage, protocol)
 
 
 def _copy(source: BinaryIO, target: BinaryIO, chunk: int = 8 << 20) -> None:
@@ -502,12 +502,12 @@ def _copy(source: BinaryIO, target: BinaryIO, chunk: int = 8 << 20) -> None:
         target.write(block)
 
 
-def remove(url: str, options: StorageConfig | None = None, recursive: bool = False) -> None:
+def remove(url: str, storage: StorageConfig | None = None, recursive: bool = False) -> None:
     """Delete the object (or, with recursive=True, everything under the prefix/directory) at `url`.
 
     A missing `url` is not an error, so clean-ups can be repeated.
     """
-    fs, path, protocol = _resolve(url, options)
+    fs, path, protocol = _resolve(url, storage)
 
     def _remove() -> None:
         folders = _s3_folders(fs, path) if recursive and protocol in S3_PROTOCOLS else []
@@ -515,7 +515,7 @@ def remove(url: str, options: StorageConfig | None = None, recursive: bool = Fal
             fs.rm(path, recursive=recursive)
         _delete_s3_folder_entries(fs, folders)
 
-    _retrying(_remove, f"remove {url}", options, protocol)
+    _retrying(_remove, f"remove {url}", storage, protocol)
 
 
 def _s3_folders(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.cluster import connect_ray
 from pipeline.config import Config, validate
 from pipeline.data import check_shard_split, read_manifest
-from pipeline.data.manifest import check_vocabulary, vocabulary
+from pipeline.data.manifest import check_same_classes, class_fingerprint
 from pipeline.storage import absolute_url, join_url, read_bytes, s3_endpoint, s3_region
 from pipeline.storage.checkpoints import COMMIT, latest_checkpoint
 from pipeline.train.failure import clear_failure, raise_recorded_failure, record_failure
@@ -36,7 +36,8 @@ def preflight(config: Config) -> None:
                          f"has {manifest.num_classes} classes; set model.num_classes={manifest.num_classes}")
     check_shard_split(manifest, config.cluster.num_workers, config.data.loader_workers, config.per_worker_batch_size)
     if config.data.eval is not None:  # now, not when the evaluator meets it hours into the run
-        check_vocabulary(vocabulary(config.data.train, manifest, config.storage), config.data.eval, config.storage)
+        trained = class_fingerprint(config.data.train, manifest, config.storage)
+        check_same_classes(trained, config.data.eval, config.storage)
 
 
 def _quiet_ray_train_reports() -> None:

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from pipeline.config import Config
 from pipeline.data import ShardStream, read_manifest, to_device
-from pipeline.data.manifest import vocabulary
+from pipeline.data.manifest import class_fingerprint
+from pipeline.models import preprocess_input
 from pipeline.storage import StorageError, join_url, write_bytes
 from pipeline.storage.checkpoints import is_checkpoint_step
 from pipeline.train.checkpoint import Checkpointer, load_checkpoint
@@ -108,7 +109,7 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
                          world_size=ctx.world_size, train=True, storage=storage, num_classes=num_classes)
     checkpointer = Checkpointer(config.run_dir, config, storage)
     # What the class ids mean, recorded in every COMMIT; the evaluator refuses eval data with other classes.
-    classes = vocabulary(config.data.train, manifest, storage) if ctx.rank == 0 else None
+    classes = class_fingerprint(config.data.train, manifest, storage) if ctx.rank == 0 else None
     metrics = MetricsWriter(config.run_dir, config, enabled=ctx.rank == 0, report=report)
 
     # Restore.
@@ -136,7 +137,8 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
         while state.step < config.train.total_steps:
             with torch.random.fork_rng(devices=[]):  # loading must not draw from the model's random stream
                 batch = next(batches)
-            images, targets = to_device(batch, device, num_classes, channels_last=config.train.channels_last)
+            pixels, targets = to_device(batch, device, num_classes, channels_last=config.train.channels_last)
+            images = preprocess_input(pixels)
             valid = batch.valid.to(device, non_blocking=True)
             wait_s += time.perf_counter() - fetch_start
             result = train_step(state, config, images, targets, valid,
@@ -175,7 +177,7 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
                 if ctx.rank == 0:
                     checkpointer.save(state.step, {**state.state_dict(), "rng": [rng for _, rng in ranks]},
                                       {"ranks": [loader_state for loader_state, _ in ranks]},
-                                      extra={"metrics": metrics.last, "vocabulary": classes})
+                                      extra={"metrics": metrics.last, "class_fingerprint": classes})
                     try:  # TensorBoard on object storage: visible during the run; never worth a lost checkpoint
                         metrics.flush()
                     except StorageError as exc:
