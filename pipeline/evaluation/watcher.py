@@ -22,7 +22,7 @@ from pipeline.data import read_manifest
 from pipeline.data.manifest import read_classes
 from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, eval_settings, evaluate_checkpoint
 from pipeline.evaluation.report import append_record, read_records, write_report
-from pipeline.storage import StorageError, exists, join_url
+from pipeline.storage import StorageError, exists, is_local_url, join_url, local_path
 from pipeline.storage.checkpoints import COMMIT, CheckpointRef, committed_checkpoints, scheduled_steps
 
 log = logging.getLogger(__name__)
@@ -147,11 +147,11 @@ class CheckpointWatcher:
         return [c.name for c in classes], np.array([c.train_frequency for c in classes], dtype=np.float64)
 
     def _tensorboard(self, evaluation: Evaluation) -> None:
-        if "://" in self.run_dir and not self.run_dir.startswith("file://"):
+        if not is_local_url(self.run_dir):
             return  # TensorBoard writes local files; remote runs read map100.jsonl / report.html instead
         from torch.utils.tensorboard import SummaryWriter
 
-        directory = Path(self.run_dir.removeprefix("file://")) / "tensorboard" / "eval"
+        directory = Path(local_path(self.run_dir)) / "tensorboard" / "eval"
         step = evaluation.samples_seen or evaluation.step
         with SummaryWriter(str(directory)) as writer:
             for name, value in evaluation.result.scalars().items():

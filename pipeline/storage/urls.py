@@ -562,6 +562,17 @@ def join_url(base: str, *parts: str) -> str:
     return out
 
 
+def is_local_url(url: str) -> bool:
+    """Whether `url` names this machine's file system: a plain path or a file:// URL (the one test the project
+    uses; a local run directory gets TensorBoard files written in place, a remote one does not)."""
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """The file-system path of a local `url` (file:// removed)."""
+    return url.removeprefix("file://")
+
+
 def absolute_url(url: str) -> str:
     """`url` with a local path made absolute (and `~` expanded); remote URLs unchanged.
 

@@ -17,7 +17,7 @@ from pipeline.cluster import connect_ray
 from pipeline.config import Config, validate
 from pipeline.data import check_shard_split, read_manifest
 from pipeline.data.manifest import check_same_classes, class_fingerprint
-from pipeline.storage import absolute_url, join_url, read_bytes, s3_endpoint, s3_region
+from pipeline.storage import absolute_url, is_local_url, join_url, local_path, read_bytes, s3_endpoint, s3_region
 from pipeline.storage.checkpoints import COMMIT, latest_checkpoint
 from pipeline.train.failure import clear_failure, raise_recorded_failure, record_failure
 from pipeline.train.loop import WorkerContext, train
@@ -90,9 +90,9 @@ def _ray_storage(config: Config) -> dict[str, Any]:
             kwargs.update(endpoint_override=host, scheme=scheme)
         return {"storage_path": storage.removeprefix("s3://") + "/_ray",
                 "storage_filesystem": pyarrow.fs.S3FileSystem(**kwargs)}
-    if "://" in storage and not storage.startswith("file://"):
+    if not is_local_url(storage):
         return {"storage_path": f"{storage.rstrip('/')}/_ray"}
-    return {"storage_path": os.path.abspath(os.path.join(storage.removeprefix("file://"), "_ray"))}
+    return {"storage_path": os.path.abspath(os.path.join(local_path(storage), "_ray"))}
 
 
 def prepare(config: Config) -> Config:

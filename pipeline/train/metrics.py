@@ -19,13 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.storage import join_url, upload_file
+from pipeline.storage import is_local_url, join_url, local_path, upload_file
 
 log = logging.getLogger(__name__)
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
 
 
 class MetricsWriter:
@@ -36,13 +32,13 @@ class MetricsWriter:
         self.enabled = enabled
         self._report = report
         self.last: dict | None = None
-        self._remote = None if _is_local(run_dir) else join_url(run_dir, "tensorboard")
+        self._remote = None if is_local_url(run_dir) else join_url(run_dir, "tensorboard")
         self._writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             local = (tempfile.mkdtemp(prefix="tensorboard-") if self._remote
-                     else os.path.join(run_dir.removeprefix("file://"), "tensorboard"))
+                     else os.path.join(local_path(run_dir), "tensorboard"))
             self._local_dir = local
             self._writer = SummaryWriter(local)
 

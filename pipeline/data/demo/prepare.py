@@ -12,7 +12,7 @@ import os
 from pipeline.config import Config, validate
 from pipeline.data.manifest import MANIFEST_FILE, read_classes, read_manifest
 from pipeline.data.shards import ShardOptions, write_demo_shards
-from pipeline.storage import exists, join_url
+from pipeline.storage import exists, is_local_url, join_url
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ EVAL_SETS = {"same": "eval", "second": "eval-second-artist"}  # eval_artist -> d
 def demo_prefix(config: Config) -> str:
     demo = config.data.demo
     assert demo is not None
-    base = os.path.expanduser(demo.location) if "://" not in demo.location else demo.location
+    base = os.path.expanduser(demo.location) if is_local_url(demo.location) else demo.location
     # "v2": since eval/ holds the in-domain set (it held the second artist's before), old caches are not reused
     name = f"v2-{demo.variant}-{demo.image_size}px-seed{demo.seed}-{demo.train_images}-{demo.eval_images}"
     if demo.variant == "openmoji" and (demo.catalog_size is not None or demo.min_tag_count != 5):
