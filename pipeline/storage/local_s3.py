@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 REGION = "us-east-1"
 # Not secrets: without access_key/secret_key the server has authentication off and accepts any key.
 _DUMMY_ACCESS_KEY = "local-s3-access-key"
-_DUMMY_SECRET_KEY = "local-s3-dummy-secret"
+_DUMMY_SECRET_KEY = "local-s3-dummy-secret"  # pragma: allowlist secret
 _START_TIMEOUT_S = 60.0
 _STOP_GRACE_S = 1.0
 _GRPC_OFFSET = 10_000
