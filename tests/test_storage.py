@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
+import fsspec
 import pytest
 from conftest import restarted_after
+from fsspec import AbstractFileSystem
 
 from pipeline.config import StorageConfig
 from pipeline.storage import (
@@ -26,14 +32,17 @@ from pipeline.storage import (
     open_read,
     read_bytes,
     remove,
+    retry_call,
     upload_file,
     with_retries,
     write_bytes,
 )
-from pipeline.storage import urls as storage_urls
+from pipeline.storage import files as storage_files
+from pipeline.storage.filesystems import s3_options
 from pipeline.storage.local_s3 import LocalS3
 
-RETRY_LOGGER = "pipeline.storage.urls"
+REPO = Path(__file__).resolve().parents[1]
+RETRY_LOGGER = "pipeline.storage.retries"
 
 
 @pytest.fixture(params=["path", "file_url", "s3"])
@@ -147,7 +156,7 @@ def test_failed_local_write_keeps_old_content_and_no_temp_file(
     def broken_fsync(fd: int) -> None:
         raise OSError(errno.EIO, "disk on fire")
 
-    monkeypatch.setattr(storage_urls.os, "fsync", broken_fsync)
+    monkeypatch.setattr(storage_files.os, "fsync", broken_fsync)
     with pytest.raises(StorageError, match=r"state\.json"):
         write_bytes(url, b"new content that must not appear")
     monkeypatch.undo()
@@ -334,5 +343,127 @@ def test_ray_train_storage_uses_the_pipelines_endpoint_and_region(monkeypatch, v
     config = load_config("demo", ["run.storage=s3://bucket/runs"])
     assert _ray_storage(config) == {"storage_path": "bucket/runs/_ray", "storage_filesystem": "fs"}
     assert made == [{"region": "eu-west-3", "endpoint_override": "127.0.0.1:9", "scheme": "http"}]
-    client = storage_urls._s3_kwargs(config.storage)["client_kwargs"]
+    client = s3_options(config.storage)["client_kwargs"]
     assert client == {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-3"}
+
+
+def test_retry_call_stops_at_its_deadline_and_passes_other_errors_through() -> None:
+    calls: list[int] = []
+
+    def never_ready() -> None:
+        calls.append(1)
+        raise ConnectionRefusedError("not yet")
+
+    start = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):  # the last error, as it is
+        retry_call(never_ready, retry_if=lambda exc: isinstance(exc, OSError), wait_s=lambda _: 0.05, within_s=0.3)
+    assert 0.3 <= time.monotonic() - start < 2.0
+    assert 3 <= len(calls) <= 8
+
+    waits: list[tuple[int, float]] = []
+    calls.clear()
+    with pytest.raises(ConnectionRefusedError):
+        retry_call(never_ready, retry_if=lambda exc: True, wait_s=lambda n: 0.01 * n, attempts=3,
+                   before_retry=lambda n, exc, wait: waits.append((n, wait)))
+    assert len(calls) == 3 and waits == [(1, 0.01), (2, 0.02)]
+
+    with pytest.raises(KeyError):  # refused by retry_if: raised at once
+        retry_call(lambda: {}["x"], retry_if=lambda exc: isinstance(exc, OSError), wait_s=lambda _: 0, attempts=5)
+    with pytest.raises(ValueError, match="never retries forever"):
+        retry_call(lambda: None, retry_if=lambda exc: True, wait_s=lambda _: 0)
+
+
+# ---------------------------------------------------------------------------------- re-opening reads (reopen=True)
+
+
+class FlakyFileSystem(AbstractFileSystem):
+    """A remote filesystem serving `payload` whose first `failing_opens` streams fail once past byte 1000 (a
+    connection reset mid-read); with `missing_after_first`, every open after the first finds no object."""
+
+    protocol = "flaky"
+    payload = b""
+    failing_opens = 1
+    missing_after_first = False
+    opened: ClassVar[list[str]] = []
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: object) -> io.BytesIO:
+        cls = type(self)
+        cls.opened.append(path)
+        if cls.missing_after_first and len(cls.opened) > 1:
+            raise FileNotFoundError(path)
+        failing = len(cls.opened) <= cls.failing_opens
+
+        class Flaky(io.BytesIO):
+            def read(self, size: int | None = -1) -> bytes:
+                if failing and self.tell() > 1000:
+                    raise ConnectionResetError("connection reset by peer")
+                return super().read(size)
+
+        return Flaky(cls.payload)
+
+
+@pytest.fixture
+def flaky_fs(monkeypatch: pytest.MonkeyPatch) -> type[FlakyFileSystem]:
+    fsspec.register_implementation(FlakyFileSystem.protocol, FlakyFileSystem, clobber=True)
+    monkeypatch.setattr(FlakyFileSystem, "payload", os.urandom(3000))
+    monkeypatch.setattr(FlakyFileSystem, "opened", [])
+    return FlakyFileSystem
+
+
+def test_reads_that_fail_midway_reopen_at_the_same_offset(flaky_fs: type[FlakyFileSystem]) -> None:
+    storage = StorageConfig(retry_backoff_s=0.01)
+    with open_read("flaky://bucket/shard.tar", storage, reopen=True) as reader:
+        assert b"".join(iter(lambda: reader.read(700), b"")) == flaky_fs.payload
+    assert flaky_fs.opened == ["bucket/shard.tar"] * 2
+
+    flaky_fs.opened.clear()
+    with open_read("flaky://bucket/shard.tar", storage) as plain:  # without reopen, the stream ends at the failure
+        plain.read(1200)
+        with pytest.raises(ConnectionResetError):
+            plain.read(700)
+
+
+def test_reopening_stays_within_the_retry_budget_and_fails_fast_when_the_object_is_gone(
+    flaky_fs: type[FlakyFileSystem], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = StorageConfig(retries=2, retry_backoff_s=0.01)
+    monkeypatch.setattr(flaky_fs, "failing_opens", 100)
+    reader = open_read("flaky://bucket/shard.tar", storage, reopen=True)
+    assert reader.read(1200) == flaky_fs.payload[:1200]
+    with pytest.raises(StorageError, match=r"read flaky://bucket/shard.tar at byte 1200: still failing after 3"):
+        reader.read(700)
+    assert len(flaky_fs.opened) == 1 + 3  # the first open, then one re-open per attempt
+
+    flaky_fs.opened.clear()
+    monkeypatch.setattr(flaky_fs, "failing_opens", 1)
+    monkeypatch.setattr(flaky_fs, "missing_after_first", True)
+    reader = open_read("flaky://bucket/shard.tar", storage, reopen=True)
+    reader.read(1200)
+    with pytest.raises(StorageError, match="not found") as info:
+        reader.read(700)
+    assert info.value.errno == errno.ENOENT
+    assert len(flaky_fs.opened) == 2  # a missing object is not retried
+
+
+def test_a_read_survives_the_server_restarting_midway(
+    restartable_s3: tuple[LocalS3, StorageConfig], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, storage = restartable_s3
+    url = "s3://restart/shard-000000.tar"
+    payload = os.urandom(72 << 20)  # more than one of s3fs's 50 MiB read blocks
+    write_bytes(url, payload, storage)
+    reader = open_read(url, storage, reopen=True)
+    head = reader.read(1 << 20)
+    server.stop()  # mid-read: the next block's fetch fails
+    with restarted_after(server, 1.5), caplog.at_level(logging.WARNING):
+        rest = b"".join(iter(lambda: reader.read(1 << 20), b""))
+    reader.close()
+    assert head + rest == payload
+    assert any("re-opening" in r.getMessage() and url in r.getMessage() for r in caplog.records)
+
+
+def test_local_s3_script_runs_from_the_repository_root() -> None:
+    result = subprocess.run([sys.executable, "infra/local_s3.py", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--bucket" in result.stdout and "SeaweedFS" in result.stdout

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass
 
 from pipeline.config import StorageConfig
-from pipeline.storage.urls import exists, join_url, list_dir
+from pipeline.storage.files import exists, list_dir
+from pipeline.storage.paths import join_url
 
 COMMIT = "COMMIT"
 LATEST = "LATEST"

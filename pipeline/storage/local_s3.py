@@ -15,15 +15,14 @@ SeaweedFS facts this relies on (4.48, measured on a 2-core machine):
 - Until the volume server's first heartbeat reads and writes of data fail with HTTP 500; start() waits for it.
 - Every bucket is a collection that grabs 7 volumes by default, so `-volume.max=8` holds about one bucket (the
   next one fails with "no free volumes"): volumes are capped by free disk instead, and grow 2 at a time.
-- Emptied "folders" stay listed as prefixes for ~30 s (`pipeline.storage.urls.remove` deletes them at once).
+- Emptied "folders" stay listed as prefixes for ~30 s (`pipeline.storage.remove` deletes them at once).
 - Every HTTP port P also binds P+10000 for gRPC; unix sockets /tmp/seaweedfs-*-<port>.sock are removed on stop.
 
-Run `python -m pipeline.storage.local_s3 --dir ./.local-s3 --bucket demo` for a foreground server.
+`python infra/local_s3.py --dir ./.local-s3 --bucket demo` runs one in the foreground.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import glob
@@ -32,17 +31,16 @@ import logging
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from pipeline.config import StorageConfig
+from pipeline.storage.retries import retry_call
 
 logger = logging.getLogger(__name__)
 
@@ -155,22 +153,16 @@ class LocalS3:
             return self
         weed = weed_binary()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        for attempt in range(1, _START_ATTEMPTS + 1):
-            if self._fixed_port is not None and not (_port_free(self.port) and _port_free(self.port + _GRPC_OFFSET)):
-                raise RuntimeError(f"port {self.port} or {self.port + _GRPC_OFFSET} (its gRPC port) is in use")
-            log_offset = self._launch(weed)
-            try:
-                self._wait_ready(log_offset)
-                break
-            except _PortClash:
-                self._terminate()
-                if attempt == _START_ATTEMPTS or self._fixed_port is not None:
-                    raise RuntimeError(f"SeaweedFS could not bind its ports:\n{self._log_tail(log_offset)}") from None
-                logger.info("SeaweedFS ports were taken meanwhile; retrying with new ones")
-                self._choose_ports()
-            except BaseException:
-                self._terminate()
-                raise
+        try:
+            retry_call(
+                lambda: self._start_once(weed),
+                retry_if=lambda exc: isinstance(exc, _PortClash) and self._fixed_port is None,
+                wait_s=lambda _: 0.0,
+                attempts=_START_ATTEMPTS,
+                before_retry=self._new_ports,
+            )
+        except _PortClash as clash:
+            raise RuntimeError(f"SeaweedFS could not bind its ports:\n{clash}") from None
         atexit.unregister(self.stop)
         atexit.register(self.stop)
         try:
@@ -181,6 +173,20 @@ class LocalS3:
             raise
         logger.info("SeaweedFS S3 at %s (data %s, pid %d)", self.endpoint_url, self.data_dir, self._proc.pid)
         return self
+
+    def _start_once(self, weed: str) -> None:
+        if self._fixed_port is not None and not (_port_free(self.port) and _port_free(self.port + _GRPC_OFFSET)):
+            raise RuntimeError(f"port {self.port} or {self.port + _GRPC_OFFSET} (its gRPC port) is in use")
+        log_offset = self._launch(weed)
+        try:
+            self._wait_ready(log_offset)
+        except BaseException:
+            self._terminate()
+            raise
+
+    def _new_ports(self, attempt: int, clash: BaseException, wait: float) -> None:
+        logger.info("SeaweedFS ports were taken meanwhile; retrying with new ones")
+        self._choose_ports()
 
     def _launch(self, weed: str) -> int:
         args = [
@@ -238,28 +244,27 @@ class LocalS3:
         from botocore.exceptions import BotoCoreError, ClientError
 
         client = self._client()
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while True:
+        not_yet = (_NotReady, BotoCoreError, ClientError, OSError, ValueError)
+
+        def probe() -> None:
             assert self._proc is not None
             if self._proc.poll() is not None:
                 tail = self._log_tail(log_offset)
                 if "address already in use" in tail:
-                    raise _PortClash()
+                    raise _PortClash(tail)
                 raise RuntimeError(f"weed server exited with code {self._proc.returncode} during start-up:\n{tail}")
-            try:
-                client.list_buckets()
-                if self._volume_servers() > 0:
-                    return
-                last = "S3 answers, but no volume server has registered with the master yet"
-            except (BotoCoreError, ClientError, OSError, ValueError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"SeaweedFS at {self.endpoint_url} not ready after {timeout:.0f} s ({last}); "
-                    f"log {self.log_path}:\n{self._log_tail(log_offset)}"
-                )
-            time.sleep(0.2)
+            client.list_buckets()
+            if self._volume_servers() == 0:
+                raise _NotReady("S3 answers, but no volume server has registered with the master yet")
+
+        try:
+            retry_call(probe, retry_if=lambda exc: isinstance(exc, not_yet), wait_s=lambda _: 0.2, within_s=timeout)
+        except not_yet as exc:
+            last = str(exc) if isinstance(exc, _NotReady) else f"{type(exc).__name__}: {exc}"
+            raise TimeoutError(
+                f"SeaweedFS at {self.endpoint_url} not ready after {timeout:.0f} s ({last}); "
+                f"log {self.log_path}:\n{self._log_tail(log_offset)}"
+            ) from None
 
     def _volume_servers(self) -> int:
         url = f"http://127.0.0.1:{self._master_port}/dir/status"
@@ -358,63 +363,29 @@ class LocalS3:
         from botocore.exceptions import BotoCoreError, ClientError
 
         client = self._client()
-        for attempt in range(1, 11):
+
+        def settling(exc: BaseException) -> bool:  # 5xx while the server settles, or no answer yet
+            if isinstance(exc, ClientError):
+                return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+            return isinstance(exc, BotoCoreError)
+
+        def create() -> None:
             try:
                 client.create_bucket(Bucket=name)
-                return
             except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code")
-                if code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                    return
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if status < 500 or attempt == 10:
-                    raise RuntimeError(f"cannot create bucket {name!r} at {self.endpoint_url}: {exc}") from exc
-            except BotoCoreError as exc:
-                if attempt == 10:
-                    raise RuntimeError(f"cannot create bucket {name!r} at {self.endpoint_url}: {exc}") from exc
-            time.sleep(0.2 * attempt)
+                if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+        try:
+            retry_call(create, retry_if=settling, wait_s=lambda attempt: 0.2 * attempt, attempts=10)
+        except (BotoCoreError, ClientError) as exc:
+            raise RuntimeError(f"cannot create bucket {name!r} at {self.endpoint_url}: {exc}") from exc
 
 
 class _PortClash(Exception):
-    """weed exited because one of its ports was taken after we checked it."""
+    """weed exited because one of its ports was taken after we checked it (the message: its log's tail)."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Foreground server for demos: prints the environment to export, runs until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.storage.local_s3", description=main.__doc__)
-    parser.add_argument("--dir", default="./.local-s3", help="data directory (kept between runs)")
-    parser.add_argument("--port", type=int, default=8333, help="S3 port; it and port+10000 must be free")
-    parser.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
-    parser.add_argument("--access-key", help="turn authentication on with this access key (needs --secret-key)")
-    parser.add_argument("--secret-key", help="secret for --access-key")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+class _NotReady(Exception):
+    """The server answers S3 requests but cannot store data yet."""
 
-    def _interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _interrupt)
-    server = LocalS3(
-        args.dir, port=args.port, access_key=args.access_key, secret_key=args.secret_key, buckets=args.bucket
-    )
-    try:
-        server.start()
-        print("# SeaweedFS S3 is running; in another shell:")
-        for name, value in server.env().items():
-            shown = "<your --secret-key>" if name == "AWS_SECRET_ACCESS_KEY" and server.auth else value
-            print(f"export {name}={shown}")
-        print(f"# or set storage.endpoint_url={server.endpoint_url} storage.region={REGION}")
-        print(f"# buckets: {', '.join(server.buckets) or '(none)'}; log: {server.log_path}; Ctrl-C stops it")
-        sys.stdout.flush()
-        while server.running:
-            time.sleep(0.5)
-        print(f"weed server exited on its own; see {server.log_path}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        server.stop()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Run the embedded S3 server (SeaweedFS, `pipeline.storage.local_s3`) in the foreground for demos and local runs.
+
+    python infra/local_s3.py --dir ./.local-s3 --bucket demo
+
+Prints the `export` lines (endpoint, keys, region) that point other shells at it; Ctrl-C (or SIGTERM) stops it.
+The data directory is kept, so the next start serves the same objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from the repository root without installing
+
+from pipeline.storage.local_s3 import REGION, LocalS3
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"  # the jobs' format (pipeline.cli, which needs torch)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="./.local-s3", help="data directory (kept between runs)")
+    parser.add_argument("--port", type=int, default=8333, help="S3 port; it and port+10000 must be free")
+    parser.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
+    parser.add_argument("--access-key", help="turn authentication on with this access key (needs --secret-key)")
+    parser.add_argument("--secret-key", help="secret for --access-key")
+    args = parser.parse_args(argv)
+    if (args.access_key is None) != (args.secret_key is None):
+        parser.error("--access-key and --secret-key go together")
+    return args
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    signal.signal(signal.SIGTERM, _interrupt)
+    server = LocalS3(
+        args.dir, port=args.port, access_key=args.access_key, secret_key=args.secret_key, buckets=args.bucket
+    )
+    try:
+        server.start()
+        print("# SeaweedFS S3 is running; in another shell:")
+        for name, value in server.env().items():
+            shown = "<your --secret-key>" if name == "AWS_SECRET_ACCESS_KEY" and server.auth else value
+            print(f"export {name}={shown}")
+        print(f"# or set storage.endpoint_url={server.endpoint_url} storage.region={REGION}")
+        print(f"# buckets: {', '.join(server.buckets) or '(none)'}; log: {server.log_path}; Ctrl-C stops it")
+        sys.stdout.flush()
+        while server.running:
+            time.sleep(0.5)
+        print(f"weed server exited on its own; see {server.log_path}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
