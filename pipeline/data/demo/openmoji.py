@@ -320,4 +320,3 @@ def _versions(names: list[str]) -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
-
