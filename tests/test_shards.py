@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.config import ShardsConfig
 from pipeline.data.images import BadImageError, prepare_image
@@ -74,6 +74,20 @@ def test_prepare_image_converts_png_gray_cmyk_rotated_and_oversized_to_rgb_jpeg(
         assert prepared.reencoded and (prepared.width, prepared.height) == size, name
     png = Image.open(io.BytesIO(prepare_image(cases["png"][0], SIDE, QUALITY).jpeg))
     assert min(png.getpixel((2, 2))) > 240 and png.getpixel((30, 20))[0] > 240 > png.getpixel((30, 20))[1] + 100
+
+
+def test_prepare_image_stores_every_exif_orientation_upright() -> None:
+    quadrants = np.zeros((40, 60, 3), np.uint8)
+    quadrants[:20, :30], quadrants[:20, 30:], quadrants[20:, :30] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = _encode(Image.fromarray(quadrants), quality=95, exif=exif.tobytes())
+        prepared = prepare_image(data, SIDE, QUALITY)
+        assert (prepared.reencoded is None) == (orientation == 1), orientation
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))), np.float32)
+        stored = np.asarray(Image.open(io.BytesIO(prepared.jpeg)), np.float32)
+        assert stored.shape == expected.shape and np.abs(stored - expected).mean() < 4, orientation
 
 
 def test_prepare_image_rejects_truncated_and_non_images() -> None:

@@ -1,5 +1,4 @@
-"""Labels files: which class names each image has (CSV or JSON Lines), the class list they imply, and the folder
-source's `Sample`s.
+"""Labels files (CSV or JSON Lines): each image's class names, the class list they imply, the folder's Samples.
 
 A labels file lists each image once, by a path relative to the images folder (or absolute), with its class names
 (`read_labels_file` has the formats). Without a training set's classes.tsv the class ids come from the file
