@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline.data.demo.scene import DemoAssetsMissing
-from pipeline.data.shards import ShardWriteError
+from pipeline.data.shard_writer import ShardWriteError
 from pipeline.storage import StorageError
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"

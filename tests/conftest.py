@@ -51,10 +51,11 @@ class DemoShards:
 
 
 def _write_tiny_demo(root: str) -> DemoShards:
+    from pipeline.config import ShardsConfig
+    from pipeline.data.demo.shards import write_demo_shards
     from pipeline.data.manifest import read_classes, read_manifest
-    from pipeline.data.shards import ShardOptions, write_demo_shards
 
-    options = ShardOptions(samples_per_shard=40, workers=1, progress=False)
+    options = ShardsConfig(samples_per_shard=40, workers=1, progress=False)
     train, evaluation = f"{root}/train", f"{root}/eval"
     write_demo_shards("tiny", "train", 320, 0, train, image_size=80, options=options)
     manifest = read_manifest(train)

@@ -127,3 +127,14 @@ def test_lr_scaling_and_help():
     lines = describe_options()
     assert any(line.startswith("optimizer.epsilon = 1.0") for line in lines)
     assert any(line.startswith("data.augment.min_area = 0.08") for line in lines)
+
+
+def test_shards_section_holds_the_shard_writer_defaults():
+    shards = load_config("demo").shards
+    assert (shards.max_shard_mb, shards.max_image_side, shards.jpeg_quality) == (256.0, 512, 90)
+    assert shards.max_shard_bytes == 256 * 2**20 and shards.workers is None and shards.progress
+    c = load_config("demo", ["shards.max_shard_mb=0.0625", "shards.samples_per_shard=40", "shards.workers=1"])
+    assert (c.shards.max_shard_bytes, c.shards.samples_per_shard, c.shards.workers) == (64 * 1024, 40, 1)
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", ["shards.max_shard_mb=0.01", "shards.jpeg_quality=101", "shards.max_image_side=8"])
+    assert all(f"shards.{key}" in str(err.value) for key in ("max_shard_mb", "jpeg_quality", "max_image_side"))

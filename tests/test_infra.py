@@ -34,7 +34,7 @@ MANIFESTS = ["raycluster.yaml", "rayjob-train.yaml", "rayjob-evaluate.yaml", "se
 RUNTIME_ENV = KUBE / "runtime-env.yaml"
 JOBS = {"train_multilabel": REPO / "jobs" / "train_multilabel.py", "evaluate_map": REPO / "jobs" / "evaluate_map.py",
         "make_shards": REPO / "jobs" / "make_shards.py"}
-CONFIG_JOBS = {"train_multilabel", "evaluate_map"}  # --config PRESET key=value ...; the preset defaults to demo
+CONFIG_JOBS = {"train_multilabel", "evaluate_map", "make_shards"}  # --config PRESET key=value ...; default demo
 RAY_VERSION = importlib.metadata.version("ray")  # the client's Ray: clusters must run the same version
 RAY_IMAGE = re.compile(rf"^rayproject/ray:{re.escape(RAY_VERSION)}-py311-(cpu|gpu)$")
 
@@ -356,7 +356,8 @@ def test_runtime_env_matches_pyproject(where: str, env: dict[str, Any]) -> None:
 # --- Job commands: real job files, real presets, valid keys ---------------------------------------------------------
 
 SHELL_OPERATORS = {";", "&&", "||", "|", "&", ">", ">>", "2>&1"}
-VALUE_FLAGS = {"--config", "--checkpoint", "--until-step", "--workers"}
+VALUE_FLAGS = {"--config", "--checkpoint", "--until-step", "--workers", "--images", "--labels", "--out", "--vocab",
+               "--labels-kind", "--demo", "--split", "--count", "--seed", "--image-size", "--attribution"}
 
 
 @dataclass(frozen=True)

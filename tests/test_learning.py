@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import ShardsConfig, load_config
+from pipeline.data.demo.shards import write_demo_shards
 from pipeline.data.manifest import read_classes, read_manifest
-from pipeline.data.shards import ShardOptions, write_demo_shards
 from pipeline.evaluation.evaluator import evaluate_checkpoint
 from pipeline.storage.checkpoints import latest_checkpoint
 from pipeline.train.loop import train
@@ -32,7 +32,7 @@ PAPER_STYLE = ["optimizer.epsilon=1.0", "data.augment.random_resized_crop=true",
 def emoji(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, int]:
     """Demo shards: 1,200 training images (sparse labels), 200 evaluation images (dense labels, same artist)."""
     root = tmp_path_factory.mktemp("learnable-emoji")
-    options = ShardOptions(samples_per_shard=80, workers=1, progress=False)
+    options = ShardsConfig(samples_per_shard=80, workers=1, progress=False)
     train_prefix, eval_prefix = f"{root}/train", f"{root}/eval"
     write_demo_shards("openmoji", "train", 1200, 0, train_prefix, image_size=112, options=options, **DEMO)
     manifest = read_manifest(train_prefix)

@@ -17,12 +17,13 @@ from conftest import restarted_after
 from PIL import Image
 
 import pipeline.data.loader as loader_module
-from pipeline.config import DataConfig, StorageConfig
+from pipeline.config import DataConfig, ShardsConfig, StorageConfig
 from pipeline.data import BadDataError, Batch, ShardSplitError, ShardStream, check_shard_split, to_device
 from pipeline.data.decode import _fast_scale, decode_image
 from pipeline.data.manifest import ClassInfo, Manifest, ShardInfo, read_manifest, write_manifest
 from pipeline.data.plan import Split, resumed_plan, train_plan
-from pipeline.data.shards import Sample, ShardOptions, ShardWriter
+from pipeline.data.shard_build import Sample
+from pipeline.data.shard_writer import ShardWriter
 from pipeline.storage import StorageError, join_url, write_bytes
 
 NUM_CLASSES = 10
@@ -106,7 +107,7 @@ def keys(batches: list[Batch]) -> list[str]:
 def test_writer_to_s3_to_loader_round_trip(s3_prefix: str, decoder: str) -> None:
     sources = {f"img{n:03d}": (jpeg(n, (80, 80)), labels_of(n)) for n in range(10)}
     writer = ShardWriter(s3_prefix, [ClassInfo(i, f"class{i}") for i in range(NUM_CLASSES)],
-                         options=ShardOptions(samples_per_shard=4, workers=1, progress=False))
+                         options=ShardsConfig(samples_per_shard=4, workers=1, progress=False))
     writer.write([Sample(key=k, labels=lab, image=data) for k, (data, lab) in sources.items()])
     data = config(image_size=80, loader_workers=0, decoder=decoder, augment={"eval_crop_fraction": 1.0})
     stream = ShardStream(s3_prefix, data, batch_size=4, rank=0, world_size=1, train=False)

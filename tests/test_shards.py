@@ -15,24 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
+from pipeline.config import ShardsConfig
+from pipeline.data.images import BadImageError, prepare_image
+from pipeline.data.labels import LabelsFileError, read_labels_file
 from pipeline.data.manifest import ClassInfo, classes_from_tsv, classes_to_tsv, read_classes, read_manifest
-from pipeline.data.shards import (
-    BadImageError,
-    LabelsFileError,
-    Sample,
-    ShardOptions,
-    ShardWriteError,
-    ShardWriter,
-    prepare_image,
-    read_labels_file,
-    write_folder_shards,
-)
+from pipeline.data.shard_build import Sample
+from pipeline.data.shard_writer import ShardWriteError, ShardWriter, write_folder_shards
 from pipeline.storage import open_read
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 64 * 1024  # the smallest shard target allowed: several shards from a few dozen small images
+MAX_MB = MAX_BYTES / 2**20
+SIDE, QUALITY = ShardsConfig().max_image_side, ShardsConfig().jpeg_quality
 
 
 def _photo(seed: int, width: int, height: int) -> Image.Image:
@@ -55,7 +51,7 @@ def _encode(image: Image.Image, fmt: str = "JPEG", **kwargs: object) -> bytes:
 
 def test_prepare_image_passes_valid_rgb_jpeg_through_byte_identical() -> None:
     data = _encode(_photo(0, 120, 90), quality=80)
-    prepared = prepare_image(data, max_image_side=512)
+    prepared = prepare_image(data, max_image_side=512, jpeg_quality=QUALITY)
     assert prepared.jpeg == data and prepared.reencoded is None and (prepared.width, prepared.height) == (120, 90)
 
 
@@ -76,18 +72,32 @@ def test_prepare_image_converts_png_gray_cmyk_rotated_and_oversized_to_rgb_jpeg(
         image = Image.open(io.BytesIO(prepared.jpeg))
         assert (image.format, image.mode, image.size) == ("JPEG", "RGB", size), name
         assert prepared.reencoded and (prepared.width, prepared.height) == size, name
-    png = Image.open(io.BytesIO(prepare_image(cases["png"][0]).jpeg))
+    png = Image.open(io.BytesIO(prepare_image(cases["png"][0], SIDE, QUALITY).jpeg))
     assert min(png.getpixel((2, 2))) > 240 and png.getpixel((30, 20))[0] > 240 > png.getpixel((30, 20))[1] + 100
+
+
+def test_prepare_image_stores_every_exif_orientation_upright() -> None:
+    quadrants = np.zeros((40, 60, 3), np.uint8)
+    quadrants[:20, :30], quadrants[:20, 30:], quadrants[20:, :30] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = _encode(Image.fromarray(quadrants), quality=95, exif=exif.tobytes())
+        prepared = prepare_image(data, SIDE, QUALITY)
+        assert (prepared.reencoded is None) == (orientation == 1), orientation
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))), np.float32)
+        stored = np.asarray(Image.open(io.BytesIO(prepared.jpeg)), np.float32)
+        assert stored.shape == expected.shape and np.abs(stored - expected).mean() < 4, orientation
 
 
 def test_prepare_image_rejects_truncated_and_non_images() -> None:
     data = _encode(_photo(5, 200, 150))
     with pytest.raises(BadImageError, match="truncated"):
-        prepare_image(data[: len(data) // 2])
+        prepare_image(data[: len(data) // 2], SIDE, QUALITY)
     with pytest.raises(BadImageError, match="not a readable image"):
-        prepare_image(b"just some text, not a JPEG\n")
+        prepare_image(b"just some text, not a JPEG\n", SIDE, QUALITY)
     with pytest.raises(BadImageError, match="empty"):
-        prepare_image(b"")
+        prepare_image(b"", SIDE, QUALITY)
 
 
 # ----------------------------------------------------------------------------------------------- folder source
@@ -139,7 +149,7 @@ def _files(prefix: Path) -> dict[str, bytes]:
 def test_folder_to_local_roundtrip(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "train"
     report = write_folder_shards(str(folder), str(folder / "labels.csv"), str(out),
-                                 options=ShardOptions(max_shard_bytes=MAX_BYTES, workers=1, progress=False))
+                                 options=ShardsConfig(max_shard_mb=MAX_MB, workers=1, progress=False))
     # bad inputs are skipped and reported with their path
     assert {(Path(b.source).relative_to(folder).as_posix(), b.reason.split(" ")[0]) for b in report.bad} == {
         ("bad/truncated.jpg", "corrupt"), ("bad/notes.jpg", "not")}
@@ -207,7 +217,7 @@ def test_given_vocabulary_keeps_training_ids_and_names_unknown_classes(folder: P
     labels.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "eval"
     report = write_folder_shards(str(folder), str(labels), str(out), vocabulary=vocab, labels="dense",
-                                 options=ShardOptions(workers=1, progress=False))
+                                 options=ShardsConfig(workers=1, progress=False))
     assert report.samples == 3 and read_manifest(str(out)).labels == "dense"
     assert (out / "classes.tsv").read_text() == classes_to_tsv(vocab)  # ids, frequencies and weights kept
     assert {tuple(m["labels"]) for _, m in _read_back(str(out)).values()} == {(0, 1), (2,)}
@@ -215,16 +225,16 @@ def test_given_vocabulary_keeps_training_ids_and_names_unknown_classes(folder: P
     labels.write_text(labels.read_text() + json.dumps({"path": "a/img.007.jpg", "labels": ["dog", "zebra"]}) + "\n")
     with pytest.raises(LabelsFileError, match=r"eval.jsonl:4: unknown class 'zebra'.*4 classes"):
         write_folder_shards(str(folder), str(labels), str(tmp_path / "eval2"), vocabulary=vocab,
-                            options=ShardOptions(workers=1, progress=False))
+                            options=ShardsConfig(workers=1, progress=False))
 
 
 def test_resume_rewrites_only_missing_shard_and_output_is_deterministic(folder: Path, tmp_path: Path) -> None:
     labels = str(folder / "labels.csv")
     first, second = tmp_path / "first", tmp_path / "second"
     write_folder_shards(str(folder), labels, str(first),
-                        options=ShardOptions(max_shard_bytes=MAX_BYTES, workers=2, progress=False))
+                        options=ShardsConfig(max_shard_mb=MAX_MB, workers=2, progress=False))
     write_folder_shards(str(folder), labels, str(second),
-                        options=ShardOptions(max_shard_bytes=MAX_BYTES, workers=1, progress=False))
+                        options=ShardsConfig(max_shard_mb=MAX_MB, workers=1, progress=False))
     expected = _files(first)
     assert expected == _files(second)  # same bytes whatever the number of worker processes
 
@@ -232,20 +242,20 @@ def test_resume_rewrites_only_missing_shard_and_output_is_deterministic(folder: 
     (first / "shard-000001.tar").unlink()
     mtimes = {p.name: p.stat().st_mtime_ns for p in first.glob("shard-*.tar")}
     report = write_folder_shards(str(folder), labels, str(first),
-                                 options=ShardOptions(max_shard_bytes=MAX_BYTES, workers=1, progress=False))
+                                 options=ShardsConfig(max_shard_mb=MAX_MB, workers=1, progress=False))
     assert report.written_shards == [1] and 1 not in report.skipped_shards and len(report.skipped_shards) >= 2
     assert {p.name: p.stat().st_mtime_ns for p in first.glob("shard-*.tar") if p.name in mtimes} == mtimes
     assert _files(first) == expected
 
     with pytest.raises(ShardWriteError, match=r"shard-000000.json: .*other settings"):
         write_folder_shards(str(folder), labels, str(first),
-                            options=ShardOptions(max_shard_bytes=MAX_BYTES, jpeg_quality=70, workers=1, progress=False))
+                            options=ShardsConfig(max_shard_mb=MAX_MB, jpeg_quality=70, workers=1, progress=False))
 
 
 def test_interrupted_source_leaves_only_complete_shards_and_resumes(tmp_path: Path) -> None:
     images = [(f"s{i:03d}", _encode(_photo(200 + i, 64, 48)), [i % 3]) for i in range(12)]
     classes = [ClassInfo(i, f"c{i}") for i in range(3)]
-    options = ShardOptions(max_shard_samples=4, workers=1, progress=False)
+    options = ShardsConfig(max_shard_samples=4, workers=1, progress=False)
 
     def failing():
         for i, item in enumerate(images):
@@ -273,7 +283,7 @@ def test_iterator_source_to_s3(s3_prefix: str) -> None:
                       meta={"index": i}) for i in range(9)]
     samples.append(Sample(key="gen-bad", labels=[0], image=b"\xff\xd8\xff not really"))
     report = ShardWriter(s3_prefix, classes, attribution="test art", labels="dense",
-                         options=ShardOptions(max_shard_samples=4, workers=1, progress=False)).write(iter(samples))
+                         options=ShardsConfig(max_shard_samples=4, workers=1, progress=False)).write(iter(samples))
     assert [b.key for b in report.bad] == ["gen-bad"] and report.samples == 9
     manifest = read_manifest(s3_prefix)
     assert [s.samples for s in manifest.shards] == [4, 4, 1] and manifest.attribution == "test art"
@@ -299,7 +309,7 @@ def test_cli_folder_and_demo_end_to_end(folder: Path, tmp_path: Path, capsys: py
     out = tmp_path / "cli"
     run = subprocess.run(
         [sys.executable, script, "--images", str(folder), "--labels", str(folder / "labels.csv"), "--out", str(out),
-         "--shard-size-mb", "0.0625", "--workers", "1", "--max-image-side", "256", "--no-progress"],
+         "shards.max_shard_mb=0.0625", "shards.workers=1", "shards.max_image_side=256", "shards.progress=false"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr
     assert "35 samples" in run.stdout and "bad inputs skipped: 2" in run.stdout and "truncated.jpg" in run.stdout
@@ -308,7 +318,7 @@ def test_cli_folder_and_demo_end_to_end(folder: Path, tmp_path: Path, capsys: py
     demo = tmp_path / "demo"
     run = subprocess.run(
         [sys.executable, script, "--demo", "tiny", "--split", "eval", "--count", "5", "--seed", "3", "--out",
-         str(demo), "--workers", "1", "--image-size", "96", "--no-progress"],
+         str(demo), "--image-size", "96", "shards.workers=1", "shards.progress=false"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr
     manifest = read_manifest(str(demo))
@@ -318,3 +328,5 @@ def test_cli_folder_and_demo_end_to_end(folder: Path, tmp_path: Path, capsys: py
     main = runpy.run_path(script)["main"]  # the error path in-process (a third interpreter start costs seconds)
     assert main(["--images", str(folder), "--labels", str(tmp_path / "none.csv"), "--out", str(tmp_path / "x")]) == 2
     assert "none.csv" in capsys.readouterr().err
+    assert main(["--demo", "tiny", "--count", "5", "--out", str(tmp_path / "y"), "shards.jpeg_quality=0"]) == 2
+    assert "shards.jpeg_quality" in capsys.readouterr().err  # settings are the config's, checked before any work

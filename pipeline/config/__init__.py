@@ -24,6 +24,7 @@ from pipeline.config.schema import (
     OptimizerConfig,
     RunConfig,
     ScheduleConfig,
+    ShardsConfig,
     StorageConfig,
     TrainConfig,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "OptimizerConfig",
     "RunConfig",
     "ScheduleConfig",
+    "ShardsConfig",
     "StorageConfig",
     "TrainConfig",
     "apply_overrides",

@@ -16,6 +16,7 @@ _EXPORTS = {
     "read_manifest": "pipeline.data.manifest",
     "write_manifest": "pipeline.data.manifest",
     "read_classes": "pipeline.data.manifest",
+    "read_vocabulary": "pipeline.data.manifest",
     "write_classes": "pipeline.data.manifest",
     "Batch": "pipeline.data.loader",
     "BadDataError": "pipeline.data.loader",

@@ -139,10 +139,15 @@ def classes_from_tsv(text: str, source: str = CLASSES_FILE) -> list[ClassInfo]:
     return classes
 
 
+def read_vocabulary(url: str, storage: StorageConfig | None = None) -> list[ClassInfo]:
+    """The class list in the classes file at `url` (a local path or URL), e.g. the one an eval set must reuse."""
+    return classes_from_tsv(read_bytes(url, storage).decode("utf-8"), source=url)
+
+
 def read_classes(prefix: str, manifest: Manifest, storage: StorageConfig | None = None) -> list[ClassInfo]:
     """The classes (vocabulary) of the dataset at `prefix`, checked against the manifest's class count."""
     url = join_url(prefix, manifest.classes)
-    classes = classes_from_tsv(read_bytes(url, storage).decode("utf-8"), source=url)
+    classes = read_vocabulary(url, storage)
     if len(classes) != manifest.num_classes:
         raise ManifestError(f"{url}: {len(classes)} classes but the manifest says {manifest.num_classes}")
     return classes

@@ -87,15 +87,17 @@ def make_jpeg(photo: np.ndarray, size: tuple[int, int], rng: random.Random) -> b
 
 def write_dataset(prefix: str, size: tuple[int, int], count: int, shards: int, photos: list[np.ndarray]) -> float:
     """Shards written with the project's ShardWriter; returns the mean JPEG size in bytes."""
+    from pipeline.config import ShardsConfig
     from pipeline.data.manifest import ClassInfo
-    from pipeline.data.shards import Sample, ShardOptions, ShardWriter
+    from pipeline.data.shard_build import Sample
+    from pipeline.data.shard_writer import ShardWriter
 
     rng = random.Random(0)
     samples = []
     for n in range(count):
         labels = sorted(rng.sample(range(100), rng.randint(1, 5)))
         samples.append(Sample(key=f"img{n:06d}", labels=labels, image=make_jpeg(photos[n % len(photos)], size, rng)))
-    options = ShardOptions(samples_per_shard=-(-count // shards), max_image_side=max(size), workers=1, progress=False)
+    options = ShardsConfig(samples_per_shard=-(-count // shards), max_image_side=max(size), workers=1, progress=False)
     ShardWriter(prefix, [ClassInfo(i, f"c{i}") for i in range(100)], options=options).write(samples)
     return float(np.mean([len(s.image) for s in samples]))
 

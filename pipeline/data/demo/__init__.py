@@ -10,6 +10,7 @@ Two variants share one API (`open_demo(...)` -> `DemoDataset`):
 Train samples carry sparse labels (a random subset of each object's labels, like JFT's noisy labels); eval samples
 carry dense labels (all labels of all visible objects, like FastEval14k). Sample i is a pure function of
 (seed, split, i), so `samples(..., start=...)` resumes anywhere and `generate(...)` parallelises.
+`pipeline.data.demo.shards.write_demo_shards` writes a split as shards.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ Where each part comes from (all installed by pip, nothing downloaded at run time
   evaluates on OpenMoji art instead.
 - Labels: OpenMoji's own annotations (group, subgroup, tags) from `data/openmoji.json`, which is published only in
   the npm package `openmoji`. A compact derivative of it ships beside this module
-  (`openmoji-annotations.tsv.gz`, CC BY-SA 4.0, regenerate with `python -m pipeline.data.demo.openmoji TGZ`).
+  (`openmoji-annotations.tsv.gz`, CC BY-SA 4.0, regenerate with
+  `python infra/build_openmoji_annotations.py TGZ`).
 - Backgrounds: the CC0 texture photos (grass, gravel, brick) inside the scikit-image wheel, read as files.
 - Rendering: `resvg-py` (a self-contained wheel; no Cairo or other system library).
 
@@ -25,7 +26,6 @@ import gzip
 import importlib.util
 import io
 import json
-import sys
 import tarfile
 import warnings
 from collections import Counter
@@ -320,9 +320,3 @@ def _versions(names: list[str]) -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m pipeline.data.demo.openmoji openmoji-VERSION.tgz (from `npm pack openmoji@VERSION`)")
-    print(f"wrote {build_annotations(sys.argv[1])} emoji to {ANNOTATIONS}")

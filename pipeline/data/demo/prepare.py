@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 
-from pipeline.config import Config, validate
+from pipeline.config import Config, ShardsConfig, validate
+from pipeline.data.demo.shards import write_demo_shards
 from pipeline.data.manifest import MANIFEST_FILE, read_classes, read_manifest
-from pipeline.data.shards import ShardOptions, write_demo_shards
 from pipeline.storage import exists, is_local_url, join_url
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def prepare_demo_data(config: Config, workers: int | None = None) -> Config:
         raise ValueError("data.demo is not set: nothing to prepare (set data.train to your own shards instead)")
     prefix, storage = demo_prefix(config), config.storage
     train = join_url(prefix, "train")
-    options = ShardOptions(samples_per_shard=demo.images_per_shard, workers=workers)
+    options = ShardsConfig(samples_per_shard=demo.images_per_shard, workers=workers)
     variant_options = _variant_options(config)
     if not exists(join_url(train, MANIFEST_FILE), storage):
         log.info("generating the %s demo training set (%d images) into %s", demo.variant, demo.train_images, train)

@@ -30,8 +30,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from PIL import Image
 
-Split = Literal["train", "eval"]
-SPLITS: tuple[Split, ...] = ("train", "eval")
+DemoSplit = Literal["train", "eval"]
+SPLITS: tuple[DemoSplit, ...] = ("train", "eval")
 _SPLIT_STREAM = {"train": 1, "eval": 2}  # keeps the two splits' random streams disjoint for the same seed
 
 
@@ -175,7 +175,7 @@ class DemoDataset:
                 "max_rotation": cfg.max_rotation, "min_visible": cfg.min_visible,
                 "labels": {"train": "sparse", "eval": "dense"}, "attribution": self.attribution, **self.info}
 
-    def sample(self, split: Split, index: int, seed: int) -> DemoSample:
+    def sample(self, split: DemoSplit, index: int, seed: int) -> DemoSample:
         """Sample `index` of `split`: a pure function of (seed, split, index) and the dataset's settings."""
         if split not in _SPLIT_STREAM:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -204,12 +204,12 @@ class DemoDataset:
         image.save(buf, format="JPEG", quality=self.config.jpeg_quality)
         return DemoSample(key=f"{split}-{index:06d}", jpeg=buf.getvalue(), labels=labels, meta=meta)
 
-    def samples(self, split: Split, count: int, seed: int, start: int = 0) -> Iterator[DemoSample]:
+    def samples(self, split: DemoSplit, count: int, seed: int, start: int = 0) -> Iterator[DemoSample]:
         """Samples start .. start+count-1 of `split`, in order, in this process."""
         for index in range(start, start + count):
             yield self.sample(split, index, seed)
 
-    def generate(self, split: Split, count: int, seed: int, start: int = 0, workers: int | None = None,
+    def generate(self, split: DemoSplit, count: int, seed: int, start: int = 0, workers: int | None = None,
                  progress: bool = True, chunk: int = 16) -> Iterator[DemoSample]:
         """The same samples as `samples()`, made by `workers` processes (default: all cores), in order, with a
         tqdm progress bar. Worker processes are spawned (safe after torch or threads are up; a calling script needs
@@ -303,7 +303,7 @@ def _init_worker(dataset: DemoDataset) -> None:
     _WORKER_DATASET = dataset
 
 
-def _work(task: tuple[Split, int, int, int]) -> list[DemoSample]:
+def _work(task: tuple[DemoSplit, int, int, int]) -> list[DemoSample]:
     split, start, count, seed = task
     assert _WORKER_DATASET is not None
     return list(_WORKER_DATASET.samples(split, count, seed, start))
