@@ -9,7 +9,6 @@ The data directory is kept, so the next start serves the same objects.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import time
@@ -18,9 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from the repository root without installing
 
+from pipeline.cli import job_main
 from pipeline.storage.local_s3 import REGION, LocalS3
-
-LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"  # the jobs' format (pipeline.cli, which needs torch)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -40,9 +38,9 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+@job_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     signal.signal(signal.SIGTERM, _interrupt)
     server = LocalS3(
         args.dir, port=args.port, access_key=args.access_key, secret_key=args.secret_key, buckets=args.bucket

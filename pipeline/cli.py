@@ -13,19 +13,23 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from pipeline.data.demo.scene import DemoAssetsMissing
-from pipeline.data.shard_writer import ShardWriteError
 from pipeline.storage import StorageError
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 EXIT_REFUSED = 2
 
-# ValueError covers ConfigError, ManifestError, ShardSplitError, LabelsFileError and the data-vs-config checks.
-REFUSED_INPUT: tuple[type[BaseException], ...] = (ValueError, StorageError, DemoAssetsMissing, ShardWriteError)
-
 log = logging.getLogger(__name__)
 
 JobMain = Callable[[Sequence[str] | None], int]
+
+
+def refused_input() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a refused input. ValueError covers ConfigError, ManifestError, ShardSplitError,
+    LabelsFileError and the data-vs-config checks. Imported when needed: a job's `--help` never loads torch."""
+    from pipeline.data.demo.scene import DemoAssetsMissing
+    from pipeline.data.shard_writer import ShardWriteError
+
+    return (ValueError, StorageError, DemoAssetsMissing, ShardWriteError)
 
 
 def refusal_line(exc: BaseException) -> str:
@@ -41,7 +45,9 @@ def job_main(main: JobMain) -> JobMain:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         try:
             return main(argv)
-        except REFUSED_INPUT as exc:
+        except Exception as exc:
+            if not isinstance(exc, refused_input()):
+                raise
             log.debug("refused input", exc_info=True)
             print(refusal_line(exc), file=sys.stderr)
             return EXIT_REFUSED
