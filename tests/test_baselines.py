@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.evaluation.baselines import BaselineScorers, random_scores, read_cached, write_cached
-from pipeline.evaluation.metrics import map_at_k
+from pipeline.evaluation.map_at_k import map_at_k
 from pipeline.evaluation.report import plot_map_curve
 from pipeline.evaluation.watcher import summarize
 

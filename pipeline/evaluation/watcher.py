@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.data import read_manifest
-from pipeline.data.manifest import read_classes
+from pipeline.evaluation.class_weights import frequency_classes
 from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, eval_settings, evaluate_checkpoint
 from pipeline.evaluation.report import append_record, read_records, write_report
 from pipeline.storage import StorageError, exists, is_local_url, join_url, local_path
@@ -137,9 +136,9 @@ class CheckpointWatcher:
             time.sleep(self.poll_seconds)
 
     def _classes(self, config: Config) -> tuple[list[str], np.ndarray]:
-        prefix = config.data.train or config.data.eval
+        """Class names and training frequencies for the report's plots (ids and zeros when unreadable)."""
         try:
-            classes = read_classes(prefix, read_manifest(prefix, self.storage), self.storage)
+            classes = frequency_classes(config)
         except (StorageError, ValueError) as exc:
             log.warning("class names unavailable (%s); using ids", exc)
             n = config.model.num_classes
