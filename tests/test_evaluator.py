@@ -20,7 +20,7 @@ from pipeline.evaluation.accumulator import evaluate_map_at_k
 from pipeline.evaluation.background import start_background_evaluator
 from pipeline.evaluation.class_weights import class_weights
 from pipeline.evaluation.evaluator import evaluate_checkpoint, load_weights, ray_options, resolve_config
-from pipeline.evaluation.report import append_record, read_records
+from pipeline.evaluation.report import append_record, read_records, render_html
 from pipeline.evaluation.watcher import CheckpointWatcher
 from pipeline.models import preprocess_input
 from pipeline.storage import StorageError, join_url, read_bytes, write_bytes
@@ -196,6 +196,17 @@ def test_classes_file_weighting_needs_every_weight_and_names_the_file(tiny_demo)
     with pytest.raises(ValueError, match=rf"{tiny_demo.eval}/classes.tsv: {tiny_demo.num_classes} of "
                                          rf"{tiny_demo.num_classes} classes have no weight"):
         class_weights(config)
+
+
+@pytest.mark.parametrize(("orientation", "title"),
+                         [("class", "<h1>MAP@3: 50.00%"), ("image", "<h1>MAP@3 per image: 75.00%")])
+def test_report_title_is_the_headline_map_that_eval_orientation_picks(orientation, title):
+    targets = torch.tensor([[1, 0], [0, 1]])
+    result = evaluate_map_at_k(torch.tensor([[0.0, 1.0], [0.2, 0.5]]), targets, k=3)  # per class 1/2, per image 3/4
+    config = load_config("demo", [f"eval.orientation={orientation}"])
+    evaluation = evaluator.Evaluation(step=1, samples_seen=None, checkpoint="c", result=result, examples=[],
+                                      seconds=0.0, config=config)
+    assert title in render_html([evaluation.record()], evaluation, {})
 
 
 def test_report_lines_are_idempotent_per_step(tmp_path):

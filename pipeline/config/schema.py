@@ -199,7 +199,8 @@ class EvalConfig(Section):
 
     k: PositiveInt = 100
     orientation: Literal["class", "image"] = Field(
-        "class", description="rank images per class (the paper's) or classes per image"
+        "class", description="the headline MAP@K, first in the console summary and the report's title: per class "
+        "(ranks images per class, the paper's) or per image (ranks classes per image); both are always recorded"
     )
     class_weights: Literal["uniform", "train_frequency", "classes_file"] = Field(
         "uniform", description="MAP's per-class weights: uniform, train_frequency (classes.tsv's train_frequency "
