@@ -47,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluations = watcher.run(once=args.once or bool(args.checkpoint), until_step=args.until_step,
                               only=args.checkpoint)
     for evaluation in evaluations:
-        print(f"step {evaluation.step}: {summarize(evaluation.record())}")
+        summary = summarize(evaluation.record(), orientation=evaluation.config.eval.orientation)
+        print(f"step {evaluation.step}: {summary}")
     return 0
 
 

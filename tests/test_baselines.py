@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.evaluation.baselines import BaselineScorers, random_scores, read_cached, write_cached
-from pipeline.evaluation.metrics import map_at_k
+from pipeline.evaluation.map_at_k import map_at_k
 from pipeline.evaluation.report import plot_map_curve
 from pipeline.evaluation.watcher import summarize
 
@@ -78,5 +78,7 @@ def test_summary_and_curve_show_the_baselines():
     assert line == ("MAP@100 50.00% (class prior 6.00%, random 5.00%); "
                     "per image 80.00% (class prior 40.00%, random 10.00%)")
     assert "prior" not in summarize({**record, "baselines": None})
+    assert summarize(record, orientation="image") == ("MAP@100 per image 80.00% (class prior 40.00%, random 10.00%); "
+                                                      "per class 50.00% (class prior 6.00%, random 5.00%)")
     png = plot_map_curve([record, {**record, "step": 20}], 100)
     assert png.startswith(b"\x89PNG")

@@ -82,7 +82,10 @@ def test_round_trip_through_yaml(tmp_path, preset, overrides):
         (["model.head_bias=low"], "config key 'model.head_bias' = 'low': Input should be a valid number; or must be"),
         # impossible combinations
         (["loss.name=softmax", "loss.reduction=sum_classes_mean_batch"], "applies to the sigmoid loss only"),
-        (["eval.class_weights=train_freq"], "eval.class_weights='train_freq': must be 'uniform', 'train_frequency'"),
+        (["eval.class_weights=train_freq"],
+         "config key 'eval.class_weights' = 'train_freq': must be one of 'uniform', 'train_frequency' or "
+         "'classes_file'"),
+        (["eval.class_weights=s3://b/weights.csv"], "'s3://b/weights.csv': must be one of 'uniform'"),
         (["eval.resources={evaluator: 0}"], "config key 'eval.resources.evaluator' = 0: Input should be greater"),
         (["model.fc_layers=[64, -1]"], "config key 'model.fc_layers.1' = -1: Input should be greater"),
     ],

@@ -1,8 +1,10 @@
 """The checkpoint-watching evaluator: one report line per complete checkpoint, idempotent, never a partial one."""
 
+import dataclasses
 import json
 import logging
 import re
+import shutil
 import sys
 
 import pytest
@@ -12,12 +14,13 @@ from conftest import copy_with_swapped_classes
 from pipeline.cluster import FORWARDED_ENV, connect_ray
 from pipeline.config import config_to_yaml, load_config
 from pipeline.data import ShardStream, read_manifest, to_device
-from pipeline.data.manifest import class_fingerprint
+from pipeline.data.manifest import class_fingerprint, read_classes, write_classes
 from pipeline.evaluation import evaluator
+from pipeline.evaluation.accumulator import evaluate_map_at_k
 from pipeline.evaluation.background import start_background_evaluator
+from pipeline.evaluation.class_weights import class_weights
 from pipeline.evaluation.evaluator import evaluate_checkpoint, load_weights, ray_options, resolve_config
-from pipeline.evaluation.metrics import evaluate_map_at_k
-from pipeline.evaluation.report import append_record, read_records
+from pipeline.evaluation.report import append_record, read_records, render_html
 from pipeline.evaluation.watcher import CheckpointWatcher
 from pipeline.models import preprocess_input
 from pipeline.storage import StorageError, join_url, read_bytes, write_bytes
@@ -155,8 +158,7 @@ def test_evaluator_uses_its_own_eval_settings_and_records_them(tiny_demo, tmp_pa
     config, _ = _checkpoints(tiny_demo, tmp_path, steps=(1,))
     url = join_url(config.run_dir, "checkpoints", "step-000000001")
     weights = torch.arange(1, tiny_demo.num_classes + 1, dtype=torch.float64)
-    csv = tmp_path / "class_weights.csv"
-    csv.write_text("class_id,weight\n" + "".join(f"{c},{w}\n" for c, w in enumerate(weights.tolist())))
+    weighted_eval = _with_class_weights(tiny_demo.eval, tmp_path / "weighted-eval", weights.tolist())
     loader_workers = []
     stream = evaluator.ShardStream
     monkeypatch.setattr(evaluator, "ShardStream",
@@ -164,11 +166,11 @@ def test_evaluator_uses_its_own_eval_settings_and_records_them(tiny_demo, tmp_pa
                                                                                                        **kw))
     uniform = evaluate_checkpoint(url, load_config("demo", EVALUATOR))
     ema = evaluate_checkpoint(url, load_config("demo", [*EVALUATOR, "eval.weights=ema"]))
-    weighted = load_config("demo", [*EVALUATOR, f"eval.class_weights={csv}"])
+    weighted = load_config("demo", [*EVALUATOR, "eval.class_weights=classes_file", f"data.eval={weighted_eval}"])
     [evaluation] = CheckpointWatcher(config.run_dir, weighted, tensorboard=False).run(once=True)
     [record] = read_records(join_url(config.run_dir, "reports"))
     assert loader_workers == [0, 0, 0]
-    assert (record["k"], record["class_weights"], record["weights"]) == (10, str(csv), "raw")
+    assert (record["k"], record["class_weights"], record["weights"]) == (10, "classes_file", "raw")
     assert record["num_images"] == 60 and "map@10" in record
     ap, valid = uniform.result.per_class_ap, uniform.result.class_valid
     assert torch.equal(evaluation.result.per_class_ap, ap)  # same scores: only the mean over classes differs
@@ -179,6 +181,32 @@ def test_evaluator_uses_its_own_eval_settings_and_records_them(tiny_demo, tmp_pa
     with caplog.at_level(logging.WARNING, logger="pipeline.evaluation.watcher"):
         assert CheckpointWatcher(config.run_dir, load_config("demo", EVALUATOR)).run(once=True) == []
     assert "already reports step(s) 1 with other eval settings" in caplog.text
+
+
+def _with_class_weights(dataset, target, weights):
+    """A copy of the local dataset prefix `dataset` whose classes.tsv carries `weights` in its weight column."""
+    shutil.copytree(dataset, target)
+    classes = read_classes(str(target), read_manifest(str(target)))
+    write_classes(str(target), [dataclasses.replace(c, weight=w) for c, w in zip(classes, weights, strict=True)])
+    return str(target)
+
+
+def test_classes_file_weighting_needs_every_weight_and_names_the_file(tiny_demo):
+    config = load_config("demo", [f"data.eval={tiny_demo.eval}", "eval.class_weights=classes_file"])
+    with pytest.raises(ValueError, match=rf"{tiny_demo.eval}/classes.tsv: {tiny_demo.num_classes} of "
+                                         rf"{tiny_demo.num_classes} classes have no weight"):
+        class_weights(config)
+
+
+@pytest.mark.parametrize(("orientation", "title"),
+                         [("class", "<h1>MAP@3: 50.00%"), ("image", "<h1>MAP@3 per image: 75.00%")])
+def test_report_title_is_the_headline_map_that_eval_orientation_picks(orientation, title):
+    targets = torch.tensor([[1, 0], [0, 1]])
+    result = evaluate_map_at_k(torch.tensor([[0.0, 1.0], [0.2, 0.5]]), targets, k=3)  # per class 1/2, per image 3/4
+    config = load_config("demo", [f"eval.orientation={orientation}"])
+    evaluation = evaluator.Evaluation(step=1, samples_seen=None, checkpoint="c", result=result, examples=[],
+                                      seconds=0.0, config=config)
+    assert title in render_html([evaluation.record()], evaluation, {})
 
 
 def test_report_lines_are_idempotent_per_step(tmp_path):

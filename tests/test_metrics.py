@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.manifest import classes_from_tsv
 from pipeline.evaluation import (
     MapAtK,
     average_precision_at_k,
     class_recall_at_k,
     evaluate_map_at_k,
-    load_class_weights,
     map_at_k,
     multi_hot,
     precision_at_k,
 )
-from pipeline.evaluation.metrics import _top_k_positions
+from pipeline.evaluation.class_weights import column_weights
+from pipeline.evaluation.top_k import top_k_positions
 
 # ------------------------------------------------------------------------------------------------ references
 
@@ -161,7 +162,7 @@ def test_pruned_ranking_is_exact(dim, m, k, levels):
     values[:, 0] = rng.standard_normal(m)  # a tie-free column next to tied ones
     values[:, 1] = 0  # all equal
     values = values if dim == 0 else values.T.copy()
-    ranked = _top_k_positions(torch.from_numpy(values), k, dim).numpy()
+    ranked = top_k_positions(torch.from_numpy(values), k, dim).numpy()
     index = np.broadcast_to(np.arange(m)[:, None] if dim == 0 else np.arange(m)[None, :], values.shape)
     expected = np.lexsort((index, -values), axis=dim)  # score desc, then index asc
     np.testing.assert_array_equal(ranked, expected[:k] if dim == 0 else expected[:, :k])
@@ -317,19 +318,21 @@ def test_merging_workers_equals_one_accumulator(buffer_rows):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def test_multi_hot_and_class_weight_files(tmp_path):
+def test_multi_hot():
     assert multi_hot([[0, 2], [], [1]], 3).tolist() == [[True, False, True], [False] * 3, [False, True, False]]
     with pytest.raises(ValueError, match="label 5 of image 1 is outside"):
         multi_hot([[0], [1, 5]], 3)
-    path = tmp_path / "weights.csv"
-    path.write_text("# training-set frequency\nclass_id,weight\n0,0.5\n2,2  # rare\n\n1,0\n")
-    assert load_class_weights(path, 3).tolist() == [0.5, 0.0, 2.0]
-    assert load_class_weights(["0,1", "1,3"], 2).tolist() == [1.0, 3.0]
-    for lines, message in [(["0,1"], "1 of 2 classes have no weight"), (["0,1", "0,2"], "listed twice"),
-                           (["0,1", "2,1"], "outside"), (["0,-1", "1,1"], "finite and >= 0"),
-                           (["0,1", "1"], "expected 'class_id,weight'"), (["0,1", "x,1"], "numbers")]:
+
+
+def test_class_weights_are_the_weight_column_of_the_classes_file():
+    text = "id\tname\ttrain_frequency\tweight\n0\tcat\t10\t0.5\n1\tdog\t3\t0\n2\temu\t1\t2\n"
+    assert column_weights(classes_from_tsv(text), "eval/classes.tsv").tolist() == [0.5, 0.0, 2.0]
+    for row, message in [("2\temu\t1\t", r"eval/classes.tsv: 1 of 3 classes have no weight \(first: class 2\)"),
+                         ("2\temu\t1\t-1", r"eval/classes.tsv: the weight of class 2 \(emu\) must be finite and >= 0"),
+                         ("2\temu\t1\tnan", "must be finite")]:
+        classes = classes_from_tsv(text.rsplit("2\temu", 1)[0] + row + "\n")
         with pytest.raises(ValueError, match=message):
-            load_class_weights(lines, 2)
+            column_weights(classes, "eval/classes.tsv")
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -225,10 +225,12 @@ class EvalConfig(Section):
 
     k: PositiveInt = 100
     orientation: Literal["class", "image"] = Field(
-        "class", description="rank images per class (the paper's) or classes per image"
+        "class", description="the headline MAP@K, first in the console summary and the report's title: per class "
+        "(ranks images per class, the paper's) or per image (ranks classes per image); both are always recorded"
     )
-    class_weights: str = Field(
-        "uniform", description="'uniform', 'train_frequency' (from the classes file), or a URL of a class_id,weight CSV"
+    class_weights: Literal["uniform", "train_frequency", "classes_file"] = Field(
+        "uniform", description="MAP's per-class weights: uniform, train_frequency (classes.tsv's train_frequency "
+        "column), or classes_file (the weight column of data.eval's classes.tsv)",
     )
     weights: Literal["ema", "raw"] = "ema"
     batch_size: PositiveInt = 64
@@ -291,10 +293,6 @@ class Config(Section):
         if self.loss.name == "softmax" and self.loss.reduction != "mean":
             raise ValueError(f"loss.reduction={self.loss.reduction} applies to the sigmoid loss only; "
                              "loss.name=softmax always averages over images (leave loss.reduction unset or 'mean')")
-        weights = self.eval.class_weights
-        if weights not in ("uniform", "train_frequency") and "/" not in weights and not weights.endswith(".csv"):
-            raise ValueError(f"eval.class_weights={weights!r}: must be 'uniform', 'train_frequency', or the path or "
-                             "URL of a class_id,weight CSV file")
         if self.cluster.use_gpu and self.cluster.gpus_per_worker == 0:
             raise ValueError("cluster.use_gpu=true needs cluster.gpus_per_worker > 0")
         return self

@@ -1,12 +1,10 @@
 """Evaluation: MAP@K (the paper's FastEval14k MAP@100) and its companion metrics, one-shot and streaming."""
 
-from pipeline.evaluation.metrics import (
-    MapAtK,
+from pipeline.evaluation.accumulator import MapAtK, evaluate_map_at_k
+from pipeline.evaluation.map_at_k import (
     MapAtKResult,
     average_precision_at_k,
     class_recall_at_k,
-    evaluate_map_at_k,
-    load_class_weights,
     map_at_k,
     multi_hot,
     precision_at_k,
@@ -18,7 +16,6 @@ __all__ = [
     "average_precision_at_k",
     "class_recall_at_k",
     "evaluate_map_at_k",
-    "load_class_weights",
     "map_at_k",
     "multi_hot",
     "precision_at_k",

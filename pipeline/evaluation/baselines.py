@@ -23,8 +23,9 @@ from torch import Tensor
 
 from pipeline.config import Config, StorageConfig
 from pipeline.data import read_manifest
-from pipeline.data.manifest import MANIFEST_FILE, read_classes
-from pipeline.evaluation.metrics import MapAtK
+from pipeline.data.manifest import MANIFEST_FILE
+from pipeline.evaluation.accumulator import MapAtK
+from pipeline.evaluation.class_weights import frequency_source
 from pipeline.storage import exists, join_url, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,6 @@ log = logging.getLogger(__name__)
 BASELINES = ("random", "prior")
 CACHE_FILE = "baselines.json"
 _RANDOM_SEED = 0x5EED
-
-
-def class_prior(config: Config) -> Tensor:
-    """Each class's training frequency (from the training classes file; the eval set's copy when training data
-    is not known), float64 (C,)."""
-    prefix = config.data.train or config.data.eval
-    if prefix is None:
-        raise ValueError("class frequencies need data.train or data.eval (their classes.tsv)")
-    classes = read_classes(prefix, read_manifest(prefix, config.storage), config.storage)
-    return torch.tensor([float(c.train_frequency) for c in classes], dtype=torch.float64)
 
 
 def random_scores(image_ids: Tensor, num_classes: int) -> Tensor:
@@ -98,14 +89,23 @@ class BaselineScorers:
 
 def baseline_key(config: Config) -> dict[str, Any]:
     """What the baselines depend on: the eval set (URL and a digest of its manifest), the training frequencies'
-    source, K, the class weighting and the image limit."""
+    source, K, the class weighting and the image limit; with `eval.class_weights=classes_file` also a digest of the
+    eval set's classes.tsv, which holds the weights."""
     storage = config.storage
     eval_prefix = config.data.eval
     if eval_prefix is None:
         raise ValueError("no evaluation data: set data.eval")
-    digest = hashlib.sha256(read_bytes(join_url(eval_prefix, MANIFEST_FILE), storage)).hexdigest()[:16]
-    return {"eval": eval_prefix, "eval_manifest_sha256": digest, "prior_from": config.data.train or eval_prefix,
-            "k": config.eval.k, "class_weights": config.eval.class_weights, "max_images": config.eval.max_images}
+    key = {"eval": eval_prefix, "eval_manifest_sha256": _digest(join_url(eval_prefix, MANIFEST_FILE), storage),
+           "prior_from": frequency_source(config), "k": config.eval.k, "class_weights": config.eval.class_weights,
+           "max_images": config.eval.max_images}
+    if config.eval.class_weights == "classes_file":
+        classes = join_url(eval_prefix, read_manifest(eval_prefix, storage).classes)
+        key["eval_classes_sha256"] = _digest(classes, storage)
+    return key
+
+
+def _digest(url: str, storage: StorageConfig | None) -> str:
+    return hashlib.sha256(read_bytes(url, storage)).hexdigest()[:16]
 
 
 def _cached_entries(url: str, storage: StorageConfig | None) -> list[dict[str, Any]]:

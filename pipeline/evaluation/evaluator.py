@@ -6,8 +6,10 @@ it (`eval.*`, `storage`, `cluster.use_gpu`, the loader settings of the evaluatin
 comes from the evaluator's own config (`resolve_config`). It loads the Polyak-averaged (EMA) weights by default
 and streams the eval shards through the loader's evaluation mode (center crop, every image once across ranks,
 padding masked). Scores never materialise as an (N, C) matrix: `MapAtK` keeps a running top-K per class, so 100k
-images x 17k classes fit in memory. With several workers each scores its share and returns `MapAtK.state_dict()`;
-the driver merges them, and `MapAtK` refuses an image id seen twice, so every eval image is counted exactly once.
+images x 17k classes fit in memory. The scoring loop feeds a dict of metric units (`pipeline.evaluation.units`:
+MAP@K, the baselines, the report's examples). With several workers each scores its share and returns its units'
+`state_dict()`s; the driver merges them, and `MapAtK` refuses an image id seen twice, so every eval image is counted
+exactly once.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,27 +28,18 @@ from pipeline.cluster import connect_ray
 from pipeline.config import Config, StorageConfig, validate
 from pipeline.data import ShardStream, read_manifest, to_device
 from pipeline.data.manifest import check_same_classes
-from pipeline.evaluation.baselines import BaselineScorers, baseline_key, class_prior, read_cached, write_cached
-from pipeline.evaluation.metrics import MapAtK, MapAtKResult, load_class_weights
+from pipeline.evaluation.baselines import baseline_key, read_cached, write_cached
+from pipeline.evaluation.class_weights import class_weights
+from pipeline.evaluation.map_at_k import MapAtKResult
+from pipeline.evaluation.units import MetricUnit, merged_units, metric_units
 from pipeline.models import build_model, preprocess_input
 from pipeline.storage import join_url, read_bytes
 from pipeline.storage.checkpoints import COMMIT
 
 log = logging.getLogger(__name__)
 
-EXAMPLES = 8  # images kept (with their top predictions) for the report
 # Data settings of the machine that evaluates (it may have more cores than a training worker), not of the model.
 EVALUATOR_DATA = ("loader_workers", "cache_dir", "cache_max_gb")
-
-
-@dataclass
-class Scored:
-    """One worker's share of an evaluation: the metric accumulator plus a few examples for the report."""
-
-    accumulator: MapAtK
-    examples: list[dict[str, Any]] = field(default_factory=list)
-    images: int = 0
-    baselines: BaselineScorers | None = None  # the same images scored without looking at them
 
 
 def checkpoint_config(checkpoint_url: str, storage: StorageConfig | None) -> Config:
@@ -96,10 +89,10 @@ def load_weights(checkpoint_url: str, config: Config, device: torch.device) -> t
     return model.eval()
 
 
-def score_share(model: torch.nn.Module, config: Config, *, rank: int = 0, world_size: int = 1,
-                device: torch.device | None = None, baselines: bool = False) -> Scored:
-    """Stream this rank's share of `data.eval` through `model` into a `MapAtK` accumulator, decoding with
-    `data.loader_workers` processes; with `baselines`, also score the same images with `BaselineScorers`."""
+def score_share(model: torch.nn.Module, config: Config, units: dict[str, MetricUnit], *, rank: int = 0,
+                world_size: int = 1, device: torch.device | None = None) -> None:
+    """Stream this rank's share of `data.eval` through `model` into every metric unit, decoding with
+    `data.loader_workers` processes."""
     device = device or torch.device("cpu")
     eval_prefix, storage = _eval_prefix(config), config.storage
     manifest = read_manifest(eval_prefix, storage)
@@ -109,8 +102,6 @@ def score_share(model: torch.nn.Module, config: Config, *, rank: int = 0, world_
     loader = ShardStream(eval_prefix, config.data, batch_size=config.eval.batch_size, rank=rank,
                          world_size=world_size, train=False, storage=storage, num_classes=num_classes,
                          manifest=manifest)
-    scored = Scored(MapAtK(num_classes, config.eval.k),
-                    baselines=BaselineScorers.for_prior(class_prior(config), config.eval.k) if baselines else None)
     limit = config.eval.max_images
     with torch.inference_mode():
         for batch in loader:
@@ -125,42 +116,15 @@ def score_share(model: torch.nn.Module, config: Config, *, rank: int = 0, world_
             if limit is not None:
                 keep, ids = keep[ids < limit], ids[ids < limit]
             if keep.numel():
-                scored.accumulator.update(logits[keep], targets[keep], ids)
-                if scored.baselines is not None:
-                    scored.baselines.update(targets[keep], ids)
-                scored.images += int(keep.numel())
-                _keep_examples(scored, batch, logits, targets, keep)
-    return scored
-
-
-def _keep_examples(scored: Scored, batch: Any, logits: torch.Tensor, targets: torch.Tensor,
-                   keep: torch.Tensor) -> None:
-    for i in keep.tolist():
-        if len(scored.examples) >= EXAMPLES:
-            return
-        top = logits[i].topk(min(5, logits.shape[1]))
-        scored.examples.append({
-            "key": batch.keys[i], "image": batch.images[i].permute(1, 2, 0).cpu().numpy(),
-            "top": list(zip(top.indices.tolist(), torch.sigmoid(top.values).tolist(), strict=True)),
-            "labels": targets[i].nonzero().squeeze(1).tolist(),
-        })
+                scored, labelled = logits[keep], targets[keep]
+                for unit in units.values():
+                    unit.update(scored, labelled, ids, batch, keep)
 
 
 def _eval_prefix(config: Config) -> str:
     if config.data.eval is None:
         raise ValueError("no evaluation data: set data.eval to the URL of a densely labelled dataset prefix")
     return config.data.eval
-
-
-def class_weights(config: Config) -> torch.Tensor | None:
-    """Per-class MAP weights from `eval.class_weights`: uniform (None), training frequency, or a CSV file."""
-    source, storage = config.eval.class_weights, config.storage
-    if source == "uniform":
-        return None
-    if source == "train_frequency":
-        return class_prior(config)
-    text = read_bytes(source, storage).decode("utf-8")
-    return load_class_weights(text.splitlines(), config.model.num_classes)
 
 
 @dataclass
@@ -196,50 +160,39 @@ def evaluate_checkpoint(checkpoint_url: str, settings: Config | None = None, *, 
     commit = json.loads(read_bytes(join_url(checkpoint_url, COMMIT), config.storage))
     check_same_classes(commit.get("class_fingerprint"), _eval_prefix(config), config.storage)  # before loading anything
     key = baseline_key(config) if reports_dir else None
-    baselines = read_cached(reports_dir, key, config.storage) if reports_dir and key else None
+    cached = read_cached(reports_dir, key, config.storage) if reports_dir and key else None
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if workers > 1:
-        shares = _score_with_ray(checkpoint_url, config, workers, baselines is None)
+        units = merged_units(_score_with_ray(checkpoint_url, config, workers, cached is None))
     else:
-        model = load_weights(checkpoint_url, config, device)
-        shares = [score_share(model, config, device=device, baselines=baselines is None)]
-    first = shares[0]
-    accumulator, examples = first.accumulator, list(first.examples)
-    for share in shares[1:]:
-        accumulator.merge(share.accumulator)
-        examples += share.examples
-        if first.baselines is not None and share.baselines is not None:
-            first.baselines.merge(share.baselines)
+        units = metric_units(config, baselines=cached is None)
+        score_share(load_weights(checkpoint_url, config, device), config, units, device=device)
     weights = class_weights(config)
-    result = accumulator.compute(weights)
-    if baselines is None and first.baselines is not None:
-        baselines = first.baselines.compute(weights)
-        if reports_dir and key is not None:
-            write_cached(reports_dir, key, baselines, config.storage)
+    values: dict[str, Any] = {"baselines": cached}
+    for unit in units.values():
+        values.update(unit.compute(weights))
+    if cached is None and reports_dir and key is not None:
+        write_cached(reports_dir, key, values["baselines"], config.storage)
     return Evaluation(step=int(commit.get("step", -1)), samples_seen=commit.get("samples_seen"),
-                      checkpoint=checkpoint_url, result=result, examples=examples[:EXAMPLES],
-                      seconds=time.perf_counter() - start, config=config, baselines=baselines)
+                      checkpoint=checkpoint_url, seconds=time.perf_counter() - start, config=config, **values)
 
 
 def _score_remote(checkpoint_url: str, raw_config: dict, rank: int, world_size: int,
-                  baselines: bool) -> tuple[dict, list, int, dict | None]:
+                  baselines: bool) -> dict[str, dict[str, Any]]:
     config = validate(raw_config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_weights(checkpoint_url, config, device)
-    scored = score_share(model, config, rank=rank, world_size=world_size, device=device, baselines=baselines)
-    return (scored.accumulator.state_dict(), scored.examples, scored.images,
-            scored.baselines.state_dict() if scored.baselines is not None else None)
+    units = metric_units(config, baselines)
+    score_share(load_weights(checkpoint_url, config, device), config, units, rank=rank, world_size=world_size,
+                device=device)
+    return {name: unit.state_dict() for name, unit in units.items()}
 
 
-def _score_with_ray(checkpoint_url: str, config: Config, workers: int, baselines: bool) -> list[Scored]:
+def _score_with_ray(checkpoint_url: str, config: Config, workers: int, baselines: bool) -> list[dict[str, dict]]:
+    """Each share's unit states, in rank order."""
     import ray
 
     connect_ray(config)
     remote = ray.remote(**ray_options(config))(_score_remote)
     futures = [remote.remote(checkpoint_url, config.model_dump(mode="json"), rank, workers, baselines)
                for rank in range(workers)]
-    shares = []
-    for state, examples, images, baseline_state in ray.get(futures):
-        scorers = BaselineScorers.from_state_dict(baseline_state) if baseline_state is not None else None
-        shares.append(Scored(MapAtK.from_state_dict(state), examples, images, scorers))
-    return shares
+    return ray.get(futures)

@@ -63,6 +63,11 @@ def append_record(reports_dir: str, record: dict[str, Any], storage: StorageConf
     write_bytes(join_url(reports_dir, RESULTS_FILE), body.encode("utf-8"), storage)
 
 
+def headline(k: int, orientation: str) -> tuple[str, str]:
+    """The record key and label of the headline MAP@K (`eval.orientation`): per class (the paper's) or per image."""
+    return (f"map@{k}", f"MAP@{k}") if orientation == "class" else (f"image_map@{k}", f"MAP@{k} per image")
+
+
 def _png(fig: plt.Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -170,6 +175,7 @@ def render_html(records: list[dict[str, Any]], latest: Evaluation, plots: dict[s
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"<figcaption>{html.escape(name)}</figcaption></figure>" for name, png in plots.items())
     scalars = latest.result.scalars()
+    key, label = headline(k, latest.config.eval.orientation)
     floor = ""
     if latest.baselines:
         b = latest.baselines
@@ -181,7 +187,7 @@ def render_html(records: list[dict[str, Any]], latest: Evaluation, plots: dict[s
 <html><head><meta charset="utf-8"><title>MAP@{k} report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
-<h1>MAP@{k}: {100 * scalars[f"map@{k}"]:.2f}% at step {latest.step}</h1>
+<h1>{label}: {100 * scalars[key]:.2f}% at step {latest.step}</h1>
 <p>Checkpoint <code>{html.escape(latest.checkpoint)}</code> ({html.escape(latest.config.eval.weights)} weights,
 class weighting {html.escape(latest.config.eval.class_weights)}); {scalars["num_images"]:.0f} images,
 {scalars["num_classes_with_positives"]:.0f} classes with positives. MAP@{k} ranks the images for each class

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.data import read_manifest
-from pipeline.data.manifest import read_classes
+from pipeline.evaluation.class_weights import frequency_classes
 from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, eval_settings, evaluate_checkpoint
-from pipeline.evaluation.report import append_record, read_records, write_report
+from pipeline.evaluation.report import append_record, headline, read_records, write_report
 from pipeline.storage import StorageError, exists, is_local_url, join_url, local_path
 from pipeline.storage.checkpoints import COMMIT, CheckpointRef, committed_checkpoints, scheduled_steps
 
@@ -115,8 +114,9 @@ class CheckpointWatcher:
         url = write_report(self.reports_dir, evaluation, names, frequency, self.storage)
         if self.tensorboard:
             self._tensorboard(evaluation)
-        log.info("step %d: %s; %d images in %.1fs -> %s", evaluation.step, summarize(evaluation.record()),
-                 evaluation.result.num_images, evaluation.seconds, url)
+        summary = summarize(evaluation.record(), orientation=evaluation.config.eval.orientation)
+        log.info("step %d: %s; %d images in %.1fs -> %s", evaluation.step, summary, evaluation.result.num_images,
+                 evaluation.seconds, url)
         return evaluation
 
     def run(self, once: bool = False, until_step: int | None = None, only: str | None = None) -> list[Evaluation]:
@@ -137,9 +137,9 @@ class CheckpointWatcher:
             time.sleep(self.poll_seconds)
 
     def _classes(self, config: Config) -> tuple[list[str], np.ndarray]:
-        prefix = config.data.train or config.data.eval
+        """Class names and training frequencies for the report's plots (ids and zeros when unreadable)."""
         try:
-            classes = read_classes(prefix, read_manifest(prefix, self.storage), self.storage)
+            classes = frequency_classes(config)
         except (StorageError, ValueError) as exc:
             log.warning("class names unavailable (%s); using ids", exc)
             n = config.model.num_classes
@@ -171,12 +171,13 @@ def evaluate_latest(config: Config, workers: int = 1) -> str:
     last = records[-1]
     report = join_url(watcher.reports_dir, "report.html")
     where = f"at step {last['step']} on {last['num_images']:.0f} images"
-    return f"{summarize(last, config.eval.k)} {where}; report: {report}"
+    return f"{summarize(last, config.eval.k, config.eval.orientation)} {where}; report: {report}"
 
 
-def summarize(record: dict, default_k: int = 100) -> str:
-    """One line of a `map100.jsonl` record: MAP@K per class and per image, each next to its class-prior and
-    random baselines on the same evaluation set, so that nobody reads a number without its floor."""
+def summarize(record: dict, default_k: int = 100, orientation: str = "class") -> str:
+    """One line of a `map100.jsonl` record: MAP@K per class and per image, the headline (`eval.orientation`)
+    first, each next to its class-prior and random baselines on the same evaluation set, so that nobody reads a
+    number without its floor."""
     k = record.get("k", default_k)  # lines written before k was recorded: assume this config's
     baselines = record.get("baselines")
 
@@ -186,7 +187,8 @@ def summarize(record: dict, default_k: int = 100) -> str:
             text += f" (class prior {100 * baselines['prior'][key]:.2f}%, random {100 * baselines['random'][key]:.2f}%)"
         return text
 
-    return f"{one(f'map@{k}', f'MAP@{k}')}; {one(f'image_map@{k}', 'per image')}"
+    other = (f"image_map@{k}", "per image") if orientation == "class" else (f"map@{k}", "per class")
+    return f"{one(*headline(k, orientation))}; {one(*other)}"
 
 
 def _steps(steps: list[int], shown: int = 10) -> str:

@@ -14,7 +14,7 @@ On the built-in demo data (a preset's `data.demo`, generated on first use), for 
   Its wall time includes decoding the images into memory.
 - **baselines**: random and class-prior scores of the same evaluation set (`pipeline.evaluation.baselines`).
 
-Every number is MAP@100 as the project defines it (`pipeline.evaluation.metrics`), per class (the paper's) and
+Every number is MAP@100 as the project defines it (`pipeline.evaluation.map_at_k`), per class (the paper's) and
 per image. Wall times count training only (evaluation pauses the peer's clock; the pipeline is evaluated after
 it has finished). Loss is reported as the pipeline logs it: summed over classes, averaged over images.
 The goal: the pipeline reaches the peer's final per-class MAP@100 in no more wall time than the peer took.
@@ -39,9 +39,10 @@ import torch
 
 from pipeline.config import Config, load_config, validate
 from pipeline.data.demo.prepare import prepare_demo_data
-from pipeline.evaluation.baselines import BaselineScorers, class_prior
+from pipeline.evaluation.accumulator import evaluate_map_at_k
+from pipeline.evaluation.baselines import BaselineScorers
+from pipeline.evaluation.class_weights import class_prior
 from pipeline.evaluation.evaluator import evaluate_checkpoint
-from pipeline.evaluation.metrics import evaluate_map_at_k
 from pipeline.models import build_model
 from pipeline.storage.checkpoints import committed_checkpoints
 from pipeline.train.loop import train
