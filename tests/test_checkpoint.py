@@ -11,9 +11,9 @@ from conftest import copy_with_swapped_classes
 
 from pipeline.config import load_config
 from pipeline.storage import exists, join_url, list_dir, read_bytes, write_bytes
-from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, step_dirs
+from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, read_checkpoint, step_dirs
 from pipeline.train import loop
-from pipeline.train.checkpoint import Checkpointer, load_checkpoint
+from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.loop import train
 from pipeline.train.step import build_train_state
 
@@ -63,7 +63,7 @@ def test_partial_checkpoint_is_never_loaded_and_retention_keeps_last_and_every(t
     partial = join_url(config.run_dir, "checkpoints", "step-000000012")
     write_bytes(join_url(partial, "state.pt"), b"half a checkpoint")
     assert latest_checkpoint(config.run_dir).step == 10
-    restored = load_checkpoint(latest_checkpoint(config.run_dir))
+    restored = read_checkpoint(latest_checkpoint(config.run_dir).url)
     assert restored["state"]["counters"]["step"] == 10 and restored["loader"] == {"ranks": [{"step": 10}]}
     state.step = 14
     saver.save(14, state.state_dict())
@@ -102,7 +102,7 @@ def test_training_resumes_a_finished_run_with_more_steps(tiny_demo, tmp_path):
                          "train.log_samples=true")
     second = train(longer)
     assert second["step"] == 7 and second["samples_seen"] == 7 * 8
-    restored = load_checkpoint(latest_checkpoint(longer.run_dir))
+    restored = read_checkpoint(latest_checkpoint(longer.run_dir).url)
     assert restored["state"]["counters"] == {"step": 7, "samples_seen": 56, "skipped_nonfinite": 0}
     fingerprint = restored["commit"]["class_fingerprint"]  # what the class ids mean travels with every checkpoint
     assert fingerprint["classes"] == join_url(tiny_demo.train, "classes.tsv")
@@ -133,7 +133,7 @@ def test_interrupted_run_resumes_from_its_last_complete_checkpoint(tiny_demo, tm
     assert exists(join_url(config.run_dir, "checkpoints", "step-000000006", "COMMIT"))
     # Not only the loss: the final checkpoints hold the same model, EMA, optimizer state, counters, RNG states and
     # data position as the uninterrupted run's.
-    ours, theirs = (load_checkpoint(latest_checkpoint(c.run_dir)) for c in (config, reference_config))
+    ours, theirs = (read_checkpoint(latest_checkpoint(c.run_dir).url) for c in (config, reference_config))
     assert set(theirs["state"]) == {"model", "ema", "optimizer", "counters", "rng"}
     assert_trees_close(ours["state"], theirs["state"])
     assert ours["loader"] == theirs["loader"]
@@ -208,17 +208,17 @@ def test_logged_throughput_counts_the_time_spent_logging_and_ray_hears_only_at_c
                                                                                            monkeypatch):
     """samples/s covers all wall time between two logged steps: a record that takes 0.3 s to write caps the next
     window's figure at batch / 0.3 s. Ray Train's report (a barrier) is called at checkpoint steps only."""
-    from pipeline.train.metrics import MetricsWriter
+    from pipeline.train.scalars import ScalarWriter
 
     records, reported = [], []
-    write = MetricsWriter.write
+    write = ScalarWriter.write
 
     def slow_write(self, record):
         records.append(record)
         write(self, record)
         time.sleep(0.3)
 
-    monkeypatch.setattr(MetricsWriter, "write", slow_write)
+    monkeypatch.setattr(ScalarWriter, "write", slow_write)
     config = tiny_config(tiny_demo, tmp_path, "train.total_steps=6", "train.log_every=1", "checkpoint.every_steps=3",
                          "train.global_batch_size=4", "checkpoint.background=false")
     train(config, report=reported.append)
