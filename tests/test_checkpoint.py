@@ -225,3 +225,40 @@ def test_logged_throughput_counts_the_time_spent_logging_and_ray_hears_only_at_c
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["samples_per_s"] <= 4 / 0.3 for r in records[1:]), [r["samples_per_s"] for r in records]
     assert [r["step"] for r in reported] == [3, 6]
+
+
+def test_format_round_trip_and_deletion_unpublishes_first(tmp_path, monkeypatch):
+    """The format owner's writer and readers agree; a deletion removes COMMIT before anything else."""
+    from pipeline.storage import checkpoints
+
+    config = load_config("demo", [*TINY_MODEL, "model.num_classes=5", f"run.storage={tmp_path}"])
+    state = {"counters": {"step": 3, "samples_seen": 24}, "weights": torch.arange(4.0)}
+    commit = checkpoints.write_checkpoint(config.run_dir, 3, state, config, {"ranks": [{"p": 1}]}, {"note": "x"})
+    url = checkpoints.checkpoint_url(config.run_dir, 3)
+    assert checkpoints.is_committed(url) and checkpoints.read_commit(url) == commit
+    assert commit["files"] == ["state.pt", "config.yaml", "loader.json"] and commit["note"] == "x"
+    assert checkpoints.read_checkpoint_config(url) == config
+    assert torch.equal(checkpoints.read_checkpoint_state(url)["weights"], torch.arange(4.0))
+    assert checkpoints.read_checkpoint(url)["loader"] == {"ranks": [{"p": 1}]}
+    assert read_bytes(join_url(config.run_dir, "checkpoints", "LATEST")) == b"step-000000003"
+    removed = []
+    monkeypatch.setattr(checkpoints, "remove", lambda target, *a, **k: removed.append(target))
+    checkpoints.delete_checkpoint(url)
+    assert removed == [join_url(url, "COMMIT"), url]
+
+
+def test_rank_rng_restores_its_own_state_only_with_the_same_world_size():
+    from pipeline.train.rng import RankRng
+
+    ranks = [RankRng(rank=rank, world_size=2, device=torch.device("cpu")) for rank in (0, 1)]
+    states, draws = [], []
+    for rng in ranks:
+        rng.seed(0)  # seed + rank: different streams
+        states.append(rng.state_dict())
+        draws.append(torch.rand(3))
+    rng = ranks[1]
+    rng.load_state_dict(states)
+    assert torch.equal(torch.rand(3), draws[1]) and not torch.equal(draws[0], draws[1])
+    expected = draws[1]
+    rng.load_state_dict(states[:1])  # another world size: left as it is (seed + rank)
+    assert not torch.equal(torch.rand(3), expected)
