@@ -11,9 +11,9 @@ from conftest import copy_with_swapped_classes
 
 from pipeline.config import load_config
 from pipeline.storage import exists, join_url, list_dir, read_bytes, write_bytes
-from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, step_dirs
+from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, read_checkpoint, step_dirs
 from pipeline.train import loop
-from pipeline.train.checkpoint import Checkpointer, load_checkpoint
+from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.loop import train
 from pipeline.train.step import build_train_state
 
@@ -63,7 +63,7 @@ def test_partial_checkpoint_is_never_loaded_and_retention_keeps_last_and_every(t
     partial = join_url(config.run_dir, "checkpoints", "step-000000012")
     write_bytes(join_url(partial, "state.pt"), b"half a checkpoint")
     assert latest_checkpoint(config.run_dir).step == 10
-    restored = load_checkpoint(latest_checkpoint(config.run_dir))
+    restored = read_checkpoint(latest_checkpoint(config.run_dir).url)
     assert restored["state"]["counters"]["step"] == 10 and restored["loader"] == {"ranks": [{"step": 10}]}
     state.step = 14
     saver.save(14, state.state_dict())
@@ -102,7 +102,7 @@ def test_training_resumes_a_finished_run_with_more_steps(tiny_demo, tmp_path):
                          "train.log_samples=true")
     second = train(longer)
     assert second["step"] == 7 and second["samples_seen"] == 7 * 8
-    restored = load_checkpoint(latest_checkpoint(longer.run_dir))
+    restored = read_checkpoint(latest_checkpoint(longer.run_dir).url)
     assert restored["state"]["counters"] == {"step": 7, "samples_seen": 56, "skipped_nonfinite": 0}
     fingerprint = restored["commit"]["class_fingerprint"]  # what the class ids mean travels with every checkpoint
     assert fingerprint["classes"] == join_url(tiny_demo.train, "classes.tsv")
@@ -133,7 +133,7 @@ def test_interrupted_run_resumes_from_its_last_complete_checkpoint(tiny_demo, tm
     assert exists(join_url(config.run_dir, "checkpoints", "step-000000006", "COMMIT"))
     # Not only the loss: the final checkpoints hold the same model, EMA, optimizer state, counters, RNG states and
     # data position as the uninterrupted run's.
-    ours, theirs = (load_checkpoint(latest_checkpoint(c.run_dir)) for c in (config, reference_config))
+    ours, theirs = (read_checkpoint(latest_checkpoint(c.run_dir).url) for c in (config, reference_config))
     assert set(theirs["state"]) == {"model", "ema", "optimizer", "counters", "rng"}
     assert_trees_close(ours["state"], theirs["state"])
     assert ours["loader"] == theirs["loader"]
@@ -208,20 +208,57 @@ def test_logged_throughput_counts_the_time_spent_logging_and_ray_hears_only_at_c
                                                                                            monkeypatch):
     """samples/s covers all wall time between two logged steps: a record that takes 0.3 s to write caps the next
     window's figure at batch / 0.3 s. Ray Train's report (a barrier) is called at checkpoint steps only."""
-    from pipeline.train.metrics import MetricsWriter
+    from pipeline.train.scalars import ScalarWriter
 
     records, reported = [], []
-    write = MetricsWriter.write
+    write = ScalarWriter.write
 
     def slow_write(self, record):
         records.append(record)
         write(self, record)
         time.sleep(0.3)
 
-    monkeypatch.setattr(MetricsWriter, "write", slow_write)
+    monkeypatch.setattr(ScalarWriter, "write", slow_write)
     config = tiny_config(tiny_demo, tmp_path, "train.total_steps=6", "train.log_every=1", "checkpoint.every_steps=3",
                          "train.global_batch_size=4", "checkpoint.background=false")
     train(config, report=reported.append)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["samples_per_s"] <= 4 / 0.3 for r in records[1:]), [r["samples_per_s"] for r in records]
     assert [r["step"] for r in reported] == [3, 6]
+
+
+def test_format_round_trip_and_deletion_unpublishes_first(tmp_path, monkeypatch):
+    """The format owner's writer and readers agree; a deletion removes COMMIT before anything else."""
+    from pipeline.storage import checkpoints
+
+    config = load_config("demo", [*TINY_MODEL, "model.num_classes=5", f"run.storage={tmp_path}"])
+    state = {"counters": {"step": 3, "samples_seen": 24}, "weights": torch.arange(4.0)}
+    commit = checkpoints.write_checkpoint(config.run_dir, 3, state, config, {"ranks": [{"p": 1}]}, {"note": "x"})
+    url = checkpoints.checkpoint_url(config.run_dir, 3)
+    assert checkpoints.is_committed(url) and checkpoints.read_commit(url) == commit
+    assert commit["files"] == ["state.pt", "config.yaml", "loader.json"] and commit["note"] == "x"
+    assert checkpoints.read_checkpoint_config(url) == config
+    assert torch.equal(checkpoints.read_checkpoint_state(url)["weights"], torch.arange(4.0))
+    assert checkpoints.read_checkpoint(url)["loader"] == {"ranks": [{"p": 1}]}
+    assert read_bytes(join_url(config.run_dir, "checkpoints", "LATEST")) == b"step-000000003"
+    removed = []
+    monkeypatch.setattr(checkpoints, "remove", lambda target, *a, **k: removed.append(target))
+    checkpoints.delete_checkpoint(url)
+    assert removed == [join_url(url, "COMMIT"), url]
+
+
+def test_rank_rng_restores_its_own_state_only_with_the_same_world_size():
+    from pipeline.train.rng import RankRng
+
+    ranks = [RankRng(rank=rank, world_size=2, device=torch.device("cpu")) for rank in (0, 1)]
+    states, draws = [], []
+    for rng in ranks:
+        rng.seed(0)  # seed + rank: different streams
+        states.append(rng.state_dict())
+        draws.append(torch.rand(3))
+    rng = ranks[1]
+    rng.load_state_dict(states)
+    assert torch.equal(torch.rand(3), draws[1]) and not torch.equal(draws[0], draws[1])
+    expected = draws[1]
+    rng.load_state_dict(states[:1])  # another world size: left as it is (seed + rank)
+    assert not torch.equal(torch.rand(3), expected)

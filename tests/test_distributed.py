@@ -18,9 +18,9 @@ import torch.multiprocessing as mp
 from pipeline.config import load_config
 from pipeline.data import read_manifest
 from pipeline.storage import join_url, list_dir, open_read, read_bytes
-from pipeline.storage.checkpoints import latest_checkpoint
-from pipeline.train.checkpoint import load_checkpoint
-from pipeline.train.loop import WorkerContext, wrap_model
+from pipeline.storage.checkpoints import latest_checkpoint, read_checkpoint
+from pipeline.train.loop import wrap_model
+from pipeline.train.ranks import WorkerContext
 from pipeline.train.step import NonFiniteError, build_train_state, train_step
 
 pytestmark = pytest.mark.slow  # multi-node Ray clusters
@@ -153,7 +153,7 @@ def test_two_node_ray_training_streams_from_s3_checkpoints_and_reports(two_node_
     final = launch(config)
     assert final["step"] == 8 and final["samples_seen"] == 64
     assert latest_checkpoint(config.run_dir).step == 8
-    rngs = load_checkpoint(latest_checkpoint(config.run_dir))["state"]["rng"]
+    rngs = read_checkpoint(latest_checkpoint(config.run_dir).url)["state"]["rng"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"]), "each rank seeds seed + rank"
     workers = _workers(config.run_dir)
     assert sorted(w["rank"] for w in workers) == [0, 1]

@@ -212,7 +212,11 @@ class TrainConfig(Section):
 
 
 class CheckpointConfig(Section):
-    """Checkpoints under <run>/checkpoints/step-NNNNNNNNN/, published by a LATEST pointer written last."""
+    """Checkpoints under <run>/checkpoints/step-NNNNNNNNN/, each published by its COMMIT marker, written last
+    (<run>/checkpoints/LATEST, written after it, only names the newest for people and tools).
+
+    Format: `pipeline.storage.checkpoints`; cadence, retention and background upload: `pipeline.train.checkpoint`.
+    """
 
     every_steps: PositiveInt = 1000
     keep_last: PositiveInt = 3

@@ -14,15 +14,12 @@ exactly once.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import yaml
 
 from pipeline.cluster import connect_ray
 from pipeline.config import Config, StorageConfig, validate
@@ -33,8 +30,7 @@ from pipeline.evaluation.class_weights import class_weights
 from pipeline.evaluation.map_at_k import MapAtKResult
 from pipeline.evaluation.units import MetricUnit, merged_units, metric_units
 from pipeline.models import build_model, preprocess_input
-from pipeline.storage import join_url, read_bytes
-from pipeline.storage.checkpoints import COMMIT
+from pipeline.storage.checkpoints import read_checkpoint_config, read_checkpoint_state, read_commit
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +40,7 @@ EVALUATOR_DATA = ("loader_workers", "cache_dir", "cache_max_gb")
 
 def checkpoint_config(checkpoint_url: str, storage: StorageConfig | None) -> Config:
     """The resolved config saved beside a checkpoint."""
-    return validate(yaml.safe_load(read_bytes(join_url(checkpoint_url, "config.yaml"), storage)))
+    return read_checkpoint_config(checkpoint_url, storage)
 
 
 def resolve_config(saved: Config, settings: Config | None) -> Config:
@@ -77,8 +73,7 @@ def ray_options(config: Config) -> dict[str, Any]:
 
 def load_weights(checkpoint_url: str, config: Config, device: torch.device) -> torch.nn.Module:
     """The trained model in eval mode, with EMA (`eval.weights=ema`) or raw weights."""
-    state = torch.load(io.BytesIO(read_bytes(join_url(checkpoint_url, "state.pt"), config.storage)),
-                       map_location=device, weights_only=True)
+    state = read_checkpoint_state(checkpoint_url, config.storage, map_location=device)
     model = build_model(config).to(device)
     if config.eval.weights == "ema":
         if state.get("ema") is None:
@@ -157,7 +152,7 @@ def evaluate_checkpoint(checkpoint_url: str, settings: Config | None = None, *, 
     set, else they are computed in the same pass (and cached there when `reports_dir` is given)."""
     start = time.perf_counter()
     config = resolve_config(checkpoint_config(checkpoint_url, settings.storage if settings else None), settings)
-    commit = json.loads(read_bytes(join_url(checkpoint_url, COMMIT), config.storage))
+    commit = read_commit(checkpoint_url, config.storage)
     check_same_classes(commit.get("class_fingerprint"), _eval_prefix(config), config.storage)  # before loading anything
     key = baseline_key(config) if reports_dir else None
     cached = read_cached(reports_dir, key, config.storage) if reports_dir and key else None

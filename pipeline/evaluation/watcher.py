@@ -21,8 +21,8 @@ from pipeline.config import Config
 from pipeline.evaluation.class_weights import frequency_classes
 from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, eval_settings, evaluate_checkpoint
 from pipeline.evaluation.report import append_record, headline, read_records, write_report
-from pipeline.storage import StorageError, exists, is_local_url, join_url, local_path
-from pipeline.storage.checkpoints import COMMIT, CheckpointRef, committed_checkpoints, scheduled_steps
+from pipeline.storage import StorageError, is_local_url, join_url, local_path
+from pipeline.storage.checkpoints import CheckpointRef, committed_checkpoints, is_committed, scheduled_steps
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class CheckpointWatcher:
                 try:
                     results.append(self.evaluate(ref))
                 except StorageError as exc:
-                    if exists(join_url(ref.url, COMMIT), self.storage):
+                    if is_committed(ref.url, self.storage):
                         raise  # the checkpoint is there: the eval data or the store is what failed
                     self._unnamed("removed", [ref.step])  # named here already
                     log.warning("checkpoint %s vanished while being evaluated (retention?): %s", ref.url, exc)

@@ -1,16 +1,9 @@
-"""Checkpoints in object storage that are never read half-written.
+"""The trainer's checkpointer: when to save, what a checkpoint holds, background upload, retention and restore.
 
-Layout under a run directory (any fsspec URL)::
-
-    <run>/checkpoints/step-000000123/state.pt     model, EMA, optimizer, counters (torch.load(weights_only=True))
-                                     loader.json  the data-stream position (pipeline.data loader state)
-                                     config.yaml  the resolved config
-                                     COMMIT       written last: JSON with step, samples_seen, files, time
-    <run>/checkpoints/LATEST                      name of the newest committed checkpoint (a hint for humans/tools)
-
-A checkpoint exists only once its COMMIT marker does: readers list `step-*` directories and take the newest one
-with a COMMIT, so a writer that dies mid-upload leaves garbage that is ignored and later cleaned up. Retention
-deletes the COMMIT marker first, so a partly deleted checkpoint is never mistaken for a complete one.
+A checkpoint holds every component's `state_dict()` (torchtitan's manner): the train state (model, EMA, optimizer,
+counters), and per rank the data position (`ShardStream`) and the random generators (`RankRng`), gathered across
+ranks in rank order. Rank 0 writes it through `pipeline.storage.checkpoints`, the format's one owner (file names,
+COMMIT publication, layout); every rank restores from the newest committed one.
 
 Background saving: `save()` snapshots the state to CPU tensors synchronously (so training may mutate the live
 tensors right away), then serialises and uploads in a worker thread; `wait()` joins it. At most one upload is in
@@ -19,33 +12,36 @@ flight; a second save waits for the first (bounded memory).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from pipeline.config import Config, StorageConfig, config_to_yaml
-from pipeline.storage import join_url, read_bytes, remove, upload_file, write_bytes
+from pipeline.config import Config, StorageConfig
+from pipeline.storage import remove
 from pipeline.storage.checkpoints import (
-    COMMIT,
-    LATEST,
     CheckpointRef,
+    checkpoint_url,
     committed_checkpoints,
+    delete_checkpoint,
+    is_checkpoint_step,
     latest_checkpoint,
-    step_dir_name,
+    read_checkpoint,
     step_dirs,
+    write_checkpoint,
 )
+from pipeline.train.ranks import WorkerContext, gather_ranks
 
 log = logging.getLogger(__name__)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 def snapshot(tree: Any) -> Any:
@@ -59,32 +55,60 @@ def snapshot(tree: Any) -> Any:
     return tree
 
 
-def load_checkpoint(ref: CheckpointRef, storage: StorageConfig | None = None,
-                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """{"state": train state dict, "loader": loader state or None, "commit": the COMMIT record}."""
-    commit = json.loads(read_bytes(join_url(ref.url, COMMIT), storage))
-    state = torch.load(io.BytesIO(read_bytes(join_url(ref.url, "state.pt"), storage)),
-                       map_location=map_location, weights_only=True)
-    loader_url = join_url(ref.url, "loader.json")
-    loader = json.loads(read_bytes(loader_url, storage)) if "loader.json" in commit.get("files", []) else None
-    return {"state": state, "loader": loader, "commit": commit}
-
-
 class Checkpointer:
-    """Writes a run's checkpoints (rank 0 only), applies retention, and finds the one to resume from."""
+    """A run's checkpoints: saved by rank 0 at the configured steps, with retention; restored on every rank.
 
-    def __init__(self, run_dir: str, config: Config, storage: StorageConfig | None = None) -> None:
+    `train_state`, `loader` and `rng` are the components `restore` and `maybe_save` act on (the loop's); `save`,
+    `wait` and `latest` alone need none of them.
+    """
+
+    def __init__(self, run_dir: str, config: Config, storage: StorageConfig | None = None, *,
+                 ctx: WorkerContext | None = None, train_state: Stateful | None = None,
+                 loader: Stateful | None = None, rng: Stateful | None = None) -> None:
         self.run_dir = run_dir
         self.config = config
         self.storage = storage
+        self.ctx = ctx or WorkerContext()
+        self.train_state, self.loader, self.rng = train_state, loader, rng
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_save_stall_s = 0.0  # time save() blocked the training loop
         self.last_upload_s = 0.0
 
+    def is_checkpoint_step(self, step: int) -> bool:
+        """Whether a checkpoint is saved after `step`: every `checkpoint.every_steps`, and at the last step."""
+        return is_checkpoint_step(step, self.config.checkpoint.every_steps, self.config.train.total_steps)
+
+    def restore(self) -> CheckpointRef | None:
+        """Load the run's latest complete checkpoint into the components; None (nothing loaded) when there is none."""
+        ref = self.latest()
+        if ref is None:
+            return None
+        checkpoint = read_checkpoint(ref.url, self.storage, map_location=self.ctx.device)
+        self.train_state.load_state_dict(checkpoint["state"])
+        if checkpoint["loader"] is not None:
+            self.loader.load_state_dict(checkpoint["loader"]["ranks"])
+        if checkpoint["state"].get("rng") is not None:
+            self.rng.load_state_dict(checkpoint["state"]["rng"])
+        return ref
+
+    def maybe_save(self, step: int, extra: dict[str, Any] | None = None) -> bool:
+        """At a checkpoint step, gather the per-rank states and (rank 0) save; whether it was one.
+
+        Every rank must call this after every step: the gathering is collective."""
+        if not self.is_checkpoint_step(step):
+            return False
+        ranks = gather_ranks((self.loader.state_dict(), self.rng.state_dict()), self.ctx)
+        if self.ctx.rank == 0:
+            self.save(step, {**self.train_state.state_dict(), "rng": [rng for _, rng in ranks]},
+                      {"ranks": [loader for loader, _ in ranks]}, extra=extra)
+        return True
+
     def save(self, step: int, state: dict[str, Any], loader_state: dict | None = None,
              extra: dict[str, Any] | None = None) -> None:
-        """Publish checkpoint `step`; in the background if `checkpoint.background` (call `wait()` before exit)."""
+        """Publish checkpoint `step`; in the background if `checkpoint.background` (call `wait()` before exit).
+
+        `extra` goes into the COMMIT record (the loop's: the latest metrics and the class fingerprint)."""
         start = time.perf_counter()
         self.wait()
         cpu_state = snapshot(state)
@@ -113,32 +137,10 @@ class Checkpointer:
 
     def _write(self, step: int, state: dict, loader_state: dict | None, extra: dict) -> None:
         start = time.perf_counter()
-        url = join_url(self.run_dir, "checkpoints", step_dir_name(step))
-        # Through a local file in TMPDIR, not memory: the snapshot is already a full copy of the state, and a
-        # serialised copy plus the upload buffer would triple the host memory a save needs. One file per run
-        # directory, so that what a killed or preempted writer left behind is overwritten by the next save.
-        run_id = hashlib.sha256(self.run_dir.encode()).hexdigest()[:16]
-        local = os.path.join(tempfile.gettempdir(), f"xception-checkpoint-{run_id}-state.pt")
-        try:
-            torch.save(state, local)
-            state_bytes = os.path.getsize(local)
-            upload_file(local, join_url(url, "state.pt"), self.storage)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(local)
-        files = ["state.pt", "config.yaml"]
-        write_bytes(join_url(url, "config.yaml"), config_to_yaml(self.config).encode(), self.storage)
-        if loader_state is not None:
-            write_bytes(join_url(url, "loader.json"), json.dumps(loader_state).encode(), self.storage)
-            files.append("loader.json")
-        counters = state.get("counters", {})
-        commit = {"step": step, "samples_seen": counters.get("samples_seen"), "files": files,
-                  "time": time.time(), "state_bytes": state_bytes, **extra}
-        write_bytes(join_url(url, COMMIT), json.dumps(commit).encode(), self.storage)
-        write_bytes(join_url(self.run_dir, "checkpoints", LATEST), step_dir_name(step).encode(), self.storage)
+        commit = write_checkpoint(self.run_dir, step, state, self.config, loader_state, extra, self.storage)
         self.last_upload_s = time.perf_counter() - start
-        log.info("checkpoint step %d published to %s (%.1f MB in %.1fs)", step, url, state_bytes / 1e6,
-                 self.last_upload_s)
+        log.info("checkpoint step %d published to %s (%.1f MB in %.1fs)", step, checkpoint_url(self.run_dir, step),
+                 commit["state_bytes"] / 1e6, self.last_upload_s)
         self._apply_retention()
 
     def _apply_retention(self) -> None:
@@ -154,8 +156,7 @@ class Checkpointer:
         for ref in refs[:-keep_last]:
             if keep_every and ref.step % keep_every == 0:
                 continue
-            remove(join_url(ref.url, COMMIT), self.storage)  # first: from here on it is not a checkpoint
-            remove(ref.url, self.storage, recursive=True)
+            delete_checkpoint(ref.url, self.storage)
             log.info("retention: removed %s", ref.url)
 
     def latest(self) -> CheckpointRef | None:

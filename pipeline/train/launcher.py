@@ -8,7 +8,6 @@ lost worker or node restarts the whole group, which then resumes from the run's 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -17,10 +16,11 @@ from pipeline.cluster import connect_ray
 from pipeline.config import Config, validate
 from pipeline.data import check_shard_split, read_manifest
 from pipeline.data.manifest import check_same_classes, class_fingerprint
-from pipeline.storage import absolute_url, is_local_url, join_url, local_path, read_bytes, s3_endpoint, s3_region
-from pipeline.storage.checkpoints import COMMIT, latest_checkpoint
+from pipeline.storage import absolute_url, is_local_url, local_path, s3_endpoint, s3_region
+from pipeline.storage.checkpoints import latest_checkpoint, read_commit
 from pipeline.train.failure import clear_failure, raise_recorded_failure, record_failure
-from pipeline.train.loop import WorkerContext, train
+from pipeline.train.loop import train
+from pipeline.train.ranks import WorkerContext
 from pipeline.train.step import NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -149,5 +149,5 @@ def final_metrics(config: Config) -> dict[str, Any]:
     ref = latest_checkpoint(config.run_dir, config.storage)
     if ref is None:
         return {}
-    commit = json.loads(read_bytes(join_url(ref.url, COMMIT), config.storage))
+    commit = read_commit(ref.url, config.storage)
     return {"step": commit["step"], "samples_seen": commit["samples_seen"], **(commit.get("metrics") or {})}

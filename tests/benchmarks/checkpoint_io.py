@@ -22,8 +22,9 @@ import torch
 from pipeline.config import load_config
 from pipeline.models import count_parameters
 from pipeline.storage import read_bytes, write_bytes
+from pipeline.storage.checkpoints import read_checkpoint
 from pipeline.storage.local_s3 import LocalS3
-from pipeline.train.checkpoint import Checkpointer, load_checkpoint
+from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.step import build_train_state
 
 
@@ -81,7 +82,7 @@ def main() -> None:
             saver.wait()
             total = time.perf_counter() - start
             start = time.perf_counter()
-            restored = load_checkpoint(saver.latest(), storage)
+            restored = read_checkpoint(saver.latest().url, storage)
             restore = time.perf_counter() - start
             assert restored["state"]["counters"]["step"] == state.step
             rows[mode] = {"stall_s": stall, "save_total_s": total, "upload_s": saver.last_upload_s,

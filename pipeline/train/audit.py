@@ -1,0 +1,40 @@
+"""`train.log_samples`: the keys each rank trained on, written out at every checkpoint step (an audit trail).
+
+`<run>/samples/rank-RRRRR-step-SSSSSSSSS.json` holds the keys a rank trained on since its previous file. Each file is
+written, on every rank, before that step's checkpoint commits (the loop records before it saves), so a step's keys
+are on record whenever its checkpoint is: after a resume, the files up to the resumed checkpoint list every sample
+trained on exactly once (the tests use it to prove that a killed worker's run keeps the loader's promise).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from pipeline.config import Config
+from pipeline.data import Batch
+from pipeline.storage import join_url, write_bytes
+from pipeline.train.ranks import WorkerContext, barrier
+
+
+class SampleAudit:
+    """Collects this rank's trained keys; writes them at the steps `write_at` accepts (the checkpoint steps)."""
+
+    def __init__(self, config: Config, ctx: WorkerContext, write_at: Callable[[int], bool]) -> None:
+        self.enabled = config.train.log_samples
+        self.samples_dir = join_url(config.run_dir, "samples")
+        self.storage = config.storage
+        self.ctx = ctx
+        self.write_at = write_at
+        self._keys: list[str] = []  # since the last file
+
+    def record(self, step: int, batch: Batch) -> None:
+        """Note the batch's valid keys as trained at `step`; at a checkpoint step, write them (collective)."""
+        if not self.enabled:
+            return
+        self._keys += [key for key, ok in zip(batch.keys, batch.valid.tolist(), strict=True) if ok]
+        if self.write_at(step):
+            name = f"rank-{self.ctx.rank:05d}-step-{step:09d}.json"
+            write_bytes(join_url(self.samples_dir, name), json.dumps(self._keys).encode(), self.storage)
+            self._keys = []
+            barrier(self.ctx)

@@ -1,0 +1,127 @@
+"""Training scalars (loss, lr, throughput, data wait) to the console, TensorBoard and Ray Train's report.
+
+`ScalarWriter.log` counts every step into a window and, at each logging step (`train.log_every`, and the last
+step), builds the window's record: samples/s over all wall time since the previous record (writing records and
+checkpoints included), the fraction of it spent waiting for data (`waiting_for_data`), and the loader's counters.
+Every rank builds it (`last`; returned by the loop, committed with checkpoints); only rank 0 writes it out.
+
+Ray Train's report is a barrier that every rank must reach the same number of times and a round trip through Ray's
+controller, so the loop publishes the latest record to Ray only at checkpoint steps (`publish`): logging every 10
+steps must not slow training. The console and TensorBoard carry the full curve. TensorBoard event files go straight
+into `<run>/tensorboard/` when the run directory is local; for object storage they are written to a local
+directory and uploaded whole on `flush()`/`close()` (TensorBoard cannot append to S3 objects). The loop publishes at
+every checkpoint and closes on the way out of a failed run too, so a run's curves are visible while it trains and
+survive a failure (a killed process keeps them up to its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.data import ShardStream
+from pipeline.storage import StorageError, is_local_url, join_url, local_path, upload_file
+from pipeline.train.step import StepResult, TrainState
+
+log = logging.getLogger(__name__)
+
+
+class ScalarWriter:
+    """Builds one record per logging step and writes it (rank 0); `last` holds the latest record."""
+
+    def __init__(self, run_dir: str, config: Config, *, enabled: bool, report: Callable[[dict], None] | None) -> None:
+        self.config = config
+        self.enabled = enabled
+        self._report = report
+        self.last: dict | None = None
+        self._window_start: float | None = None  # the first wait for data opens the first window
+        self._window_steps = self._window_ignored = 0
+        self._wait_s = 0.0
+        self._remote = None if is_local_url(run_dir) else join_url(run_dir, "tensorboard")
+        self._writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            local = (tempfile.mkdtemp(prefix="tensorboard-") if self._remote
+                     else os.path.join(local_path(run_dir), "tensorboard"))
+            self._local_dir = local
+            self._writer = SummaryWriter(local)
+
+    @contextlib.contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        """Time spent in this block counts as waiting for data (fetching a batch and moving it to the device)."""
+        start = time.perf_counter()
+        if self._window_start is None:
+            self._window_start = start
+        try:
+            yield
+        finally:
+            self._wait_s += time.perf_counter() - start
+
+    def log(self, state: TrainState, result: StepResult, loader: ShardStream) -> None:
+        """Count the step just taken; at a logging step, build and write the window's record."""
+        self._window_steps += 1
+        self._window_ignored += result.ignored
+        train = self.config.train
+        if state.step % train.log_every != 0 and state.step != train.total_steps:
+            return
+        # The window runs from the previous logging step to this one, so the time spent writing records and
+        # checkpoints counts against the throughput it reports.
+        now = time.perf_counter()
+        elapsed = now - self._window_start
+        record = {
+            "step": state.step, "samples_seen": state.samples_seen, "loss": result.loss, "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "samples_per_s": self._window_steps * train.global_batch_size / elapsed,
+            "samples_per_s_per_worker": self._window_steps * self.config.per_worker_batch_size / elapsed,
+            "data_wait_fraction": self._wait_s / elapsed, "skipped_nonfinite": state.skipped_nonfinite,
+            "ignored_images": self._window_ignored,  # this rank's since the last record: padding (+ unlabeled)
+            **{f"data/{k}": v for k, v in loader.metrics().items()},
+        }
+        self._window_start, self._window_steps, self._window_ignored, self._wait_s = now, 0, 0, 0.0
+        self.write(record)
+
+    def write(self, record: dict) -> None:
+        self.last = record
+        if not self.enabled:
+            return
+        total = self.config.train.total_steps
+        log.info("step %d/%d  loss %.4f  lr %.3g  %.1f samples/s (%.1f per worker)  data wait %.0f%%  skipped %d",
+                 record["step"], total, record["loss"], record["lr"], record["samples_per_s"],
+                 record["samples_per_s_per_worker"], 100 * record["data_wait_fraction"],
+                 int(record.get("data/skipped", 0)))
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float):
+                self._writer.add_scalar(key, value, global_step=record["step"])
+
+    def publish(self, step: int) -> None:
+        """At a checkpoint step: the latest record to Ray Train, and TensorBoard's events to the run directory.
+
+        Every rank must call this equally often (Ray's report is a barrier). A failed TensorBoard upload is never
+        worth a lost run: it is kept locally and retried at the next checkpoint."""
+        if self._report is not None and self.last is not None:
+            self._report(self.last)
+        try:
+            self.flush()
+        except StorageError as exc:
+            log.warning("TensorBoard upload failed at step %d (kept locally, retried at the next checkpoint): %s",
+                        step, exc)
+
+    def flush(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.flush()
+        if self._remote:
+            for path in Path(self._local_dir).glob("events.*"):
+                upload_file(str(path), join_url(self._remote, path.name), self.config.storage)
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
