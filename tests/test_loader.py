@@ -16,9 +16,11 @@ import webdataset as wds
 from conftest import restarted_after
 from PIL import Image
 
-import pipeline.data.loader as loader_module
+import pipeline.data.shard_reader as shard_reader
+import pipeline.data.stream as stream_module
 from pipeline.config import DataConfig, StorageConfig
 from pipeline.data import BadDataError, Batch, ShardSplitError, ShardStream, check_shard_split, to_device
+from pipeline.data.batch import SharedBuffers
 from pipeline.data.decode import _fast_scale, decode_image
 from pipeline.data.manifest import ClassInfo, Manifest, ShardInfo, read_manifest, write_manifest
 from pipeline.data.plan import Split, resumed_plan, train_plan
@@ -381,13 +383,13 @@ def test_to_device_multi_hot_and_pixels() -> None:
 
 def test_workers_reuse_their_shared_buffers_without_corrupting_batches(uneven: str, monkeypatch) -> None:
     owned: list[tuple[int, int]] = []
-    real_own = loader_module._own
+    real_own = stream_module.own_batch
 
     def own(batch: Batch, returned: list) -> Batch:
         owned.append(batch.buffer)
         return real_own(batch, returned)
 
-    monkeypatch.setattr(loader_module, "_own", own)
+    monkeypatch.setattr(stream_module, "own_batch", own)
 
     def images_by_key(workers: int) -> tuple[dict[str, torch.Tensor], int]:
         batches = list(streams(uneven, 1, batch=1, train=False, loader_workers=workers)[0])  # all held at once
@@ -398,7 +400,7 @@ def test_workers_reuse_their_shared_buffers_without_corrupting_batches(uneven: s
     shared, count = images_by_key(2)
     assert alone.keys() == shared.keys() and all(torch.equal(alone[k], shared[k]) for k in alone)
     assert len(owned) == count  # every batch came in a pooled buffer: handed back, the pool never ran dry
-    assert len(set(owned)) <= 2 * loader_module._SharedBuffers.LIMIT < count  # so buffers were reused
+    assert len(set(owned)) <= 2 * SharedBuffers.LIMIT < count  # so buffers were reused
     # training: one iterator spans epochs (and a builder per epoch); buffers must come back epoch after epoch
     owned.clear()
     stream = streams(uneven, 1, batch=1, loader_workers=2)[0]
@@ -520,8 +522,8 @@ def test_reads_that_fail_midway_reopen_at_the_same_offset(monkeypatch) -> None:
         opened.append(url)
         return Flaky(data)
 
-    monkeypatch.setattr(loader_module, "open_read", fake_open)
-    reader = loader_module._ReopeningReader("s3://bucket/shard.tar", StorageConfig(retry_backoff_s=0.01))
+    monkeypatch.setattr(shard_reader, "open_read", fake_open)
+    reader = shard_reader._ReopeningReader("s3://bucket/shard.tar", StorageConfig(retry_backoff_s=0.01))
     assert b"".join(iter(lambda: reader.read(700), b"")) == data
     assert len(opened) == 2
 
@@ -531,7 +533,7 @@ def test_a_shard_read_survives_the_server_restarting_midway(restartable_s3, capl
     url = "s3://restart/shard-000000.tar"
     payload = os.urandom(72 << 20)  # more than one of s3fs's 50 MiB read blocks
     write_bytes(url, payload, storage)
-    reader = loader_module._ReopeningReader(url, storage)
+    reader = shard_reader._ReopeningReader(url, storage)
     head = reader.read(1 << 20)
     server.stop()  # mid-read: the next block's fetch fails
     with restarted_after(server, 1.5), caplog.at_level(logging.WARNING):
