@@ -18,6 +18,7 @@ from PIL import Image
 
 import pipeline.data.shard_reader as shard_reader
 import pipeline.data.stream as stream_module
+import pipeline.data.workers as workers_module
 from pipeline.config import DataConfig, StorageConfig
 from pipeline.data import BadDataError, Batch, ShardSplitError, ShardStream, check_shard_split, to_device
 from pipeline.data.batch import SharedBuffers
@@ -209,6 +210,28 @@ def test_resume_with_another_world_size_resplits_the_rest(uneven: str, old: tupl
     # Later epochs use the new split.
     later = next(iter(resumed[0]))
     assert later.epoch == 1 and resumed[0].plan().segment == 0
+
+
+def test_each_epoch_is_planned_once_per_process(uneven: str, monkeypatch) -> None:
+    """The main process plans each epoch segment once and hands the plan to its workers, which plan only the epochs
+    after it (here the worker runs in-process, so both sides' calls are seen)."""
+    calls = []
+
+    def counting(side: str, real):
+        def plan(*args, **kwargs):
+            result = real(*args, **kwargs)
+            calls.append((side, result.epoch))
+            return result
+        return plan
+
+    monkeypatch.setattr(stream_module, "resumed_plan", counting("stream", stream_module.resumed_plan))
+    monkeypatch.setattr(workers_module, "train_plan", counting("worker", workers_module.train_plan))
+    stream = ShardStream(uneven, config(loader_workers=0), batch_size=2, rank=0, world_size=2, train=True)
+    per_epoch = stream.batches_per_epoch()
+    batches = take(iter(stream), 2 * per_epoch + 1)
+    stream.state_dict()
+    assert batches[-1].epoch == 2 and stream.plan().epoch == 2
+    assert calls == [("stream", 0), ("worker", 1), ("stream", 1), ("worker", 2), ("stream", 2)]
 
 
 def test_state_refuses_a_partial_resplit(uneven: str) -> None:
