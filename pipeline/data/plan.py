@@ -1,7 +1,7 @@
 """The epoch plan: which samples every (rank, loader worker) slot reads, in which order, and how many batches.
 
-Every process computes the same plan from (manifest sample counts, seed, epoch, split parameters); nothing is
-communicated. Terms:
+Every rank computes the same plan from (manifest sample counts, seed, epoch, split parameters); nothing is
+communicated between ranks (a rank hands its plan to its own loader workers). Terms:
 
 - slot: one (rank, loader worker) pair, `slot = rank * workers + worker`; a slot reads its own shards only.
 - part: the samples of one shard that a slot reads (all of them, or a subset when the rest of an interrupted

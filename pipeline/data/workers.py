@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import AugmentConfig, StorageConfig
 from pipeline.data.batch import Batch, BatchBuilder, SharedBuffers
 from pipeline.data.cache import ShardCache
-from pipeline.data.decode import BadSampleError, decode_image, parse_labels
+from pipeline.data.decode import BadSampleError, Decoder, decode_image, parse_labels
 from pipeline.data.plan import EpochPlan, train_plan
 from pipeline.data.shard_reader import PartEnd, ShardOpener, planned_samples, shard_opener
 
@@ -59,7 +59,7 @@ class WorkerSpec:
     train: bool
     image_size: int
     augment: AugmentConfig
-    decoder: str
+    decoder: Decoder
     fast_train_decode: bool
     num_classes: int
     storage: StorageConfig | None
@@ -152,8 +152,7 @@ class SlotProducer:
                     if data is None:
                         raise BadSampleError("bad_image", f"no image member (.{'/.'.join(_IMAGE_KEYS)})")
                     rng = random.Random(f"{plan.seed}:{plan.epoch}:{plan.segment}:{slot}:{position}{tag}")
-                    decode_image(data, spec.image_size, spec.augment, train=spec.train, rng=rng,
-                                 decoder=spec.decoder,  # type: ignore[arg-type]
+                    decode_image(data, spec.image_size, spec.augment, train=spec.train, rng=rng, decoder=spec.decoder,
                                  fast_train_decode=spec.fast_train_decode, out=destination())
                 except BadSampleError as exc:
                     if count_bad:
