@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import random
 
@@ -13,12 +12,13 @@ import pytest
 import simplejpeg
 import torch
 import webdataset as wds
-from conftest import restarted_after
 from PIL import Image
 
-import pipeline.data.loader as loader_module
-from pipeline.config import DataConfig, ShardsConfig, StorageConfig
+import pipeline.data.stream as stream_module
+import pipeline.data.workers as workers_module
+from pipeline.config import DataConfig, ShardsConfig
 from pipeline.data import BadDataError, Batch, ShardSplitError, ShardStream, check_shard_split, to_device
+from pipeline.data.batch import SharedBuffers
 from pipeline.data.decode import _fast_scale, decode_image
 from pipeline.data.manifest import ClassInfo, Manifest, ShardInfo, read_manifest, write_manifest
 from pipeline.data.plan import Split, resumed_plan, train_plan
@@ -210,6 +210,28 @@ def test_resume_with_another_world_size_resplits_the_rest(uneven: str, old: tupl
     assert later.epoch == 1 and resumed[0].plan().segment == 0
 
 
+def test_each_epoch_is_planned_once_per_process(uneven: str, monkeypatch) -> None:
+    """The main process plans each epoch segment once and hands the plan to its workers, which plan only the epochs
+    after it (here the worker runs in-process, so both sides' calls are seen)."""
+    calls = []
+
+    def counting(side: str, real):
+        def plan(*args, **kwargs):
+            result = real(*args, **kwargs)
+            calls.append((side, result.epoch))
+            return result
+        return plan
+
+    monkeypatch.setattr(stream_module, "resumed_plan", counting("stream", stream_module.resumed_plan))
+    monkeypatch.setattr(workers_module, "train_plan", counting("worker", workers_module.train_plan))
+    stream = ShardStream(uneven, config(loader_workers=0), batch_size=2, rank=0, world_size=2, train=True)
+    per_epoch = stream.batches_per_epoch()
+    batches = take(iter(stream), 2 * per_epoch + 1)
+    stream.state_dict()
+    assert batches[-1].epoch == 2 and stream.plan().epoch == 2
+    assert calls == [("stream", 0), ("worker", 1), ("stream", 1), ("worker", 2), ("stream", 2)]
+
+
 def test_state_refuses_a_partial_resplit(uneven: str) -> None:
     first = streams(uneven, 2)
     take(iter(first[0]), 1)
@@ -382,13 +404,13 @@ def test_to_device_multi_hot_and_pixels() -> None:
 
 def test_workers_reuse_their_shared_buffers_without_corrupting_batches(uneven: str, monkeypatch) -> None:
     owned: list[tuple[int, int]] = []
-    real_own = loader_module._own
+    real_own = stream_module.own_batch
 
     def own(batch: Batch, returned: list) -> Batch:
         owned.append(batch.buffer)
         return real_own(batch, returned)
 
-    monkeypatch.setattr(loader_module, "_own", own)
+    monkeypatch.setattr(stream_module, "own_batch", own)
 
     def images_by_key(workers: int) -> tuple[dict[str, torch.Tensor], int]:
         batches = list(streams(uneven, 1, batch=1, train=False, loader_workers=workers)[0])  # all held at once
@@ -399,7 +421,7 @@ def test_workers_reuse_their_shared_buffers_without_corrupting_batches(uneven: s
     shared, count = images_by_key(2)
     assert alone.keys() == shared.keys() and all(torch.equal(alone[k], shared[k]) for k in alone)
     assert len(owned) == count  # every batch came in a pooled buffer: handed back, the pool never ran dry
-    assert len(set(owned)) <= 2 * loader_module._SharedBuffers.LIMIT < count  # so buffers were reused
+    assert len(set(owned)) <= 2 * SharedBuffers.LIMIT < count  # so buffers were reused
     # training: one iterator spans epochs (and a builder per epoch); buffers must come back epoch after epoch
     owned.clear()
     stream = streams(uneven, 1, batch=1, loader_workers=2)[0]
@@ -505,38 +527,3 @@ def test_cache_serves_later_passes_and_respects_its_size(uneven: str, tmp_path) 
             list(r)
         assert sum(r.metrics()["cache_hits"] for r in ranks) == expect_hits
         assert sum(r.metrics()["cache_misses"] for r in ranks) == 5 - expect_hits
-
-
-def test_reads_that_fail_midway_reopen_at_the_same_offset(monkeypatch) -> None:
-    data = tar_bytes([good_sample(n) for n in range(3)])
-    opened = []
-
-    class Flaky(io.BytesIO):
-        def read(self, size: int | None = -1) -> bytes:
-            if len(opened) == 1 and self.tell() > 1000:
-                raise ConnectionResetError("connection reset by peer")
-            return super().read(size)
-
-    def fake_open(url: str, storage: object = None) -> Flaky:
-        opened.append(url)
-        return Flaky(data)
-
-    monkeypatch.setattr(loader_module, "open_read", fake_open)
-    reader = loader_module._ReopeningReader("s3://bucket/shard.tar", StorageConfig(retry_backoff_s=0.01))
-    assert b"".join(iter(lambda: reader.read(700), b"")) == data
-    assert len(opened) == 2
-
-
-def test_a_shard_read_survives_the_server_restarting_midway(restartable_s3, caplog) -> None:
-    server, storage = restartable_s3
-    url = "s3://restart/shard-000000.tar"
-    payload = os.urandom(72 << 20)  # more than one of s3fs's 50 MiB read blocks
-    write_bytes(url, payload, storage)
-    reader = loader_module._ReopeningReader(url, storage)
-    head = reader.read(1 << 20)
-    server.stop()  # mid-read: the next block's fetch fails
-    with restarted_after(server, 1.5), caplog.at_level(logging.WARNING):
-        rest = b"".join(iter(lambda: reader.read(1 << 20), b""))
-    reader.close()
-    assert head + rest == payload
-    assert any("re-opening" in r.getMessage() and url in r.getMessage() for r in caplog.records)

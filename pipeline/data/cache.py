@@ -42,6 +42,12 @@ class ShardCache:
         self.misses = 0
         os.makedirs(directory, exist_ok=True)
 
+    def drain_counts(self) -> tuple[int, int]:
+        """(hits, misses) since the previous call."""
+        counts = self.hits, self.misses
+        self.hits = self.misses = 0
+        return counts
+
     def path(self, url: str) -> str:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]
         return os.path.join(self.directory, f"{digest}-{posixpath.basename(url.rstrip('/'))}")

@@ -40,7 +40,7 @@ Box = tuple[float, float, float, float]  # left, top, right, bottom in source pi
 Decoder = Literal["pil_draft", "simplejpeg"]
 
 
-class BadSample(ValueError):
+class BadSampleError(ValueError):
     """A sample that cannot be used; `reason` is the counter it is skipped under ("bad_image", "bad_label")."""
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -101,7 +101,7 @@ def _crop_resize(pixels: np.ndarray, box: Box, source: tuple[int, int], flip: bo
     torch's uint8 antialiased bilinear kernel matches Pillow's BILINEAR resize (mean difference < 0.01 levels)
     at about 2.5x its speed, and at twice its NCHW speed on compact channels-last input. The mirror rides on the
     one copy that compacts the crop (the resize commutes with it exactly), and the resize writes straight into
-    `out` (the batch's slot) through the op's out= form, which `F.interpolate` does not expose: no extra copy
+    `out` (the batch's row) through the op's out= form, which `F.interpolate` does not expose: no extra copy
     of the 299x299 result (~0.1 ms per image).
     """
     height, width = pixels.shape[:2]
@@ -168,7 +168,7 @@ def _decode_simplejpeg(data: bytes, choose: ChooseCrop, out: torch.Tensor, fast:
 _DECODERS = {"pil_draft": _decode_pil, "simplejpeg": _decode_simplejpeg}
 
 
-def image_slot(image_size: int) -> torch.Tensor:
+def empty_image(image_size: int) -> torch.Tensor:
     """A fresh uint8 (3, S, S) image in channels-last memory, the layout `decode_image` writes."""
     return torch.empty((image_size, image_size, 3), dtype=torch.uint8).permute(2, 0, 1)
 
@@ -176,12 +176,12 @@ def image_slot(image_size: int) -> torch.Tensor:
 def decode_image(data: bytes, image_size: int, augment: AugmentConfig, *, train: bool, rng: random.Random,
                  decoder: Decoder = "simplejpeg", fast_train_decode: bool = True,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode, crop and resize one image to uint8 (3, image_size, image_size); raises BadSample("bad_image").
+    """Decode, crop and resize one image to uint8 (3, image_size, image_size); raises BadSampleError("bad_image").
 
-    out: where to write it (e.g. a batch's next slot, see `image_slot` for the layout); a new tensor if None.
+    out: where to write it (e.g. a batch's next image, see `empty_image` for the layout); a new tensor if None.
     On failure `out` may hold part of an image.
     """
-    out = image_slot(image_size) if out is None else out
+    out = empty_image(image_size) if out is None else out
     if out.shape != (3, image_size, image_size) or out.dtype != torch.uint8:
         raise ValueError(f"out must be uint8 of shape (3, {image_size}, {image_size}), got {out.dtype} "
                          f"{tuple(out.shape)}")
@@ -202,26 +202,26 @@ def decode_image(data: bytes, image_size: int, augment: AugmentConfig, *, train:
     try:
         _DECODERS[decoder](data, choose, out, fast_train_decode and train)
     except Exception as exc:  # Pillow and simplejpeg raise many types for broken data
-        raise BadSample("bad_image", f"{type(exc).__name__}: {exc}") from exc
+        raise BadSampleError("bad_image", f"{type(exc).__name__}: {exc}") from exc
     return out
 
 
 def parse_labels(data: bytes | None, num_classes: int) -> list[int]:
-    """Class ids from a sample's JSON `{"labels": [ids]}`; raises BadSample("bad_label") naming the problem."""
+    """Class ids from a sample's JSON `{"labels": [ids]}`; raises BadSampleError("bad_label") naming the problem."""
     if data is None:
-        raise BadSample("bad_label", "no .json member")
+        raise BadSampleError("bad_label", "no .json member")
     try:
         body = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadSample("bad_label", f"invalid JSON: {exc}") from exc
+        raise BadSampleError("bad_label", f"invalid JSON: {exc}") from exc
     if not isinstance(body, dict) or "labels" not in body:
-        raise BadSample("bad_label", 'no "labels" field')
+        raise BadSampleError("bad_label", 'no "labels" field')
     labels = body["labels"]
     if not isinstance(labels, list):
-        raise BadSample("bad_label", f'"labels" is {type(labels).__name__}, not a list')
+        raise BadSampleError("bad_label", f'"labels" is {type(labels).__name__}, not a list')
     for label in labels:
         if not isinstance(label, int) or isinstance(label, bool):
-            raise BadSample("bad_label", f"label {label!r} is not an integer class id")
+            raise BadSampleError("bad_label", f"label {label!r} is not an integer class id")
         if not 0 <= label < num_classes:
-            raise BadSample("bad_label", f"label {label} is outside 0..{num_classes - 1}")
+            raise BadSampleError("bad_label", f"label {label} is outside 0..{num_classes - 1}")
     return labels

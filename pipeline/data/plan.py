@@ -1,7 +1,7 @@
 """The epoch plan: which samples every (rank, loader worker) slot reads, in which order, and how many batches.
 
-Every process computes the same plan from (manifest sample counts, seed, epoch, split parameters); nothing is
-communicated. Terms:
+Every rank computes the same plan from (manifest sample counts, seed, epoch, split parameters); nothing is
+communicated between ranks (a rank hands its plan to its own loader workers). Terms:
 
 - slot: one (rank, loader worker) pair, `slot = rank * workers + worker`; a slot reads its own shards only.
 - part: the samples of one shard that a slot reads (all of them, or a subset when the rest of an interrupted
@@ -112,10 +112,6 @@ class EpochPlan:
         k = self.split.workers
         return list(self.slots[rank * k:(rank + 1) * k])
 
-    def items_per_worker(self, rank: int) -> int:
-        """Items every loader worker of `rank` emits (batches + fillers), so a round-robin DataLoader stays aligned."""
-        return max((s.batches for s in self.rank_slots(rank)), default=0)
-
     def window_order(self, slot: int, window: int) -> np.ndarray:
         """Emission order of a window: a permutation of its items (identity without shuffling)."""
         size = self.slots[slot].window_sizes[window]
@@ -139,6 +135,24 @@ class EpochPlan:
                     pi, k = items[order[t]]
                     yield offset + t, pi, k
             offset += size
+
+    def wanted_from(self, slot: int, start: int) -> dict[int, set[int] | None]:
+        """What the slot still reads when it resumes at position `start`: part index -> the sample indices it
+        will emit (an empty set: the part is never opened); parts not named are read whole."""
+        sp, wanted = self.slots[slot], {}
+        offset = 0
+        for w, size in enumerate(sp.window_sizes):
+            if start >= offset + size:
+                wanted.update({pi: set() for pi in sp.window_parts(w)})
+            elif start > offset:
+                items, order = self.window_items(slot, w), self.window_order(slot, w)
+                for pi in sp.window_parts(w):
+                    wanted[pi] = set()
+                for t in range(start - offset, size):
+                    pi, k = items[order[t]]
+                    wanted[pi].add(k)  # type: ignore[union-attr]
+            offset += size
+        return wanted
 
     def consumed(self, slot: int, position: int) -> dict[int, np.ndarray | None]:
         """Samples the slot has emitted after `position` items: shard -> sample indices (None = its whole part)."""
