@@ -92,11 +92,17 @@ def read_parts(plan: EpochPlan, slot: int, urls: list[str], counts: list[int], w
             error = f"{type(exc).__name__}: {exc}"
         finally:
             stream.close()
-        if error is None and delivered < counts[part.shard]:
-            error = f"ended after {delivered} of {counts[part.shard]} samples"
-        if error is not None:
-            log.warning("shard %s: %s", url, error)
-        yield PartEnd(pi, delivered, error)
+        yield _part_end(pi, url, delivered, counts[part.shard], error)
+
+
+def _part_end(part: int, url: str, delivered: int, expected: int, error: str | None) -> PartEnd:
+    """The part's `PartEnd`. A shard short of its manifest count ended early even without a read error; an early
+    end is logged."""
+    if error is None and delivered < expected:
+        error = f"ended after {delivered} of {expected} samples"
+    if error is not None:
+        log.warning("shard %s: %s", url, error)
+    return PartEnd(part, delivered, error)
 
 
 class ReadAhead:

