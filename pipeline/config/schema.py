@@ -247,6 +247,32 @@ class EvalConfig(Section):
     )
 
 
+class ExportConfig(Section):
+    """jobs/export_model.py: a checkpoint as a model package (`pipeline.models.package`), with checked programs."""
+
+    formats: list[Literal["safetensors", "torch_export", "onnx"]] = Field(
+        default_factory=lambda: ["safetensors", "torch_export", "onnx"],
+        description="what to write: safetensors (the weights + model.json, always), torch_export (model.pt2), "
+        "onnx (model.onnx; needs the 'export' extra)",
+    )
+    weights: Literal["ema", "raw"] = Field("ema", description="the Polyak-averaged (EMA) or the raw weights")
+    image_size: int | None = Field(None, ge=71, description="input side of the exported programs; None = the "
+                                   "checkpoint's data.image_size")
+    opset: int = Field(18, ge=18, description="ONNX opset (the dynamo exporter needs >= 18)")
+    check_images: int = Field(8, ge=2, description="real images the programs are checked on (at batch sizes 1 and "
+                              "this), from export.check_data")
+    check_data: str | None = Field(None, description="dataset prefix of those images; None = the checkpoint's "
+                                   "data.eval, else its data.train")
+    tolerance: PositiveFloat = Field(1e-4, description="largest |program - eager| logit difference accepted")
+
+    @model_validator(mode="after")
+    def _weights_always(self) -> ExportConfig:
+        if "safetensors" not in self.formats or len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"export.formats={self.formats} must list safetensors (the package's weights) and no "
+                             "format twice")
+        return self
+
+
 class ClusterConfig(Section):
     """Ray Train scaling: one DDP rank per worker."""
 
@@ -278,6 +304,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
