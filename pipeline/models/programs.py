@@ -7,10 +7,13 @@ needs the `export` extra (onnx, onnxscript; onnxruntime runs and checks the resu
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
+import logging
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +50,25 @@ def _batch_dim() -> dict[int, torch.export.Dim]:
     return {0: torch.export.Dim("batch", min=1)}
 
 
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """The ONNX exporter's per-pass INFO lines, its "torchvision is not installed" warnings (no torchvision ops
+    here) and a deprecation warning from inside torch, hidden while exporting."""
+    quieter = {"onnx_ir": logging.WARNING, "onnxscript": logging.WARNING,
+               "torch.onnx._internal.exporter._registration": logging.ERROR}
+    loggers = [logging.getLogger(name) for name in quieter]
+    levels = [logger.level for logger in loggers]
+    for logger, level in zip(loggers, quieter.values(), strict=True):
+        logger.setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def export_program(model: nn.Module, fmt: str, example: Tensor, path: str, opset: int = 18) -> float:
     """Export `model` (eval mode) traced with `example` (a batch of at least 2 images, so the batch dimension is
     not specialised) to the local file `path`; returns the seconds it took."""
@@ -55,12 +77,14 @@ def export_program(model: nn.Module, fmt: str, example: Tensor, path: str, opset
         raise ValueError(f"the example batch needs at least 2 images to keep the batch dynamic, got {example.shape}")
     start = time.perf_counter()
     model = model.eval()
-    if fmt == "torch_export":
-        program = torch.export.export(model, (example,), dynamic_shapes=(_batch_dim(),))
-        torch.export.save(program, path)
-    else:
-        torch.onnx.export(model, (example,), path, dynamo=True, dynamic_shapes=(_batch_dim(),), opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False, verbose=False)
+    with _quiet_exporters():
+        if fmt == "torch_export":
+            program = torch.export.export(model, (example,), dynamic_shapes=(_batch_dim(),))
+            torch.export.save(program, path)
+        else:
+            torch.onnx.export(model, (example,), path, dynamo=True, dynamic_shapes=(_batch_dim(),),
+                              opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              external_data=False, verbose=False)
     return time.perf_counter() - start
 
 
