@@ -8,13 +8,14 @@ import pytest
 import torch
 from conftest import copy_with_swapped_classes
 from test_checkpoint import tiny_config
+from test_package import ARCHITECTURE
 
 from pipeline.config import ExportConfig
 from pipeline.data.manifest import class_fingerprint, read_classes, read_manifest
 from pipeline.inference.export import check_images, export_model
 from pipeline.inference.sources import load_model
 from pipeline.models import preprocess_input
-from pipeline.models.package import program_url, read_package
+from pipeline.models.package import build_architecture, program_url, read_package
 from pipeline.models.programs import ProgramMismatch, check_program, load_program, max_logit_difference
 from pipeline.models.thresholds import ClassThresholds, write_thresholds
 from pipeline.storage import join_url
@@ -102,19 +103,12 @@ def test_the_job_exports_a_named_checkpoint_with_raw_weights_and_no_thresholds(t
 
 
 def test_the_parity_check_refuses_a_program_that_differs(tiny_demo):
-    model = read_or_build_tiny_model()
+    torch.manual_seed(0)
+    model = build_architecture({**ARCHITECTURE, "fc_layers": []})
     images = real_images(tiny_demo, 4)
     assert check_program(lambda x: model(x), model, images, [1, 4], 1e-4, "same") == 0.0
     with pytest.raises(ProgramMismatch, match=r"off by one: logits differ from the eager model's by 0\.001"):
         check_program(lambda x: model(x) + 1e-3, model, images, [1, 4], 1e-4, "off by one")
-
-
-def read_or_build_tiny_model():
-    from pipeline.models.package import build_architecture
-
-    torch.manual_seed(0)
-    return build_architecture({"name": "xception", "num_classes": 3, "fc_layers": [], "dropout": 0.0,
-                               "width_multiplier": 0.125, "middle_blocks": 1, "in_chans": 3})
 
 
 def test_runs_without_a_checkpoint_and_unknown_formats_are_refused_with_exit_code_2(tmp_path, capsys):
