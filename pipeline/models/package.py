@@ -108,7 +108,8 @@ def new_package(model: Xception, architecture: Mapping[str, Any], classes: Seque
 
     The architecture must rebuild a model with exactly `model`'s state-dict keys and shapes; there must be one class
     name per logit; thresholds, when given, must be for the same classes in the same order."""
-    expected = build_architecture(architecture, source="architecture").state_dict()
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        expected = build_architecture(architecture, source="architecture").state_dict()
     found = model.state_dict()
     shapes = {k: tuple(v.shape) for k, v in found.items()}
     if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
