@@ -16,7 +16,8 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_D
 
 
 def connect_ray(config: Config) -> None:
-    """Connect to `cluster.address` (or RAY_ADDRESS, or a new local cluster) unless already connected."""
+    """Connect to `cluster.address` unless already connected. Without one, Ray's own rule applies: RAY_ADDRESS,
+    else the cluster `ray start` runs on this machine, else a new local cluster for this process."""
     import ray
 
     if ray.is_initialized():
