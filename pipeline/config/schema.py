@@ -127,6 +127,13 @@ class ShardsConfig(Section):
 
     max_shard_mb: float = Field(256.0, ge=1 / 16, description="target shard size in MiB (2**20 bytes; at least "
                                 "1/16 = 64 KiB)")
+    min_shards: PositiveInt | None = Field(
+        32, description="aim for at least this many shards, so that cluster.num_workers x data.loader_workers slots "
+        "each get their own (32: 8 ranks x 4 loader workers): shards shrink below max_shard_mb to reach it, but not "
+        "below min_shard_mb; None = cut by max_shard_mb alone. Applies to inputs sized before writing (a folder, a "
+        "list), not to streamed iterators")
+    min_shard_mb: float = Field(4.0, ge=1 / 16, description="the smallest shard size (MiB) min_shards may lead to: "
+                                "below it a shard takes less time to read than to open on S3")
     max_shard_samples: PositiveInt | None = Field(None, description="also close a shard at this many input items")
     samples_per_shard: PositiveInt | None = Field(
         None, description="cut shards by count instead of size (no size estimates); overrides max_shard_mb")
@@ -136,10 +143,17 @@ class ShardsConfig(Section):
                                 "process")
     tmp_dir: str | None = Field(None, description="local directory for shards being built; None = the system's")
     progress: bool = Field(True, description="a progress bar on stderr")
+    overwrite: bool = Field(False, description="replace a dataset written at the prefix with other settings: its "
+                            "manifest is removed first, its shards rewritten, the new manifest written last "
+                            "(without it such a prefix is refused, to keep re-runs resumable)")
 
     @property
     def max_shard_bytes(self) -> int:
         return int(self.max_shard_mb * 2**20)
+
+    @property
+    def min_shard_bytes(self) -> int:
+        return int(self.min_shard_mb * 2**20)
 
 
 class OptimizerConfig(Section):
