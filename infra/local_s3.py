@@ -3,6 +3,8 @@
     python infra/local_s3.py --dir ./.local-s3 --bucket demo
 
 Prints the `export` lines (endpoint, keys, region) that point other shells at it; Ctrl-C (or SIGTERM) stops it.
+Authentication is on: the keys are generated on the first start and kept in DIR/s3-identities.json (mode 0600;
+delete it for new ones), so a restart keeps the same keys; the secret never appears in a command line (`ps`).
 The data directory is kept, so the next start serves the same objects.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from the repository root without installing
 
 from pipeline.cli import job_main
-from pipeline.storage.local_s3 import REGION, LocalS3
+from pipeline.storage.local_s3 import IDENTITIES_FILE, REGION, LocalS3
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -26,12 +28,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dir", default="./.local-s3", help="data directory (kept between runs)")
     parser.add_argument("--port", type=int, default=8333, help="S3 port; it and port+10000 must be free")
     parser.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
-    parser.add_argument("--access-key", help="turn authentication on with this access key (needs --secret-key)")
-    parser.add_argument("--secret-key", help="secret for --access-key")
-    args = parser.parse_args(argv)
-    if (args.access_key is None) != (args.secret_key is None):
-        parser.error("--access-key and --secret-key go together")
-    return args
+    parser.add_argument("--no-auth", action="store_true",
+                        help="authentication off: any key is accepted, so wrong credentials go unnoticed")
+    return parser.parse_args(argv)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -42,15 +41,14 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
-    server = LocalS3(
-        args.dir, port=args.port, access_key=args.access_key, secret_key=args.secret_key, buckets=args.bucket
-    )
+    server = LocalS3(args.dir, port=args.port, auth=not args.no_auth, buckets=args.bucket)
     try:
         server.start()
-        print("# SeaweedFS S3 is running; in another shell:")
+        keys = (f"keys kept in {server.data_dir / IDENTITIES_FILE}" if server.auth
+                else "authentication OFF: any key is accepted")
+        print(f"# SeaweedFS S3 is running ({keys}); in another shell:")
         for name, value in server.env().items():
-            shown = "<your --secret-key>" if name == "AWS_SECRET_ACCESS_KEY" and server.auth else value
-            print(f"export {name}={shown}")
+            print(f"export {name}={value}")
         print(f"# or set storage.endpoint_url={server.endpoint_url} storage.region={REGION}")
         print(f"# buckets: {', '.join(server.buckets) or '(none)'}; log: {server.log_path}; Ctrl-C stops it")
         sys.stdout.flush()

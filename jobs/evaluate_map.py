@@ -30,7 +30,8 @@ from pipeline.config import config_argument_parser, load_config
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = config_argument_parser(__doc__)
     parser.add_argument("--checkpoint", help="evaluate this one checkpoint URL (its run directory gets the report)")
-    parser.add_argument("--once", action="store_true", help="evaluate the checkpoints present now, then exit")
+    parser.add_argument("--once", action="store_true", help="evaluate the checkpoints present now, then exit; with "
+                        "nothing to evaluate it says why, and a run that does not exist exits with code 2")
     parser.add_argument("--until-step", type=int, help="stop once a checkpoint at or after this step is evaluated")
     parser.add_argument("--workers", type=int, default=1, help="parallel Ray tasks scoring the eval set")
     return parser.parse_args(argv)
@@ -44,11 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run_dir = run_dir_of(args.checkpoint) if args.checkpoint else config.run_dir
     watcher = CheckpointWatcher(run_dir, config, workers=args.workers)
-    evaluations = watcher.run(once=args.once or bool(args.checkpoint), until_step=args.until_step,
-                              only=args.checkpoint)
+    once = args.once or bool(args.checkpoint)
+    if once:
+        watcher.require_run(args.checkpoint)  # a typo in run.name is refused (exit 2), not an empty success
+    evaluations = watcher.run(once=once, until_step=args.until_step, only=args.checkpoint)
     for evaluation in evaluations:
         summary = summarize(evaluation.record(), orientation=evaluation.config.eval.orientation)
         print(f"step {evaluation.step}: {summary}")
+    if once and not evaluations:
+        print(watcher.nothing_to_evaluate(args.checkpoint))
     return 0
 
 

@@ -6,6 +6,8 @@
     python jobs/make_shards.py --demo tiny --split train --count 2000 --seed 0 --out ./data/demo/train
 
 Re-running the same command resumes: published shards are kept, missing ones written, the manifest written last.
+A prefix written with other settings is refused; shards.overwrite=true replaces it. At least shards.min_shards
+shards are cut when the data allows, and the summary names the cluster sizes (ranks x loader workers) they support.
 How shards are cut and images normalised are the `shards.*` settings (e.g. shards.max_shard_mb=64
 shards.workers=8); storage is `storage.*` (credentials from the standard places: environment, AWS profile,
 instance role; storage.endpoint_url=... or AWS_ENDPOINT_URL for S3-compatible servers). Formats and rules:

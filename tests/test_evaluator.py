@@ -129,6 +129,27 @@ def test_evaluate_map_job_evaluates_one_named_checkpoint(tiny_demo, tmp_path, ca
     assert "step 2: MAP@100" in out and "(class prior" in out
     assert [r["step"] for r in read_records(join_url(config.run_dir, "reports"))] == [2]
     assert job.main(["eval.k=0"]) == 2  # bad config: refused before any work
+    assert "eval.k" in capsys.readouterr().err
+
+    # --once says what it found: a typo in run.name is refused, naming the run directory and the closest run
+    assert job.main(["--once", f"run.storage={tmp_path}", "run.name=dmeo"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and f"no run at {tmp_path}/dmeo" in captured.err
+    assert "did you mean run.name=demo?" in captured.err and "run.storage" in captured.err
+    assert job.main(["--checkpoint", url, f"data.eval={tiny_demo.eval}"]) == 0  # done already: says so
+    assert capsys.readouterr().out == f"{url}: already evaluated (in {config.run_dir}/reports/map100.jsonl); " \
+        "nothing new to evaluate\n"
+    missing = join_url(config.run_dir, "checkpoints", "step-000000007")
+    assert job.main(["--checkpoint", missing]) == 2 and "not a committed checkpoint" in capsys.readouterr().err
+    (tmp_path / "started" / "workers").mkdir(parents=True)  # a run whose training has not checkpointed yet
+    (tmp_path / "started" / "workers" / "rank-0.json").write_text("{}")
+    assert job.main(["--once", f"run.storage={tmp_path}", "run.name=started"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path}/started: no checkpoint yet; nothing to evaluate\n"
+    append_record(join_url(config.run_dir, "reports"), {**read_records(join_url(config.run_dir, "reports"))[0],
+                                                        "step": 1})  # step 1 reported as well: nothing new
+    assert job.main(["--once", f"run.storage={tmp_path}", "run.name=demo"]) == 0
+    assert capsys.readouterr().out == (f"{config.run_dir}: all 2 committed checkpoints (steps 1, 2) are already in "
+                                       f"{config.run_dir}/reports/map100.jsonl; nothing new to evaluate\n")
 
 
 # Settings of an evaluator that differ from the checkpoints' saved ones; loader_workers=0 also keeps these tests fast.

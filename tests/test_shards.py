@@ -301,6 +301,92 @@ def test_iterator_source_to_s3(s3_prefix: str) -> None:
     assert [c.train_frequency for c in read_classes(s3_prefix, manifest)] == [4, 3, 4, 4, 3]
 
 
+# ----------------------------------------------------------------------------------- shard count and overwrite
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[tuple[str, bytes, list[int]]]:
+    """40 pass-through JPEGs of ~29 KB (1.1 MiB): one shard at the default 256 MiB target."""
+    return [(f"p{i:03d}", _encode(_photo(400 + i, 320, 240), quality=90), [i % 3]) for i in range(40)]
+
+
+def _sidecars(prefix: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(prefix.glob("shard-*.json"))]
+
+
+def _record_bytes(prefix: Path) -> int:
+    """The tar record bytes of every sample in the shards (headers + 512-byte padded members): what the plan sizes."""
+    total = 0
+    for path in prefix.glob("shard-*.tar"):
+        with tarfile.open(path) as tar:
+            total += sum(512 + -(-m.size // 512) * 512 for m in tar.getmembers())
+    return total
+
+
+def test_min_shards_splits_a_small_dataset_above_the_floor(photos: list, tmp_path: Path) -> None:
+    classes = [ClassInfo(i, f"c{i}") for i in range(3)]
+    out = tmp_path / "eight"
+    report = ShardWriter(str(out), classes, options=ShardsConfig(min_shards=8, min_shard_mb=1 / 16, workers=1,
+                                                                  progress=False)).write(photos)
+    target = -(-_record_bytes(out) // 8)  # exact for pass-through JPEGs
+    assert {s["target_bytes"] for s in _sidecars(out)} == {target}
+    manifest = read_manifest(str(out))
+    assert 8 <= len(manifest.shards) <= 10 and manifest.num_samples == 40
+    assert all(s.bytes <= target for s in manifest.shards)
+    assert manifest.extra["writer"]["min_shards"] == 8
+    n = len(manifest.shards)
+    sizes = f"cluster.num_workers x data.loader_workers = {n} x 1, {n // 2} x 2, {n // 4} x 4, 1 x 8"
+    assert sizes in report.summary()
+
+    floor = tmp_path / "floor"  # 40 x 29 KB / 8 is below a 0.5 MiB floor: 3 shards of <= 0.5 MiB instead
+    ShardWriter(str(floor), classes, options=ShardsConfig(min_shards=8, min_shard_mb=0.5, workers=1,
+                                                          progress=False)).write(photos)
+    assert {s["target_bytes"] for s in _sidecars(floor)} == {2**19}
+    shards = read_manifest(str(floor)).shards
+    assert len(shards) == 3 and all(0.9 * 2**19 < s.bytes <= 2**19 for s in shards[:-1])
+
+    expected = _files(out)  # resume: the published shards' target is kept, the output identical
+    (out / "manifest.json").unlink()
+    (out / "shard-000002.tar").unlink()
+    ShardWriter(str(out), classes, options=ShardsConfig(min_shards=8, min_shard_mb=1 / 16, workers=1,
+                                                        progress=False)).write(photos)
+    assert _files(out) == expected
+
+    whole = tmp_path / "whole"  # without min_shards: one shard, as before
+    ShardWriter(str(whole), classes, options=ShardsConfig(min_shards=None, workers=1, progress=False)).write(photos)
+    assert len(read_manifest(str(whole)).shards) == 1 and "target_bytes" not in _sidecars(whole)[0]
+
+
+def test_overwrite_replaces_a_prefix_of_other_settings_manifest_last(photos: list, tmp_path: Path) -> None:
+    classes = [ClassInfo(i, f"c{i}") for i in range(3)]
+    items = photos[:12]
+
+    def options(cap: int, **more: object) -> ShardsConfig:
+        return ShardsConfig(max_shard_samples=cap, min_shards=None, workers=1, progress=False, **more)
+
+    out, clean = tmp_path / "ds", tmp_path / "clean"
+    ShardWriter(str(out), classes, options=options(3)).write(items)  # 4 shards
+    with pytest.raises(ShardWriteError, match=r"shard-000000.json: .*other settings.*shards\.overwrite=true"):
+        ShardWriter(str(out), classes, options=options(5)).write(items)
+
+    def failing():
+        for i, item in enumerate(items):
+            if i == 6:
+                raise ConnectionError("source went away")
+            yield item
+
+    with pytest.raises(ConnectionError):  # an interrupted overwrite: the old dataset is no longer visible
+        ShardWriter(str(out), classes, options=options(5, overwrite=True)).write(failing())
+    assert not (out / "manifest.json").exists() and (out / "shard-000003.tar").exists()
+    with pytest.raises(ShardWriteError, match="other settings"):  # old shards remain: still refused without it
+        ShardWriter(str(out), classes, options=options(5)).write(items)
+    report = ShardWriter(str(out), classes, options=options(5, overwrite=True)).write(items)
+    assert report.skipped_shards == [0] and report.written_shards == [1, 2]  # shard 0 kept from the interrupted run
+    ShardWriter(str(clean), classes, options=options(5, overwrite=True)).write(items)
+    assert _files(out) == _files(clean)  # stale shard-000003.* removed, same bytes as a fresh write
+    assert [s.samples for s in read_manifest(str(out)).shards] == [5, 5, 2]
+
+
 # --------------------------------------------------------------------------------------------------------- CLI
 
 

@@ -39,7 +39,7 @@ from pipeline.storage import (
 )
 from pipeline.storage import files as storage_files
 from pipeline.storage.filesystems import s3_options
-from pipeline.storage.local_s3 import LocalS3
+from pipeline.storage.local_s3 import IDENTITIES_FILE, LocalS3, _pick_ports, stored_credentials
 
 REPO = Path(__file__).resolve().parents[1]
 RETRY_LOGGER = "pipeline.storage.retries"
@@ -467,3 +467,60 @@ def test_local_s3_script_runs_from_the_repository_root() -> None:
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--bucket" in result.stdout and "SeaweedFS" in result.stdout
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is `pid` (from /proc/*/stat)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_local_s3_script_has_authentication_on_with_a_secret_not_in_ps(tmp_path: Path) -> None:
+    import botocore.session
+    from botocore.exceptions import ClientError
+
+    port = _pick_ports(1)[0]
+    script = subprocess.Popen([sys.executable, "infra/local_s3.py", "--dir", str(tmp_path / "s3"), "--port",
+                               str(port), "--bucket", "mine"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("# buckets:"):
+            line = script.stdout.readline()
+            assert line, f"the script ended early: {lines}"
+            lines.append(line.strip())
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
+        secret = exports["AWS_SECRET_ACCESS_KEY"]
+        assert len(secret) >= 32 and exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
+        weed = [p for p in _children(script.pid) if b"weed" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(weed) == 1
+        for pid in (script.pid, weed[0]):  # what `ps` shows: neither command line holds the secret
+            assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert secret.encode() not in Path(f"/proc/{weed[0]}/environ").read_bytes()
+        assert (tmp_path / "s3" / IDENTITIES_FILE).stat().st_mode & 0o777 == 0o600
+
+        def client(secret_key: str):
+            return botocore.session.Session().create_client(
+                "s3", endpoint_url=exports["AWS_ENDPOINT_URL"], region_name=exports["AWS_REGION"],
+                aws_access_key_id=exports["AWS_ACCESS_KEY_ID"], aws_secret_access_key=secret_key)
+
+        client(secret).put_object(Bucket="mine", Key="a", Body=b"x")  # the printed keys work
+        for call in (lambda c: c.get_object(Bucket="mine", Key="a"), lambda c: c.list_buckets(),
+                     lambda c: c.put_object(Bucket="mine", Key="b", Body=b"y")):
+            with pytest.raises(ClientError) as refused:
+                call(client(secret[:-1] + ("0" if secret[-1] != "0" else "1")))
+            assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    finally:
+        script.terminate()
+        assert script.wait(timeout=30) == 0
+        script.stdout.close()
+    # a restart keeps the keys (other shells' exports stay valid); LocalS3 picks them from the data dir
+    assert stored_credentials(tmp_path / "s3") == (exports["AWS_ACCESS_KEY_ID"], secret)
+    assert LocalS3(tmp_path / "s3").env()["AWS_SECRET_ACCESS_KEY"] == secret
+    assert LocalS3(tmp_path / "other").env()["AWS_SECRET_ACCESS_KEY"] not in (secret, "")

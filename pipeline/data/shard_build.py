@@ -68,9 +68,12 @@ def sample_json(sample: Sample) -> bytes:
 
 def output_settings(options: ShardsConfig) -> dict[str, Any]:
     """The settings that determine the bytes written (recorded in sidecars and the manifest)."""
-    return {"max_shard_bytes": options.max_shard_bytes, "max_shard_samples": options.max_shard_samples,
-            "samples_per_shard": options.samples_per_shard, "max_image_side": options.max_image_side,
-            "jpeg_quality": options.jpeg_quality}
+    settings = {"max_shard_bytes": options.max_shard_bytes, "max_shard_samples": options.max_shard_samples,
+                "samples_per_shard": options.samples_per_shard, "max_image_side": options.max_image_side,
+                "jpeg_quality": options.jpeg_quality}
+    if options.samples_per_shard is None and options.min_shards is not None:  # they do not apply to cuts by count
+        settings.update(min_shards=options.min_shards, min_shard_bytes=options.min_shard_bytes)
+    return settings
 
 
 def shard_name(index: int) -> str:
@@ -93,6 +96,7 @@ class ShardTask:
     settings: str  # fingerprint of the output settings and classes (`ShardWriter.settings`)
     options: ShardsConfig
     storage: StorageConfig | None
+    target_bytes: int | None = None  # the shard size planned for this dataset when min_shards lowered it
 
 
 _tick: Callable[[int], None] = lambda n: None  # noqa: E731  (set per process: progress of samples processed)
@@ -155,14 +159,17 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
             upload_file(temp, url, task.storage)
     finally:
         os.unlink(temp)
-    if size > options.max_shard_bytes * 1.1 and len(task.samples) > 1:
+    target = task.target_bytes or options.max_shard_bytes
+    if size > target * 1.1 and len(task.samples) > 1:
         logger.warning("%s is %.1f MiB, over the %.1f MiB target (re-encoded images compressed worse than "
-                       "planned)", url, size / 2**20, options.max_shard_bytes / 2**20)
+                       "planned)", url, size / 2**20, target / 2**20)
     sidecar = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "shard": name, "index": task.index,
                "start": task.start, "items": len(task.samples), "first_key": task.samples[0].key,
                "final": task.final, "samples": samples, "bytes": size if samples else 0,
                "settings": task.settings, "reencoded": dict(sorted(reencoded.items())), "bad": bad,
                "label_counts": {str(k): v for k, v in sorted(label_counts.items())}}
+    if task.target_bytes is not None:
+        sidecar["target_bytes"] = task.target_bytes
     write_bytes(join_url(task.out, sidecar_name(task.index)),
                 json.dumps(sidecar, indent=None, sort_keys=True).encode("utf-8"), task.storage)
     return sidecar

@@ -5,6 +5,49 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.data.manifest import ShardInfo
+from pipeline.data.plan import ShardSplitError, check_shard_split
+
+LOADER_WORKER_CHOICES = (1, 2, 4, 8)  # the data.loader_workers values the summary names cluster sizes for
+
+
+@dataclass(frozen=True)
+class _Shards:
+    shards: list[ShardInfo]  # what `check_shard_split` reads of a manifest
+
+
+def largest_world_sizes(shards: list[ShardInfo]) -> dict[int, int]:
+    """{data.loader_workers: the most training ranks (cluster.num_workers) `check_shard_split` accepts for these
+    shards} for each of `LOADER_WORKER_CHOICES` that allows at least one rank."""
+    manifest = _Shards(shards)
+
+    def fits(ranks: int, loader_workers: int) -> bool:
+        try:
+            check_shard_split(manifest, ranks, loader_workers)
+        except ShardSplitError:
+            return False
+        return True
+
+    largest: dict[int, int] = {}
+    for loader_workers in LOADER_WORKER_CHOICES:
+        low, high = 0, len(shards)  # fits(low) holds (or low == 0); the answer is at most one rank per shard
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle, loader_workers) else (low, middle - 1)
+        if low:
+            largest[loader_workers] = low
+    return largest
+
+
+def cluster_sizes_line(shards: list[ShardInfo]) -> str:
+    """One line naming the cluster.num_workers x data.loader_workers a training run on these shards can use."""
+    largest = largest_world_sizes(shards)
+    sizes = ", ".join(f"{ranks} x {workers}" for workers, ranks in largest.items())
+    line = (f"trains on at most cluster.num_workers x data.loader_workers = {sizes} (each rank's loader worker "
+            "needs its own shard)")
+    if len(shards) < 32:
+        line += ("; for more, write more, smaller shards (shards.min_shards, shards.max_shard_mb; "
+                 "shards.overwrite=true to replace these)")
+    return line
 
 
 @dataclass(frozen=True)
@@ -44,6 +87,7 @@ class ShardReport:
         ]
         if self.reencoded:
             lines.append("re-encoded: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.reencoded.items())))
+        lines.append(cluster_sizes_line(self.shards))
         lines.append(f"bad inputs skipped: {len(self.bad)}")
         lines += [f"  {b.source}: {b.reason}" for b in self.bad[:50]]
         if len(self.bad) > 50:

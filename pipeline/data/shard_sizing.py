@@ -9,9 +9,11 @@ compress worse than photos. Only headers are read.
 from __future__ import annotations
 
 import io
+from concurrent.futures import Executor
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from pipeline.config import ShardsConfig, StorageConfig
 from pipeline.data.images import open_image, reencode_reason, target_size
@@ -75,3 +77,28 @@ def estimate_chunk(args: tuple[list[Sample], ShardsConfig, StorageConfig | None]
     """`estimate_record` of each sample: one task of the writer's parallel sizing pass."""
     samples, options, storage = args
     return [estimate_record(s, options, storage) for s in samples]
+
+
+def estimate_records(items: list[tuple[int, Sample]], options: ShardsConfig, storage: StorageConfig | None,
+                     pool: Executor | None) -> dict[int, int]:
+    """{position: `estimate_record`} of (position, sample) items: path samples in chunks on `pool` (reads headers
+    only; with a progress bar), in-memory ones here."""
+    todo = [(p, s) for p, s in items if s.path is not None]
+    chunks = [todo[i:i + 256] for i in range(0, len(todo), 256)]
+    args = [([s for _, s in chunk], options, storage) for chunk in chunks]
+    mapped = pool.map(estimate_chunk, args) if pool is not None else map(estimate_chunk, args)
+    estimates = {p: estimate_record(s, options, storage) for p, s in items if s.path is None}
+    with tqdm(total=len(todo), desc="sizing", unit="img", disable=not options.progress or not todo) as bar:
+        for chunk, sizes in zip(chunks, mapped, strict=True):
+            estimates.update((p, size) for (p, _), size in zip(chunk, sizes, strict=True))
+            bar.update(len(chunk))
+    return estimates
+
+
+def planned_shard_bytes(total_record_bytes: int, options: ShardsConfig) -> int:
+    """The shard size to plan for a dataset whose samples take `total_record_bytes` in tars: `max_shard_bytes`,
+    lowered so that the dataset makes at least `min_shards` shards, but not below `min_shard_bytes`."""
+    if options.min_shards is None or options.samples_per_shard:
+        return options.max_shard_bytes
+    per_shard = -(-total_record_bytes // options.min_shards)
+    return min(options.max_shard_bytes, max(options.min_shard_bytes, per_shard))

@@ -6,9 +6,13 @@ Sources: `write_folder_shards` (a folder of images + a labels file, `pipeline.da
 (the config's `shards` section). What a write did: `pipeline.data.shard_report`.
 
 Shard boundaries are planned in input order, greedily, by each sample's estimated tar record size
-(`pipeline.data.shard_sizing`); `samples_per_shard` plans by count instead (no size pass). The plan depends only on
-the input and the settings, which makes output deterministic and runs resumable: a re-run skips every published
-shard (checking that its sidecar matches the plan) and writes only the missing ones. Worker processes each build
+(`pipeline.data.shard_sizing`); `samples_per_shard` plans by count instead (no size pass). The size aimed at is
+`max_shard_mb`, lowered for an input sized beforehand (a sequence) so that it makes at least `min_shards` shards
+(`planned_shard_bytes`; recorded in the sidecars as `target_bytes`, which a resumed run reuses). The plan depends
+only on the input and the settings, which makes output deterministic and runs resumable: a re-run skips every
+published shard (checking that its sidecar matches the plan) and writes only the missing ones. A prefix holding
+shards of other settings is refused, unless `shards.overwrite`: then its manifest is removed first, those shards
+are rewritten, files beyond the new set removed, and the new manifest written last. Worker processes each build
 whole shards (`write_shard`). classes.tsv and then manifest.json are written from the sidecars once every shard is
 published, so readers that see a manifest see complete shards.
 """
@@ -31,7 +35,7 @@ from tqdm import tqdm
 
 from pipeline.config import ShardsConfig, StorageConfig
 from pipeline.data.labels import LabelsFileError, build_vocabulary, folder_samples, read_labels_file
-from pipeline.data.manifest import ClassInfo, Manifest, ShardInfo, write_classes, write_manifest
+from pipeline.data.manifest import MANIFEST_FILE, ClassInfo, Manifest, ShardInfo, write_classes, write_manifest
 from pipeline.data.shard_build import (
     KEY_RE,
     MAX_KEY_LEN,
@@ -48,8 +52,8 @@ from pipeline.data.shard_build import (
     write_shard,
 )
 from pipeline.data.shard_report import RejectedInput, ShardReport
-from pipeline.data.shard_sizing import estimate_chunk, estimate_record, tar_bytes
-from pipeline.storage import StorageError, filesystem, join_url, read_bytes, with_retries
+from pipeline.data.shard_sizing import estimate_record, estimate_records, planned_shard_bytes, tar_bytes
+from pipeline.storage import StorageError, filesystem, join_url, read_bytes, remove, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +134,13 @@ class ShardWriter:
         fingerprint = json.dumps({"writer": output_settings(self.options), "version": SIDECAR_VERSION,
                                   "classes": [c.name for c in self.classes]}, sort_keys=True)
         self.settings = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+        self.target_bytes: int | None = None  # set per write when min_shards plans the shard size
 
     # -- published state ---------------------------------------------------------------------------------------
 
-    def _published(self) -> tuple[dict[int, dict[str, Any]], list[str]]:
-        """Sidecars of shards that are complete (sidecar + tar of the recorded size), and stale names."""
+    def _published(self) -> tuple[dict[int, dict[str, Any]], list[str], list[int]]:
+        """Sidecars of shards that are complete (sidecar + tar of the recorded size), the names at the prefix, and
+        (with `overwrite`) the indices of shards written with other settings, to be rewritten."""
         fs, path = filesystem(self.out, self.storage)
 
         def listing() -> dict[str, int]:
@@ -149,6 +155,7 @@ class ShardWriter:
         with cf.ThreadPoolExecutor(8) as pool:
             texts = list(pool.map(lambda i: read_bytes(join_url(self.out, sidecar_name(i)), self.storage), indices))
         published: dict[int, dict[str, Any]] = {}
+        replaced: list[int] = []
         for index, text in zip(indices, texts, strict=True):
             url = join_url(self.out, sidecar_name(index))
             try:
@@ -160,13 +167,33 @@ class ShardWriter:
                 logger.warning("%s is not a shard sidecar of this writer; its shard will be rewritten", url)
                 continue
             if side.get("version") != SIDECAR_VERSION or side.get("settings") != self.settings:
+                if self.options.overwrite:
+                    replaced.append(index)
+                    continue
                 raise ShardWriteError(
                     f"{url}: this shard was written with other settings or another class vocabulary "
                     f"(sidecar settings {side.get('settings')!r}, this run {self.settings!r}; this run: "
-                    f"{output_settings(self.options)}); write to a new prefix or delete the old shards")
+                    f"{output_settings(self.options)}); write to a new prefix, or add shards.overwrite=true to "
+                    "replace the dataset there (its manifest is removed first, the new one written last)")
             if side["samples"] == 0 or sizes.get(shard_name(index)) == side["bytes"]:
                 published[index] = side
-        return published, sorted(sizes)
+        return published, sorted(sizes), replaced
+
+    def _remove_manifest(self, replaced: list[int]) -> None:
+        """`overwrite`: hide the old dataset before any of its shards is replaced (readers need a manifest)."""
+        logger.warning("%s: replacing the dataset written there with other settings (shards.overwrite=true; %d "
+                       "shards to rewrite, starting with %s): its manifest is removed now, the new one is written "
+                       "when every shard is", self.out, len(replaced), shard_name(replaced[0]))
+        remove(join_url(self.out, MANIFEST_FILE), self.storage)
+
+    def _target_bytes(self, published: dict[int, dict[str, Any]], total_records: int) -> int | None:
+        """The planned shard size when `min_shards` applies: the one published shards were planned with (a resumed
+        run), else `planned_shard_bytes` of the input's estimated size."""
+        if self.options.samples_per_shard or self.options.min_shards is None:
+            return None
+        if published:
+            return next(iter(published.values())).get("target_bytes")
+        return planned_shard_bytes(total_records, self.options)
 
     # -- planning ------------------------------------------------------------------------------------------------
 
@@ -212,7 +239,8 @@ class ShardWriter:
             if not group:
                 return
             yield ShardTask(index=index, start=position, samples=group, final=final, out=self.out,
-                            settings=self.settings, options=self.options, storage=self.storage)
+                            settings=self.settings, options=self.options, storage=self.storage,
+                            target_bytes=self.target_bytes)
             position += len(group)
             index += 1
 
@@ -239,7 +267,8 @@ class ShardWriter:
         records = 0
         while (item := items.next()) is not None:
             record = 0 if options.samples_per_shard else estimate(*item)
-            if group and ((cap and len(group) >= cap) or tar_bytes(records + record) > options.max_shard_bytes):
+            target = self.target_bytes or options.max_shard_bytes
+            if group and ((cap and len(group) >= cap) or tar_bytes(records + record) > target):
                 items.push(item)
                 return group, False
             group.append(item[1])
@@ -258,7 +287,10 @@ class ShardWriter:
         """
         began = time.monotonic()
         options = self.options
-        published, names = self._published()
+        published, names, replaced = self._published()
+        self.target_bytes = None
+        if replaced:
+            self._remove_manifest(replaced)
         first, skip_to = _published_prefix(published)
         sequence = isinstance(samples, Sequence)
         if sequence:
@@ -285,7 +317,8 @@ class ShardWriter:
             if sequence and not options.samples_per_shard:
                 checked_list = list(checked)
                 checked = iter(checked_list)
-                estimates = self._estimate_all(checked_list, published, pool)
+                estimates = estimate_records(self._unpublished(checked_list, published), options, self.storage, pool)
+                self.target_bytes = self._target_bytes(published, sum(estimates.values()))
 
             def estimate(position: int, sample: Sample) -> int:
                 value = estimates.pop(position, None)
@@ -338,24 +371,14 @@ class ShardWriter:
         collect(0)
         bar.update(counter.value - bar.n)
 
-    def _estimate_all(self, items: list[tuple[int, Sample]], published: dict[int, dict[str, Any]],
-                      pool: cf.ProcessPoolExecutor | None) -> dict[int, int]:
-        """Size estimates of path samples outside published shards, computed in parallel (reads headers only)."""
+    @staticmethod
+    def _unpublished(items: list[tuple[int, Sample]], published: dict[int, dict[str, Any]]) -> list[tuple[int, Sample]]:
+        """The (position, sample) items outside published shards: those a run sizes."""
         covered = bytearray((items[-1][0] + 1) if items else 0)
         for side in published.values():
             stop = min(side["start"] + side["items"], len(covered))
             covered[side["start"]:stop] = b"\x01" * max(0, stop - side["start"])
-        todo = [(p, s) for p, s in items if s.path is not None and not covered[p]]
-        chunks = [todo[i:i + 256] for i in range(0, len(todo), 256)]
-        args = [([s for _, s in chunk], self.options, self.storage) for chunk in chunks]
-        mapped = pool.map(estimate_chunk, args) if pool is not None else map(estimate_chunk, args)
-        estimates: dict[int, int] = {}
-        bar = tqdm(total=len(todo), desc="sizing", unit="img", disable=not self.options.progress or not todo)
-        with bar:
-            for chunk, sizes in zip(chunks, mapped, strict=True):
-                estimates.update((p, size) for (p, _), size in zip(chunk, sizes, strict=True))
-                bar.update(len(chunk))
-        return estimates
+        return [(p, s) for p, s in items if not covered[p]]
 
     def _finish(self, published: dict[int, dict[str, Any]], results: dict[int, dict[str, Any]], names: list[str],
                 began: float) -> ShardReport:
@@ -370,7 +393,12 @@ class ShardWriter:
             raise ShardWriteError(f"{self.out}: the input ended before {shard_name(count)} although earlier shards "
                                   "said more would follow; write to a new prefix")
         stale = [n for n in names if (m := SHARD_FILE_RE.match(n)) and int(m.group(1)) >= count]
-        if stale:
+        if stale and self.options.overwrite:
+            logger.info("%s: removing %d files of the replaced dataset beyond its new %d shards", self.out,
+                        len(stale), count)
+            for name in stale:
+                remove(join_url(self.out, name), self.storage)
+        elif stale:
             logger.warning("%s holds shard files beyond this dataset's %d shards (not in the manifest): %s",
                            self.out, count, ", ".join(stale[:6]))
         shards = [ShardInfo(url=s["shard"], samples=s["samples"], bytes=s["bytes"]) for s in chain if s["samples"]]

@@ -6,11 +6,13 @@ are ever listed, so partial ones are never read. One evaluator per run is expect
 appended to: see `append_record`). Steps already reported with other eval settings are not evaluated again, with a
 warning. An evaluator that lags behind training can lose checkpoints to retention: those deleted before it got to
 them (inferred from the newest checkpoint's `checkpoint.every_steps`), or while it read them, are named in a
-warning.
+warning. `--once` on a run that does not exist is refused (`NoSuchRunError`, naming the runs beside it); with
+nothing to evaluate it says why (`nothing_to_evaluate`).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 from pathlib import Path
@@ -21,10 +23,20 @@ from pipeline.config import Config
 from pipeline.evaluation.class_weights import frequency_classes
 from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, eval_settings, evaluate_checkpoint
 from pipeline.evaluation.report import append_record, headline, read_records, write_report
-from pipeline.storage import StorageError, is_local_url, join_url, local_path
-from pipeline.storage.checkpoints import CheckpointRef, committed_checkpoints, is_committed, scheduled_steps
+from pipeline.storage import StorageError, exists, is_local_url, join_url, list_dir, local_path
+from pipeline.storage.checkpoints import (
+    CheckpointRef,
+    committed_checkpoints,
+    is_committed,
+    scheduled_steps,
+    step_dirs,
+)
 
 log = logging.getLogger(__name__)
+
+
+class NoSuchRunError(ValueError):
+    """Nothing exists at the run directory: a typo in run.name / run.storage, or a run never started."""
 
 
 def run_dir_of(checkpoint_url: str) -> str:
@@ -53,6 +65,34 @@ class CheckpointWatcher:
         self.tensorboard = tensorboard
         self._warned: set[tuple[str, int]] = set()  # (why, step): each step is named once per watcher
         self._schedule: tuple[int, Config] | None = None  # (newest checkpoint step, its saved config)
+
+    def require_run(self, only: str | None = None) -> None:
+        """Raise `NoSuchRunError` if nothing exists at the run directory (a started run writes <run>/workers/ before
+        its first checkpoint), naming the closest runs beside it; or if checkpoint `only` is not committed."""
+        if exists(self.run_dir, self.storage):
+            if only is not None and not is_committed(only, self.storage):
+                raise NoSuchRunError(f"{only}: not a committed checkpoint of {self.run_dir} (missing, or its COMMIT "
+                                     "marker is not written yet)")
+            return
+        parent, _, name = self.run_dir.rstrip("/").rpartition("/")
+        runs = [url.rstrip("/").rsplit("/", 1)[-1] for url in list_dir(parent, self.storage)] if parent else []
+        close = difflib.get_close_matches(name, runs, n=3, cutoff=0.5)
+        hint = (f"did you mean run.name={' or '.join(close)}? " if close else
+                f"runs there: {', '.join(runs[:8])}{' ...' if len(runs) > 8 else ''}; " if runs else "")
+        raise NoSuchRunError(f"no run at {self.run_dir} (nothing there, so no checkpoints to evaluate); {hint}"
+                             "check run.name and run.storage (the run directory is <run.storage>/<run.name>)")
+
+    def nothing_to_evaluate(self, only: str | None = None) -> str:
+        """Why a single pass evaluated nothing: one line naming the run and its checkpoints."""
+        if only is not None:
+            return f"{only}: already evaluated (in {self.reports_dir}/map100.jsonl); nothing new to evaluate"
+        refs = committed_checkpoints(self.run_dir, self.storage)
+        if not refs:
+            partial = len(step_dirs(self.run_dir, self.storage))
+            return (f"{self.run_dir}: no committed checkpoint yet ({partial} being written); nothing to evaluate"
+                    if partial else f"{self.run_dir}: no checkpoint yet; nothing to evaluate")
+        return (f"{self.run_dir}: all {len(refs)} committed checkpoints (steps {_steps([r.step for r in refs])}) are "
+                f"already in {self.reports_dir}/map100.jsonl; nothing new to evaluate")
 
     def pending(self, only: str | None = None) -> list[CheckpointRef]:
         """Committed checkpoints without a report line (only the one at URL `only`, if given)."""
@@ -122,6 +162,9 @@ class CheckpointWatcher:
     def run(self, once: bool = False, until_step: int | None = None, only: str | None = None) -> list[Evaluation]:
         """Poll until stopped (or, with `once`, a single pass; with `until_step`, until that step is evaluated)."""
         results = []
+        if not once and not exists(self.run_dir, self.storage):
+            log.info("waiting for checkpoints of %s: nothing there yet (if training is running, check run.name and "
+                     "run.storage)", self.run_dir)
         while True:
             for ref in self.pending(only):
                 try:

@@ -4,9 +4,12 @@
 S3 requests and has a volume server to store data, and stops exactly the process it started.
 
 SeaweedFS facts this relies on (4.48, measured on a 2-core machine):
-- Without `-s3.config` the gateway accepts any access key, so fixed dummy keys are used just to let botocore sign.
-  With access_key/secret_key an identity file is written (mode 0600) and wrong credentials get HTTP 403
-  (SignatureDoesNotMatch / InvalidAccessKeyId; HEAD requests carry no error code, only 403).
+- Without `-s3.config` the gateway accepts any access key (authentication off: wrong credentials pass silently).
+  So authentication is on by default: the keys (given, kept from the data dir's last run, or generated) go into
+  an identity file (mode 0600) that `-s3.config=FILE` names, never into weed's argv or environment (so not into
+  `ps`), and wrong credentials get HTTP 403 (SignatureDoesNotMatch / InvalidAccessKeyId; HEAD requests carry no
+  error code, only 403). Checking signatures costs nothing measurable. `auth=False` turns it off (fixed dummy keys,
+  just to let botocore sign).
 - `-master.peers=none` (single-master mode, no raft election) makes a start or a restart on an existing data dir
   take ~2.5 s; with the default election it took 3-20 s, plus 5 s whenever the volume server's first heartbeat
   came before the master was leader.
@@ -30,6 +33,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import shutil
 import socket
 import subprocess
@@ -45,7 +49,7 @@ from pipeline.storage.retries import retry_call
 logger = logging.getLogger(__name__)
 
 REGION = "us-east-1"
-# Not secrets: without access_key/secret_key the server has authentication off and accepts any key.
+# Not secrets: with auth=False the server has authentication off and accepts any key.
 _DUMMY_ACCESS_KEY = "local-s3-access-key"
 _DUMMY_SECRET_KEY = "local-s3-dummy-secret"  # pragma: allowlist secret
 _START_TIMEOUT_S = 60.0
@@ -53,6 +57,21 @@ _STOP_GRACE_S = 1.0
 _GRPC_OFFSET = 10_000
 _PORT_RANGE = (20_000, 30_000)  # gRPC ports land in 30000-39999
 _START_ATTEMPTS = 3  # a free port can be taken between the check and weed binding it
+IDENTITIES_FILE = "s3-identities.json"  # in the data dir, mode 0600: the keys the server accepts
+
+
+def stored_credentials(data_dir: str | Path) -> tuple[str, str] | None:
+    """(access key, secret key) of the identity file a previous LocalS3 wrote in `data_dir`, if there is one."""
+    try:
+        identity = json.loads((Path(data_dir) / IDENTITIES_FILE).read_text())["identities"][0]["credentials"][0]
+        return str(identity["accessKey"]), str(identity["secretKey"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def generate_credentials() -> tuple[str, str]:
+    """A fresh (access key, secret key) pair from the `secrets` module; shell-safe characters only."""
+    return f"LOCAL{secrets.token_hex(8).upper()}", secrets.token_hex(20)
 
 
 def weed_binary() -> str:
@@ -101,6 +120,8 @@ class LocalS3:
 
     The data dir persists across stop/start, and the ports stay the same, so a restarted server serves the same
     objects at the same `endpoint_url`. Clients get credentials through `env()` (botocore's standard variables).
+    Authentication is on unless `auth=False`: with the given keys, else those stored in the data dir by a previous
+    server (so a restart keeps its clients working), else generated ones.
     """
 
     def __init__(
@@ -110,14 +131,21 @@ class LocalS3:
         port: int | None = None,
         access_key: str | None = None,
         secret_key: str | None = None,
+        auth: bool = True,
         buckets: Sequence[str] = (),
     ) -> None:
         if (access_key is None) != (secret_key is None):
-            raise ValueError("LocalS3 needs both access_key and secret_key (authentication on) or neither (off)")
+            raise ValueError("LocalS3 needs both access_key and secret_key, or neither (stored or generated keys)")
+        if not auth and access_key is not None:
+            raise ValueError("LocalS3(auth=False) accepts any key: give no access_key/secret_key")
         self.data_dir = Path(data_dir).resolve()
-        self.auth = access_key is not None
-        self.access_key = access_key if access_key is not None else _DUMMY_ACCESS_KEY
-        self._secret_key = secret_key if secret_key is not None else _DUMMY_SECRET_KEY
+        self.auth = auth
+        if not auth:
+            access_key, secret_key = _DUMMY_ACCESS_KEY, _DUMMY_SECRET_KEY
+        elif access_key is None:
+            access_key, secret_key = stored_credentials(self.data_dir) or generate_credentials()
+        self.access_key: str = access_key
+        self._secret_key: str = secret_key  # type: ignore[assignment]
         self.buckets = tuple(buckets)
         self._fixed_port = port
         self._choose_ports()
@@ -215,7 +243,9 @@ class LocalS3:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (owned by the server's lifetime, closed in stop)
         offset = self._log.tell()
         # Each new bucket (a SeaweedFS collection) starts with 2 volumes instead of 7 (master.toml volume_growth).
-        env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "2"}
+        # No AWS_* variables: weed needs none, and a secret in its environment is one more copy to leak.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+        env["WEED_MASTER_VOLUME_GROWTH_COPY_1"] = "2"
         # cwd: weed reads filer.toml/master.toml from its working directory; never pick up a stray one.
         self._proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir
@@ -224,7 +254,7 @@ class LocalS3:
         return offset
 
     def _write_identities(self) -> Path:
-        path = self.data_dir / "s3-identities.json"
+        path = self.data_dir / IDENTITIES_FILE
         identities = {
             "identities": [
                 {
@@ -235,6 +265,7 @@ class LocalS3:
             ]
         }
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # also when the file existed with a wider mode
         with os.fdopen(fd, "w") as handle:
             json.dump(identities, handle)
         return path
