@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from pipeline.config import StorageConfig
 from pipeline.models.xception import is_head
 from pipeline.storage.checkpoints import is_committed, latest_checkpoint, read_checkpoint_state
-from pipeline.storage.files import read_bytes
+from pipeline.storage.files import exists, read_bytes
+from pipeline.storage.paths import absolute_url
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,25 @@ def parse_init_source(spec: str) -> InitSource:
     return InitSource("run", spec)
 
 
+def absolute_init_source(spec: str) -> str:
+    """`model.init_from` with its kind spelled out and a local path made absolute (Ray workers have other working
+    directories): `keras:/abs/xception.h5`."""
+    source = parse_init_source(spec)
+    return f"{source.kind}:{absolute_url(source.url)}"
+
+
+def check_init_source(spec: str, storage: StorageConfig | None = None) -> None:
+    """Refuse a source that is not there (before a launch): a file that does not exist, a run without a complete
+    checkpoint."""
+    source = parse_init_source(spec)
+    if source.kind == "run":
+        if not is_committed(source.url, storage) and latest_checkpoint(source.url, storage) is None:
+            raise FileNotFoundError(f"model.init_from={spec}: neither a complete checkpoint (no COMMIT) nor a run "
+                                    "directory with one under checkpoints/")
+    elif not exists(source.url, storage):
+        raise FileNotFoundError(f"model.init_from={spec}: no such {source.kind} weights file")
+
+
 @dataclass
 class SourceWeights:
     """A state dict in this model's names, and where it came from (for the summary)."""
@@ -86,11 +106,8 @@ def read_run_weights(url: str, storage: StorageConfig | None = None,
     """The weights of a checkpoint directory, or of a run directory's latest complete checkpoint."""
     checkpoint = url.rstrip("/")
     if not is_committed(checkpoint, storage):
-        ref = latest_checkpoint(checkpoint, storage)
-        if ref is None:
-            raise FileNotFoundError(f"model.init_from={url}: neither a complete checkpoint (no COMMIT) nor a run "
-                                    "directory with one under checkpoints/")
-        checkpoint = ref.url
+        check_init_source(f"run:{url}", storage)
+        checkpoint = latest_checkpoint(checkpoint, storage).url
     state = read_checkpoint_state(checkpoint, storage)
     used = weights
     if weights == "ema" and state.get("ema") is None:
@@ -321,34 +338,40 @@ def _head_fits(own: dict[str, Tensor], state: dict[str, Tensor]) -> tuple[bool, 
     return True, "loaded"
 
 
-@torch.no_grad()
-def load_into(model: nn.Module, state: dict[str, Tensor], source: dict[str, Any] | None = None) -> InitSummary:
-    """Copy `state` (this model's names) into the plain `Xception` `model`; the backbone must match exactly, the head
-    is taken only if all of it matches. Raises ValueError naming the first mismatched or missing backbone tensor."""
-    own = model.state_dict()
-    where = (source or {}).get("url", "the source")
-    head_fits, summary_head = _head_fits(own, state)
-    summary = InitSummary(source=dict(source or {}), head=summary_head)
+def _check_backbone(own: dict[str, Tensor], state: dict[str, Tensor], where: str) -> None:
+    """Every backbone tensor of this model is in `state` with its shape; else a ValueError naming the first one."""
     missing = []
     for name, target in own.items():
-        if is_head(name) and not head_fits:
-            summary.fresh.append(name)
+        if is_head(name) or (name.endswith(_OPTIONAL) and name not in state):
             continue
         if name not in state:
-            if not name.endswith(_OPTIONAL):
-                missing.append(name)
-            continue
-        if state[name].shape != target.shape:
+            missing.append(name)
+        elif state[name].shape != target.shape:
             raise ValueError(f"model.init_from={where}: tensor {name!r} has shape {tuple(state[name].shape)} there, "
                              f"{tuple(target.shape)} in this model (model.width_multiplier / middle_blocks / "
                              "num_classes must describe the same architecture)")
-        target.copy_(state[name])
-        summary.loaded_tensors += 1
-        summary.loaded_parameters += target.numel()
     if missing:
         raise ValueError(f"model.init_from={where}: {len(missing)} of this model's tensors are not in the source, "
                          f"e.g. {missing[:5]} (is it this architecture?)")
+
+
+@torch.no_grad()
+def load_into(model: nn.Module, state: dict[str, Tensor], source: dict[str, Any] | None = None) -> InitSummary:
+    """Copy `state` (this model's names) into the plain `Xception` `model`; the backbone must match exactly, the head
+    is taken only if all of it matches. Checks everything before copying anything: on a ValueError (naming the
+    first mismatched or missing backbone tensor) the model is unchanged."""
+    own = model.state_dict()
+    _check_backbone(own, state, (source or {}).get("url", "the source"))
+    head_fits, head = _head_fits(own, state)
+    summary = InitSummary(source=dict(source or {}), head=head)
+    for name, target in own.items():
+        if is_head(name) and not head_fits:
+            if not name.endswith(_OPTIONAL):
+                summary.fresh.append(name)
+        elif name in state:
+            target.copy_(state[name])
+            summary.loaded_tensors += 1
+            summary.loaded_parameters += target.numel()
     summary.unexpected = sorted(k for k in state if k not in own)
     summary.not_used = sorted(k for k in state if k in own and is_head(k) and not head_fits)
-    summary.fresh = [k for k in summary.fresh if not k.endswith(_OPTIONAL)]
     return summary
