@@ -170,3 +170,17 @@ def test_timm_legacy_xception_state_dict_loads_every_tensor(tmp_path, wrapped):
     assert torch.equal(ours["exit_flow.conv4.depthwise.weight"], timm_state["conv4.conv1.weight"])
     assert torch.equal(ours["classifier.bias"], timm_state["fc.bias"])
     assert timm_to_model_name("head.fc.weight") is None
+
+
+def test_prepare_makes_the_source_absolute_and_refuses_a_missing_one(tiny_demo, tmp_path, monkeypatch):
+    from pipeline.train.launcher import prepare
+
+    monkeypatch.chdir(tmp_path)
+    config = run_config(tiny_demo.train, tiny_demo.num_classes, "runs", "first", "train.total_steps=2")
+    train(config)
+    ready = prepare(run_config(tiny_demo.train, tiny_demo.num_classes, "runs", "second", "model.init_from=runs/first"))
+    assert ready.model.init_from == f"run:{tmp_path / 'runs' / 'first'}"
+    with pytest.raises(FileNotFoundError, match="no such keras weights file"):
+        prepare(run_config(tiny_demo.train, tiny_demo.num_classes, "runs", "third", "model.init_from=missing.h5"))
+    # a run that has its own checkpoint resumes from it: the source is not needed any more
+    prepare(run_config(tiny_demo.train, tiny_demo.num_classes, "runs", "first", "model.init_from=missing.h5"))

@@ -283,7 +283,11 @@ def read_timm_weights(url: str, storage: StorageConfig | None = None) -> dict[st
     "module." prefix, or safetensors) as this model's state dict; keys outside the layout keep their name."""
     data = read_bytes(url, storage)
     if url.lower().endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
+        try:
+            from safetensors.torch import load as load_safetensors
+        except ImportError as error:
+            raise ImportError(f"{url}: reading .safetensors needs the safetensors package (pip install "
+                              "safetensors), or save the state dict with torch.save as .pth") from error
 
         state = load_safetensors(data)
     else:
