@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.models import Xception, count_parameters, preprocess_input, xception_macs
-from pipeline.models.xception import Block, SeparableConv2d, _macs_per_module
+from pipeline.models.xception import Block, MaxPool2dSame, SeparableConv2d, _macs_per_module
 
 TINY = {"width_multiplier": 0.125, "middle_blocks": 2}  # 8..256 channels: fast, same topology
 
@@ -127,7 +127,7 @@ def test_conv_and_batchnorm_counts(full_model):
     assert all(type(m) is nn.BatchNorm2d and m.eps == 1e-3 and m.momentum == 0.01 for m in bns)
     assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in bns)
     pools = [m for m in full_model.modules() if isinstance(m, nn.MaxPool2d)]
-    assert len(pools) == 4 and all((p.kernel_size, p.stride, p.padding) == (3, 2, 1) for p in pools)
+    assert len(pools) == 4 and all(type(p) is MaxPool2dSame and (p.kernel_size, p.stride) == (3, 2) for p in pools)
 
 
 def test_block_layout_and_relu_placement(full_model):
@@ -269,3 +269,34 @@ def test_preprocess_input_maps_pixels_to_the_inception_range() -> None:
     assert pixels[0, 2, 0, 0] == 255  # the caller's pixels are left alone
     with pytest.raises(TypeError, match="uint8"):
         preprocess_input(x)
+
+
+@pytest.mark.parametrize("size", [4, 5, 6, 7, 74, 75])
+def test_same_max_pooling_pads_as_tensorflow(size):
+    """TF 'same' at stride 2: out = ceil(n / 2), total padding (out - 1) * 2 + 3 - n, the odd pixel after. Written
+    out here window by window (numpy), independently of the module's padding arithmetic."""
+    import numpy as np
+
+    x = torch.randn(2, 3, size, size + 1)
+    out = MaxPool2dSame(3, stride=2)(x)
+
+    def windows(n):
+        count = -(-n // 2)
+        before = max((count - 1) * 2 + 3 - n, 0) // 2
+        return [range(max(2 * i - before, 0), min(2 * i - before + 3, n)) for i in range(count)]
+
+    a = x.numpy()
+    expected = np.array([[[[a[b, c][np.ix_(list(r), list(q))].max() for q in windows(size + 1)]
+                           for r in windows(size)] for c in range(3)] for b in range(2)])
+    assert out.shape == expected.shape
+    assert np.array_equal(out.numpy(), expected)
+    if size % 2 == 0:  # PyTorch's symmetric padding picks other windows here
+        assert not torch.equal(nn.MaxPool2d(3, 2, padding=1)(x)[..., :, 0], out[..., :, 0])
+
+
+def test_same_max_pooling_exports_with_a_dynamic_batch():
+    pool = MaxPool2dSame(3, stride=2)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(pool, (torch.randn(2, 4, 74, 75),), dynamic_shapes=({0: batch},))
+    x = torch.randn(5, 4, 74, 75)
+    assert torch.equal(program.module()(x), pool(x))

@@ -32,6 +32,12 @@ class ModelConfig(Section):
     width_multiplier: PositiveFloat = Field(1.0, description="scales every channel count; < 1 only for fast tests")
     middle_blocks: PositiveInt = Field(8, description="middle-flow depth; the paper's model has 8")
     checkpoint_middle_flow: bool = Field(False, description="activation checkpointing of the middle flow")
+    init_from: str | None = Field(
+        None, description="start a new run from these weights (never on resume): a run or checkpoint directory of "
+        "this project, Keras' Xception .h5 weights, or a timm legacy_xception state dict (.pth, .safetensors); "
+        "prefixes run:, keras:, timm: override the detection by name. The backbone must match; the head is taken "
+        "only when it matches too (same classes), else it starts fresh. Summary: <run>/init_from.json")
+    init_weights: Literal["ema", "raw"] = Field("ema", description="with init_from a run: its EMA or raw weights")
 
 
 class AugmentConfig(Section):
@@ -176,6 +182,9 @@ class OptimizerConfig(Section):
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
         "none", description="how lr scales with global_batch_size / reference_batch_size"
     )
+    backbone_lr_multiplier: float = Field(
+        1.0, ge=0.0, description="fine-tuning: the backbone's lr as a fraction of the head's (FC layers and "
+        "classifier); the schedule scales both")
 
 
 class ScheduleConfig(Section):
@@ -229,6 +238,12 @@ class TrainConfig(Section):
         False, description="audit trail: each rank writes the keys it trained on to <run>/samples/ at checkpoints"
     )
     seed: int = 0
+    freeze_backbone_steps: int = Field(
+        0, ge=0, description="fine-tuning: train only the head for the first N steps (backbone weights and "
+        "BatchNorm statistics unchanged)")
+    freeze_batchnorm: bool = Field(
+        False, description="BatchNorm normalises with its running statistics and leaves them as they are (eval "
+        "mode); its scale and offset still train")
 
 
 class CheckpointConfig(Section):

@@ -3,8 +3,10 @@
 Blocks are named after the paper: `entry_flow` (stem + blocks 2-4), `middle_flow` (blocks 5-12), `exit_flow`
 (block 13 + two separable convs), then global average pooling, optional FC layers and the logistic layer.
 Keras defaults are kept where PyTorch's differ: no conv biases, BatchNorm eps 1e-3 / momentum 0.01 (Keras 0.99),
-'valid' stem convs, 'same' separable convs and max-pooling. `width_multiplier` and `middle_blocks` exist only to
-make tests fast; the defaults are the paper's model (22,855,952 parameters with 1000 classes).
+'valid' stem convs, 'same' separable convs and TensorFlow's 'same' max-pooling (`MaxPool2dSame`: an even-sized input
+is padded (0, 1), not (1, 1)), so with Keras' weights (`pipeline.models.weights`) it computes what Keras computes at
+every input size (tests/test_keras_parity.py). `width_multiplier` and `middle_blocks` exist only to make tests fast;
+the defaults are the paper's model (22,855,952 parameters with 1000 classes).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Block", "SeparableConv2d", "Xception", "count_parameters", "preprocess_input", "xception_macs"]
+__all__ = ["HEAD_MODULES", "Block", "MaxPool2dSame", "SeparableConv2d", "Xception", "count_parameters", "is_head",
+           "preprocess_input", "xception_macs"]
 
 BN_EPS = 1e-3  # Keras BatchNormalization default
 BN_MOMENTUM = 0.01  # = 1 - Keras momentum 0.99 (PyTorch weights the new batch, Keras the old average)
@@ -41,6 +45,31 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 def _scaled(channels: int, width_multiplier: float) -> int:
     """Channel count scaled for small test models: a multiple of 8, at least 8 (all paper widths already are)."""
     return max(8, round(channels * width_multiplier / 8) * 8)
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's 'same' padding of one spatial side: (before, after), the odd pixel after."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class MaxPool2dSame(nn.MaxPool2d):
+    """Max-pooling with TensorFlow's 'same' padding, which depends on the input size: at stride 2 an even side is
+    padded (0, 1) and an odd side (1, 1). `nn.MaxPool2d(3, 2, padding=1)` always pads (1, 1): at an even side it
+    picks windows shifted by one pixel (at 299 px block 3's pool sees 74 x 74).
+
+    The padding is -inf (never the maximum) and is computed from the static height and width only, so the module
+    traces and exports with a dynamic batch (timm's `MaxPool2dSame` is the same idea).
+    """
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__(kernel_size, stride, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        top, bottom = _same_padding(x.shape[-2], self.kernel_size, self.stride)
+        left, right = _same_padding(x.shape[-1], self.kernel_size, self.stride)
+        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        return F.max_pool2d(x, self.kernel_size, self.stride)
 
 
 class SeparableConv2d(nn.Module):
@@ -78,7 +107,7 @@ class Block(nn.Module):
             layers += [SeparableConv2d(chs, out), _bn(out)]
             chs = out
         if downsample:
-            layers.append(nn.MaxPool2d(3, stride=2, padding=1))
+            layers.append(MaxPool2dSame(3, stride=2))
             self.shortcut: nn.Module = nn.Sequential(nn.Conv2d(in_chs, chs, 1, stride=2, bias=False), _bn(chs))
         else:
             self.shortcut = nn.Identity()
@@ -86,6 +115,15 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x) + self.shortcut(x)
+
+
+HEAD_MODULES = ("fc_layers", "classifier")  # what `Xception` has after global pooling: the rest is the backbone
+
+
+def is_head(name: str) -> bool:
+    """Whether a parameter or buffer name of an `Xception` (unwrapped) belongs to its head (FC layers, classifier);
+    the rest is the backbone (fine-tuning: `pipeline.models.weights`, the optimizer's backbone groups)."""
+    return name.split(".", 1)[0] in HEAD_MODULES
 
 
 @contextlib.contextmanager

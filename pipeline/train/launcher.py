@@ -16,6 +16,7 @@ from pipeline.cluster import connect_ray
 from pipeline.config import Config, validate
 from pipeline.data import check_shard_split, read_manifest
 from pipeline.data.manifest import check_same_classes, class_fingerprint
+from pipeline.models.weights import absolute_init_source, check_init_source
 from pipeline.storage import absolute_url, is_local_url, local_path, s3_endpoint, s3_region
 from pipeline.storage.checkpoints import latest_checkpoint, read_commit
 from pipeline.train.failure import clear_failure, raise_recorded_failure, record_failure
@@ -35,6 +36,8 @@ def preflight(config: Config) -> None:
         raise ValueError(f"model.num_classes={config.model.num_classes} but the training data at {config.data.train} "
                          f"has {manifest.num_classes} classes; set model.num_classes={manifest.num_classes}")
     check_shard_split(manifest, config.cluster.num_workers, config.data.loader_workers, config.per_worker_batch_size)
+    if config.model.init_from and latest_checkpoint(config.run_dir, config.storage) is None:
+        check_init_source(config.model.init_from, config.storage)  # a resumed run does not read it
     if config.data.eval is not None:  # now, not when the evaluator meets it hours into the run
         trained = class_fingerprint(config.data.train, manifest, config.storage)
         check_same_classes(trained, config.data.eval, config.storage)
@@ -108,6 +111,8 @@ def prepare(config: Config) -> Config:
     for split in ("train", "eval"):
         if raw["data"][split] is not None:
             raw["data"][split] = absolute_url(raw["data"][split])
+    if config.model.init_from:
+        raw["model"]["init_from"] = absolute_init_source(config.model.init_from)
     config = validate(raw)
     preflight(config)
     return config

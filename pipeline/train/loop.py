@@ -19,6 +19,7 @@ from pipeline.data.manifest import class_fingerprint
 from pipeline.models import preprocess_input
 from pipeline.train.audit import SampleAudit
 from pipeline.train.checkpoint import Checkpointer
+from pipeline.train.init_from import initialize_from
 from pipeline.train.ranks import WorkerContext, write_rank_info
 from pipeline.train.rng import RankRng
 from pipeline.train.scalars import ScalarWriter
@@ -84,6 +85,8 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
     if resumed is not None:
         log.info("rank %d resumed from %s (step %d, %d samples seen)", ctx.rank, resumed.url, state.step,
                  state.samples_seen)
+    else:  # a new run: start from model.init_from's weights, if given (a resumed run never re-initialises)
+        initialize_from(state, config, write_summary=ctx.rank == 0)
     start_step = state.step
     write_rank_info(config, ctx, start_step)
 

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.models.xception import is_head
+from pipeline.train.ema import unwrap
 
 
 class RMSpropTF(torch.optim.Optimizer):
@@ -75,19 +77,41 @@ class RMSpropTF(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """L2 on conv and dense kernels only; BN scales/offsets and biases are not decayed (as in TF-slim Inception)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+def param_groups(model: nn.Module, weight_decay: float, split_backbone: bool = False) -> list[dict]:
+    """L2 on conv and dense kernels only; BN scales/offsets and biases are not decayed (as in TF-slim Inception).
+
+    Each group's "part" says whose parameters it holds: "all", or with `split_backbone` (fine-tuning) "backbone"
+    and "head" (`pipeline.models.xception.is_head`), so that each step can set the backbone's learning rate
+    (`group_lr`) and freeze it (`backbone_groups`)."""
+    parts = ("backbone", "head") if split_backbone else ("all",)
+    groups = {(part, decayed): [] for part in parts for decayed in (True, False)}
+    for name, param in unwrap(model).named_parameters():
         if param.requires_grad:
-            (decay if param.ndim > 1 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            part = ("head" if is_head(name) else "backbone") if split_backbone else "all"
+            groups[part, param.ndim > 1].append(param)
+    return [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "part": part}
+            for (part, decayed), params in groups.items()]
+
+
+def needs_backbone_groups(config: Config) -> bool:
+    """Whether the fine-tuning settings treat the backbone apart from the head."""
+    return config.optimizer.backbone_lr_multiplier != 1.0 or config.train.freeze_backbone_steps > 0
+
+
+def group_lr(group: dict, lr: float, config: Config) -> float:
+    """The learning rate of one parameter group at a step whose scheduled rate is `lr` (read from the config at
+    every step, so a resumed run follows the config it resumes with)."""
+    return lr * config.optimizer.backbone_lr_multiplier if group.get("part") == "backbone" else lr
+
+
+def backbone_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    return [group for group in optimizer.param_groups if group.get("part") == "backbone"]
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     """The optimizer named by `config.optimizer`, at the batch-scaled base learning rate."""
     opt = config.optimizer
-    groups = param_groups(model, opt.weight_decay)
+    groups = param_groups(model, opt.weight_decay, split_backbone=needs_backbone_groups(config))
     if opt.name == "rmsprop_tf":
         return RMSpropTF(groups, lr=config.scaled_lr, decay=opt.rmsprop_decay, momentum=opt.momentum,
                          epsilon=opt.epsilon)

@@ -2,7 +2,9 @@
 
 `TrainState` gathers what a checkpoint must hold (model, optimizer, EMA, counters), each with
 `state_dict()` / `load_state_dict()` in the torchtitan manner; `train_step` is forward, loss, backward,
-non-finite check, optional clipping, optimizer, EMA: nothing else.
+non-finite check, optional clipping, optimizer, EMA: nothing else. The fine-tuning settings act here too: the
+backbone's learning rate (`optimizer.backbone_lr_multiplier`), a frozen backbone for the first
+`train.freeze_backbone_steps` (its gradients dropped, its BatchNorms in eval mode) and `train.freeze_batchnorm`.
 
 A skipped non-finite step (`train.nonfinite=skip`) leaves no trace: the forward pass updates BatchNorm's running
 statistics by itself (to NaN, on a bad batch), so the step snapshots the module's buffers first and puts them back
@@ -23,7 +25,7 @@ from pipeline.config import Config
 from pipeline.models import build_model
 from pipeline.train.ema import ModelEma, unwrap
 from pipeline.train.loss import compute_loss, loss_mask
-from pipeline.train.optim import build_optimizer
+from pipeline.train.optim import backbone_groups, build_optimizer, group_lr
 from pipeline.train.schedule import LearningRateSchedule, build_schedule
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,12 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.model).load_state_dict(state["model"])
+        saved_groups = len(state["optimizer"]["param_groups"])
+        if saved_groups != len(self.optimizer.param_groups):
+            raise ValueError(f"the checkpoint's optimizer has {saved_groups} parameter groups, this config's "
+                             f"{len(self.optimizer.param_groups)}: optimizer.backbone_lr_multiplier != 1 or "
+                             "train.freeze_backbone_steps > 0 give the backbone groups of its own; resume with the "
+                             "settings the run started with")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
@@ -111,11 +119,7 @@ def train_step(state: TrainState, config: Config, images: torch.Tensor, targets:
     is the same on every rank and no rank is left waiting.
     """
     model, optimizer = state.model, state.optimizer
-    lr = state.schedule(state.samples_seen)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
+    lr, frozen = _begin_step(state, config)
     micro = config.train.micro_batches
     mask = loss_mask(config.loss, targets, valid)
     counted = int(mask.sum())
@@ -130,6 +134,8 @@ def train_step(state: TrainState, config: Config, images: torch.Tensor, targets:
             loss = compute_loss(config.loss, model(x), y, m, denominator=max(counted, 1))
         loss.backward()
         loss_value += float(loss.detach())
+    if frozen:
+        _drop_backbone_gradients(optimizer)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if config.optimizer.grad_clip_norm:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip_norm))
@@ -155,6 +161,35 @@ def train_step(state: TrainState, config: Config, images: torch.Tensor, targets:
     if state.ema is not None:
         state.ema.update(model)
     return StepResult(loss_value, lr, grad_norm, skipped=False, ignored=ignored)
+
+
+def _begin_step(state: TrainState, config: Config) -> tuple[float, bool]:
+    """Set each group's learning rate and the modules' modes, clear the gradients; (scheduled lr, backbone frozen)."""
+    lr = state.schedule(state.samples_seen)
+    for group in state.optimizer.param_groups:
+        group["lr"] = group_lr(group, lr, config)
+    frozen = state.step < config.train.freeze_backbone_steps
+    set_train_modes(state.model, frozen_batchnorm=config.train.freeze_batchnorm or frozen)
+    state.optimizer.zero_grad(set_to_none=True)
+    return lr, frozen
+
+
+def _drop_backbone_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """A frozen backbone: its gradients are dropped (the optimizer skips parameters without one, so neither the
+    weights nor the optimizer's state move); dropped after the all-reduce, identically on every rank."""
+    for group in backbone_groups(optimizer):
+        for param in group["params"]:
+            param.grad = None
+
+
+def set_train_modes(model: nn.Module, frozen_batchnorm: bool) -> None:
+    """Training mode, with every BatchNorm in eval mode when `frozen_batchnorm` (`train.freeze_batchnorm`, and
+    while the backbone is frozen): it normalises with its running statistics and does not update them."""
+    model.train()
+    if frozen_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _snapshot_buffers(model: nn.Module) -> list[torch.Tensor]:
