@@ -239,6 +239,9 @@ class EvalConfig(Section):
     weights: Literal["ema", "raw"] = "ema"
     batch_size: PositiveInt = 64
     max_images: int | None = Field(None, ge=1, description="evaluate only the first N eval images")
+    threshold_min_positives: PositiveInt = Field(
+        5, description="per-class decision thresholds (max F1 on the eval set): a class with fewer positives there "
+        "gets the global threshold (max F1 of all classes' decisions pooled)")
     poll_seconds: PositiveFloat = 30.0
     with_training: bool = Field(False, description="launch the checkpoint-watching evaluator alongside training")
     resources: dict[str, PositiveFloat] = Field(

@@ -21,6 +21,7 @@ from pipeline.config import Config
 from pipeline.evaluation.class_weights import frequency_classes
 from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, eval_settings, evaluate_checkpoint
 from pipeline.evaluation.report import append_record, headline, read_records, write_report
+from pipeline.models.thresholds import thresholds_url, write_thresholds
 from pipeline.storage import StorageError, is_local_url, join_url, local_path
 from pipeline.storage.checkpoints import CheckpointRef, committed_checkpoints, is_committed, scheduled_steps
 
@@ -109,8 +110,11 @@ class CheckpointWatcher:
     def evaluate(self, ref: CheckpointRef) -> Evaluation:
         """Evaluate one checkpoint, record it, regenerate the report."""
         evaluation = evaluate_checkpoint(ref.url, self.config, workers=self.workers, reports_dir=self.reports_dir)
-        append_record(self.reports_dir, evaluation.record(), self.storage)
         names, frequency = self._classes(evaluation.config)
+        if evaluation.thresholds is not None:  # before the record: a step on record has its thresholds
+            write_thresholds(thresholds_url(self.run_dir, evaluation.step),
+                             evaluation.thresholds.as_class_thresholds(names, evaluation.step), self.storage)
+        append_record(self.reports_dir, evaluation.record(), self.storage)
         url = write_report(self.reports_dir, evaluation, names, frequency, self.storage)
         if self.tensorboard:
             self._tensorboard(evaluation)

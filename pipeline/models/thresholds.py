@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from pipeline.config import StorageConfig
-from pipeline.storage import read_bytes, write_bytes
+from pipeline.storage import join_url, read_bytes, write_bytes
+from pipeline.storage.checkpoints import step_dir_name
 
 FORMAT = "xception-pipeline-thresholds"
 VERSION = 1
@@ -86,3 +87,8 @@ def write_thresholds(url: str, thresholds: ClassThresholds, storage: StorageConf
 
 def read_thresholds(url: str, storage: StorageConfig | None = None) -> ClassThresholds:
     return ClassThresholds.from_json(read_bytes(url, storage).decode("utf-8"), source=url)
+
+
+def thresholds_url(run_dir: str, step: int) -> str:
+    """Where the evaluator writes the thresholds of checkpoint `step`: <run>/reports/thresholds/step-NNNNNNNNN.json."""
+    return join_url(run_dir, "reports", "thresholds", f"{step_dir_name(step)}.json")
