@@ -250,6 +250,33 @@ class EvalConfig(Section):
     )
 
 
+class PredictConfig(Section):
+    """Batch prediction on Ray Data (jobs/predict.py, pipeline.inference): images in, top-k classes and labels out."""
+
+    model: str | None = Field(None, description="a run directory or a checkpoint URL; None = run.storage/run.name "
+                              "(its latest complete checkpoint)")
+    weights: Literal["ema", "raw"] = Field("ema", description="the checkpoint's Polyak-averaged or raw weights")
+    input: str | None = Field(None, description="a dataset prefix of shards (any split), a folder of images, or a "
+                              ".txt/.csv file of image URLs (any fsspec URL)")
+    input_kind: Literal["auto", "shards", "folder", "urls"] = Field(
+        "auto", description="auto: shards when input/manifest.json exists, folder for a directory, urls for a file")
+    output: str | None = Field(None, description="URL of the output folder (part files, failures, summary)")
+    format: Literal["parquet", "jsonl"] = "parquet"
+    top_k: PositiveInt = Field(5, description="class names and scores kept per image, best first")
+    batch_size: PositiveInt = Field(64, description="images per model call (and per decode task)")
+    concurrency: PositiveInt = Field(1, description="model replicas (Ray Data actors), each loading the model once")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per model replica (fractions share a GPU)")
+    num_cpus: PositiveFloat = Field(1.0, description="CPUs per model replica (its torch threads)")
+    decode_cpus: PositiveFloat = Field(1.0, description="CPUs per decode task (decoding runs in Ray tasks beside "
+                                       "the replicas)")
+    rows_per_part: PositiveInt = Field(10_000, description="images per output part for folders and URL lists "
+                                       "(shards: one part per shard); a re-run skips finished parts")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32 scores as the evaluator does (the thresholds were fitted on those); bf16 autocast "
+        "is faster on CPUs with bf16 units and on GPUs")
+    progress: bool = Field(True, description="a progress bar with images/s on stderr")
+
+
 class ClusterConfig(Section):
     """Ray Train scaling: one DDP rank per worker."""
 
@@ -269,7 +296,7 @@ class RunConfig(Section):
 
 
 class Config(Section):
-    """Everything a job reads: training, evaluation, shard writing."""
+    """Everything a job reads: training, evaluation, prediction, shard writing."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -281,6 +308,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 

@@ -6,7 +6,7 @@ on sigmoid(logit) that maximises F1 on the dense evaluation set answers it; a cl
 classes' decisions pooled, i.e. micro-F1), since a max over a handful of positives is noise.
 
 Streaming and bounded: `ThresholdCounts` keeps, per class, a histogram of logits of the positives and one of the
-negatives over fixed bins (C x BINS x 2 int32 counts: 137 MiB at 17,000 classes, whatever the number of images).
+negatives over fixed bins (2 x C x BINS int32 counts: 133 MiB at 17,000 classes, whatever the number of images).
 Histograms add, so Ray shares merge exactly. Counting the positives and negatives at or above each bin edge gives
 the exact true- and false-positive counts of the threshold at that edge, so F1 is exact at every edge; the only
 approximation is that candidate thresholds are the edges, not every score. The best edge is the lower edge of the
