@@ -33,8 +33,9 @@ MANIFESTS = ["raycluster.yaml", "rayjob-train.yaml", "rayjob-evaluate.yaml", "se
              "secret.example.yaml"]
 RUNTIME_ENV = KUBE / "runtime-env.yaml"
 JOBS = {"train_multilabel": REPO / "jobs" / "train_multilabel.py", "evaluate_map": REPO / "jobs" / "evaluate_map.py",
-        "make_shards": REPO / "jobs" / "make_shards.py"}
-CONFIG_JOBS = {"train_multilabel", "evaluate_map", "make_shards"}  # --config PRESET key=value ...; default demo
+        "make_shards": REPO / "jobs" / "make_shards.py", "predict": REPO / "jobs" / "predict.py"}
+# --config PRESET key=value ...; default demo
+CONFIG_JOBS = {"train_multilabel", "evaluate_map", "make_shards", "predict"}
 RAY_VERSION = importlib.metadata.version("ray")  # the client's Ray: clusters must run the same version
 RAY_IMAGE = re.compile(rf"^rayproject/ray:{re.escape(RAY_VERSION)}-py311-(cpu|gpu)$")
 
@@ -455,7 +456,8 @@ def test_job_commands_are_found_where_expected() -> None:
                 (rel(KUBE / "rayjob-train.yaml"), "train_multilabel"),
                 (rel(KUBE / "rayjob-evaluate.yaml"), "evaluate_map"),
                 (rel(INFRA / "README.md"), "train_multilabel"), (rel(INFRA / "README.md"), "evaluate_map"),
-                ("README.md", "train_multilabel"), ("README.md", "evaluate_map"), ("README.md", "make_shards")}
+                ("README.md", "train_multilabel"), ("README.md", "evaluate_map"), ("README.md", "make_shards"),
+                ("README.md", "predict")}
     assert expected <= seen, f"commands not found: {sorted(expected - seen)}"
 
 

@@ -95,7 +95,7 @@ def read_url_list(url: str, storage: StorageConfig | None = None) -> list[str]:
 
 def read_part(part: Row, storage: StorageConfig | None = None) -> Iterator[list[Row]]:
     """A part's rows in lists of at most ROWS_PER_TABLE, its trailer row last."""
-    rows = _shard_rows(part["part"], part["shard"], storage) if part["shard"] else _file_rows(part, storage)
+    rows = _shard_rows(part, storage) if part["shard"] else _file_rows(part, storage)
     chunk: list[Row] = []
     count = 0
     for row in rows:
@@ -112,8 +112,10 @@ def _row(part: int, key: str, image: bytes | None = None, error: str | None = No
     return {"part": part, "key": key, "image": image, "error": error, "part_rows": -1}
 
 
-def _shard_rows(part: int, url: str, storage: StorageConfig | None) -> Iterator[Row]:
-    delivered = 0
+def _shard_rows(planned: Row, storage: StorageConfig | None) -> Iterator[Row]:
+    """A shard's samples; a shard that cannot be opened, breaks, or ends short of its manifest count adds one error
+    row keyed by its URL (its missing samples have no keys to name)."""
+    part, url, delivered = planned["part"], planned["shard"], 0
     try:
         stream = open_read(url, storage, reopen=True)
     except StorageError as exc:
@@ -127,8 +129,11 @@ def _shard_rows(part: int, url: str, storage: StorageConfig | None) -> Iterator[
             yield _row(part, sample["__key__"], sample.get(member) if member else None, error)
     except Exception as exc:  # truncated or corrupt tar: the rest of the shard is lost, named once
         yield _row(part, url, error=f"corrupt shard after {delivered} samples: {type(exc).__name__}: {exc}")
+        return
     finally:
         stream.close()
+    if delivered < planned["rows"]:
+        yield _row(part, url, error=f"corrupt shard: it ended after {delivered} of {planned['rows']} samples")
 
 
 def _read_one(url: str, storage: StorageConfig | None) -> tuple[bytes | None, str | None]:
