@@ -1,5 +1,8 @@
 """The checkpoint-watching evaluator: every new complete checkpoint of a run -> one MAP@100 report line.
 
+With each line it writes the checkpoint's per-class decision thresholds (`reports/thresholds/step-NNNNNNNNN.json`,
+`pipeline.models.thresholds`), before the line, so a step on record always has them.
+
 Idempotent and resumable by construction: the set of evaluated steps is read back from `reports/map100.jsonl`
 before each poll, so a restarted evaluator skips what is done; only committed checkpoints (COMMIT marker present)
 are ever listed, so partial ones are never read. One evaluator per run is expected (the report is rewritten, not
