@@ -186,7 +186,7 @@ def test_prediction_job_on_ray_data_over_shards_and_a_folder(tiny_demo, tmp_path
     common = [f"run.storage={tmp_path}/runs", f"model.num_classes={tiny_demo.num_classes}", "predict.top_k=3",
               "predict.batch_size=16", "predict.concurrency=2", "predict.num_cpus=0.75", "predict.decode_cpus=0.25",
               "predict.rows_per_part=4"]
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # our own, not one already running here
     try:
         for name, source in (("shards", tiny_demo.eval), ("folder", str(tmp_path / "images"))):
             assert job.main(["--config", "demo", *common, f"predict.input={source}",
