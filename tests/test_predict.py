@@ -87,7 +87,7 @@ def test_sources_plan_and_read_every_input_kind(tiny_demo, tmp_path):
     parts = plan_parts(str(listing), "urls", 4, None)
     assert [p["rows"] for p in parts] == [4, 3] and parts[0]["paths"] == files[:4]
     rows = [row for chunk in read_part(parts[1]) for row in chunk]
-    assert rows[-1] == {"part": 1, "key": None, "image": None, "error": None, "part_rows": 3}  # the trailer
+    assert rows[-1] == {"part": 1, "index": 3, "key": None, "image": None, "error": None, "part_rows": 3}  # trailer
     assert rows[-2]["key"].endswith("gone.jpg") and rows[-2]["error"].startswith("unreadable")
     shards = plan_parts(tiny_demo.eval, "shards", 4, None)
     assert [p["rows"] for p in shards] == [s.samples for s in read_manifest(tiny_demo.eval).shards]

@@ -42,8 +42,9 @@ from pipeline.models import preprocess_input
 log = logging.getLogger(__name__)
 
 READ_CPUS = 0.25  # reading is I/O-bound: a read task must never wait for the CPUs the replicas hold
-ROW_SCHEMA = pa.schema([("part", pa.int64()), ("key", pa.string()), ("image", pa.binary()), ("error", pa.string()),
-                        ("part_rows", pa.int64())])
+ROW_SCHEMA = pa.schema([("part", pa.int64()), ("index", pa.int64()), ("key", pa.string()), ("image", pa.binary()),
+                        ("error", pa.string()), ("part_rows", pa.int64())])
+PASSED_ON = ("part", "index", "part_rows")  # the columns every stage hands on unchanged
 Batch = dict[str, np.ndarray]
 
 
@@ -75,7 +76,7 @@ def decode_batch(batch: Batch, image_size: int, crop_fraction: float, decoder: s
                          decoder=decoder, out=slots[i])  # type: ignore[arg-type]
         except BadSampleError as exc:
             errors[i] = f"undecodable: {exc.detail}"
-    return {"part": batch["part"], "key": np.array(_texts(batch["key"]), dtype=object), "part_rows": batch["part_rows"],
+    return {**{name: batch[name] for name in PASSED_ON}, "key": np.array(_texts(batch["key"]), dtype=object),
             "error": np.array(errors, dtype=object), "pixels": pixels}
 
 
@@ -113,9 +114,9 @@ class PredictBatches:
                 top_scores[i] = top.values[row].tolist()
                 if decided is not None:
                     labels[i] = self.classes[decided[row].numpy()].tolist()
-        columns = {"part": batch["part"], "part_rows": batch["part_rows"], "key": _texts(batch["key"]),
+        columns = {**{name: batch[name] for name in PASSED_ON}, "key": _texts(batch["key"]),
                    "top_classes": top_classes, "top_scores": top_scores, "labels": labels, "error": errors}
-        schema = pa.schema([("part", pa.int64()), ("part_rows", pa.int64()), *OUTPUT_SCHEMA])
+        schema = pa.schema([*((name, pa.int64()) for name in PASSED_ON), *OUTPUT_SCHEMA])
         return pa.table(columns, schema=schema)
 
 
@@ -149,7 +150,7 @@ class PartCollector:
         return images
 
     def _write(self, part: int) -> None:
-        table = pa.concat_tables(self.tables.pop(part))
+        table = pa.concat_tables(self.tables.pop(part)).sort_by("index")  # input order
         self.markers[part] = write_part(self.output, self.parts[part], table, self.fmt, self.storage)
 
     @property

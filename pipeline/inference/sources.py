@@ -5,12 +5,14 @@ input into numbered parts: one per shard, or `predict.rows_per_part` files in so
 of what it holds, so a re-run recognises a finished part even if the folder gained files meanwhile (then the
 parts whose contents moved are predicted again). Reading the images (`read_part`, in Ray tasks) yields rows
 
-    part, key, image (bytes or None), error (None or why the image could not be read), part_rows (-1)
+    part, index (the row's position in its part), key, image (bytes or None), error (None or why the image could
+    not be read), part_rows (-1)
 
 then one trailer row per part (key None, part_rows = the number of image rows it had), so whoever collects the
-results knows when a part is complete. Shards are parsed with webdataset's tar iterator straight from storage
-(never read whole into the driver); a corrupt or truncated shard gives one error row naming it and how many
-samples it delivered. Files are read with a few threads per part (object stores are latency-bound).
+results knows when a part is complete, and can put its rows back in input order (Ray Data does not keep it).
+Shards are parsed with webdataset's tar iterator straight from storage (never read whole into the driver); a
+corrupt or truncated shard gives one error row naming it and how many samples it delivered. Files are read with a
+few threads per part (object stores are latency-bound).
 """
 
 from __future__ import annotations
@@ -99,12 +101,13 @@ def read_part(part: Row, storage: StorageConfig | None = None) -> Iterator[list[
     chunk: list[Row] = []
     count = 0
     for row in rows:
-        chunk.append(row)
+        chunk.append({**row, "index": count})
         count += 1
         if len(chunk) == ROWS_PER_TABLE:
             yield chunk
             chunk = []
-    chunk.append({"part": part["part"], "key": None, "image": None, "error": None, "part_rows": count})
+    chunk.append({"part": part["part"], "index": count, "key": None, "image": None, "error": None,
+                  "part_rows": count})
     yield chunk
 
 
