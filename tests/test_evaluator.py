@@ -7,6 +7,7 @@ import re
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import copy_with_swapped_classes
@@ -21,8 +22,10 @@ from pipeline.evaluation.background import start_background_evaluator
 from pipeline.evaluation.class_weights import class_weights
 from pipeline.evaluation.evaluator import evaluate_checkpoint, load_weights, ray_options, resolve_config
 from pipeline.evaluation.report import append_record, read_records, render_html
+from pipeline.evaluation.thresholds import ThresholdCounts
 from pipeline.evaluation.watcher import CheckpointWatcher
 from pipeline.models import preprocess_input
+from pipeline.models.thresholds import read_thresholds, thresholds_url
 from pipeline.storage import StorageError, join_url, read_bytes, write_bytes
 from pipeline.storage.checkpoints import COMMIT, step_dir_name
 from pipeline.train.checkpoint import Checkpointer
@@ -84,6 +87,13 @@ def test_watcher_reports_each_checkpoint_once_and_ignores_partial_ones(tiny_demo
     assert len(cached) == 1 and cached[0]["key"]["eval"] == config.data.eval
     assert records[0]["baselines"] == records[1]["baselines"] == cached[0]["baselines"]
     assert set(records[0]["baselines"]) == {"random", "prior"}
+    # The decision thresholds of each evaluated checkpoint, with the eval set's class names.
+    names = [c.name for c in read_classes(tiny_demo.eval, read_manifest(tiny_demo.eval))]
+    for record in records:
+        thresholds = read_thresholds(thresholds_url(config.run_dir, record["step"]))
+        assert thresholds.step == record["step"] and thresholds.classes == names
+        assert record["threshold_mean_f1"] == pytest.approx(
+            np.mean([f for f, p in zip(thresholds.f1, thresholds.positives, strict=True) if p > 0]))
     # A restarted evaluator finds nothing new to do.
     assert CheckpointWatcher(config.run_dir).run(once=True) == []
     assert len(read_records(watcher.reports_dir)) == 2
@@ -111,6 +121,9 @@ def test_evaluation_scores_every_eval_image_once_and_matches_a_one_shot_computat
     reference = evaluate_map_at_k(torch.cat(scores), torch.cat(targets))
     assert evaluation.result.num_images == 80 == reference.num_images
     assert abs(evaluation.result.map_at_k - reference.map_at_k) < 1e-6
+    counts = ThresholdCounts(tiny_demo.num_classes, config.eval.threshold_min_positives)
+    counts.add(torch.cat(scores), torch.cat(targets))
+    assert evaluation.thresholds == counts.fit() and sum(evaluation.thresholds.positives) > 80
     record = evaluation.record()
     assert json.loads(json.dumps(record))["step"] == 1
 

@@ -33,9 +33,10 @@ MANIFESTS = ["raycluster.yaml", "rayjob-train.yaml", "rayjob-evaluate.yaml", "se
              "secret.example.yaml"]
 RUNTIME_ENV = KUBE / "runtime-env.yaml"
 JOBS = {"train_multilabel": REPO / "jobs" / "train_multilabel.py", "evaluate_map": REPO / "jobs" / "evaluate_map.py",
-        "make_shards": REPO / "jobs" / "make_shards.py", "export_model": REPO / "jobs" / "export_model.py"}
+        "make_shards": REPO / "jobs" / "make_shards.py", "export_model": REPO / "jobs" / "export_model.py",
+        "predict": REPO / "jobs" / "predict.py"}
 # --config PRESET key=value ...; default demo
-CONFIG_JOBS = {"train_multilabel", "evaluate_map", "make_shards", "export_model"}
+CONFIG_JOBS = {"train_multilabel", "evaluate_map", "make_shards", "export_model", "predict"}
 RAY_VERSION = importlib.metadata.version("ray")  # the client's Ray: clusters must run the same version
 RAY_IMAGE = re.compile(rf"^rayproject/ray:{re.escape(RAY_VERSION)}-py311-(cpu|gpu)$")
 
@@ -457,7 +458,7 @@ def test_job_commands_are_found_where_expected() -> None:
                 (rel(KUBE / "rayjob-evaluate.yaml"), "evaluate_map"),
                 (rel(INFRA / "README.md"), "train_multilabel"), (rel(INFRA / "README.md"), "evaluate_map"),
                 ("README.md", "train_multilabel"), ("README.md", "evaluate_map"), ("README.md", "make_shards"),
-                ("README.md", "export_model")}
+                ("README.md", "export_model"), ("README.md", "predict")}
     assert expected <= seen, f"commands not found: {sorted(expected - seen)}"
 
 

@@ -274,6 +274,9 @@ class EvalConfig(Section):
     weights: Literal["ema", "raw"] = "ema"
     batch_size: PositiveInt = 64
     max_images: int | None = Field(None, ge=1, description="evaluate only the first N eval images")
+    threshold_min_positives: PositiveInt = Field(
+        5, description="per-class decision thresholds (max F1 on the eval set): a class with fewer positives there "
+        "gets the global threshold (max F1 of all classes' decisions pooled)")
     poll_seconds: PositiveFloat = 30.0
     with_training: bool = Field(False, description="launch the checkpoint-watching evaluator alongside training")
     resources: dict[str, PositiveFloat] = Field(
@@ -308,6 +311,33 @@ class ExportConfig(Section):
         return self
 
 
+class PredictConfig(Section):
+    """Batch prediction on Ray Data (jobs/predict.py, pipeline.inference): images in, top-k classes and labels out."""
+
+    model: str | None = Field(None, description="a run directory or a checkpoint URL; None = run.storage/run.name "
+                              "(its latest complete checkpoint)")
+    weights: Literal["ema", "raw"] = Field("ema", description="the checkpoint's Polyak-averaged or raw weights")
+    input: str | None = Field(None, description="a dataset prefix of shards (any split), a folder of images, or a "
+                              ".txt/.csv file of image URLs (any fsspec URL)")
+    input_kind: Literal["auto", "shards", "folder", "urls"] = Field(
+        "auto", description="auto: shards when input/manifest.json exists, folder for a directory, urls for a file")
+    output: str | None = Field(None, description="URL of the output folder (part files, failures, summary)")
+    format: Literal["parquet", "jsonl"] = "parquet"
+    top_k: PositiveInt = Field(5, description="class names and scores kept per image, best first")
+    batch_size: PositiveInt = Field(64, description="images per model call (and per decode task)")
+    concurrency: PositiveInt = Field(1, description="model replicas (Ray Data actors), each loading the model once")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per model replica (fractions share a GPU)")
+    num_cpus: PositiveFloat = Field(1.0, description="CPUs per model replica (its torch threads)")
+    decode_cpus: PositiveFloat = Field(1.0, description="CPUs per decode task (decoding runs in Ray tasks beside "
+                                       "the replicas)")
+    rows_per_part: PositiveInt = Field(10_000, description="images per output part for folders and URL lists "
+                                       "(shards: one part per shard); a re-run skips finished parts")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32 scores as the evaluator does (the thresholds were fitted on those); bf16 autocast "
+        "is faster on CPUs with bf16 units and on GPUs")
+    progress: bool = Field(True, description="a progress bar with images/s on stderr")
+
+
 class ClusterConfig(Section):
     """Ray Train scaling: one DDP rank per worker."""
 
@@ -327,7 +357,7 @@ class RunConfig(Section):
 
 
 class Config(Section):
-    """Everything a job reads: training, evaluation, shard writing."""
+    """Everything a job reads: training, evaluation, prediction, shard writing."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -340,6 +370,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 

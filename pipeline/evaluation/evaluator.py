@@ -7,9 +7,9 @@ comes from the evaluator's own config (`resolve_config`). It loads the Polyak-av
 and streams the eval shards through the loader's evaluation mode (center crop, every image once across ranks,
 padding masked). Scores never materialise as an (N, C) matrix: `MapAtK` keeps a running top-K per class, so 100k
 images x 17k classes fit in memory. The scoring loop feeds a dict of metric units (`pipeline.evaluation.units`:
-MAP@K, the baselines, the report's examples). With several workers each scores its share and returns its units'
-`state_dict()`s; the driver merges them, and `MapAtK` refuses an image id seen twice, so every eval image is counted
-exactly once.
+MAP@K, the baselines, the report's examples, the decision thresholds). With several workers each scores its share
+and returns its units' `state_dict()`s; the driver merges them, and `MapAtK` refuses an image id seen twice, so every
+eval image is counted exactly once.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pipeline.data.manifest import check_same_classes
 from pipeline.evaluation.baselines import baseline_key, read_cached, write_cached
 from pipeline.evaluation.class_weights import class_weights
 from pipeline.evaluation.map_at_k import MapAtKResult
+from pipeline.evaluation.thresholds import ThresholdFit
 from pipeline.evaluation.units import MetricUnit, merged_units, metric_units
 from pipeline.models import build_model, preprocess_input
 from pipeline.storage.checkpoints import read_checkpoint_config, read_checkpoint_state, read_commit
@@ -134,13 +135,16 @@ class Evaluation:
     seconds: float
     config: Config  # what it ran with (`resolve_config`)
     baselines: dict[str, dict[str, float]] | None = None  # `BaselineScorers.compute()` on the same eval set
+    thresholds: ThresholdFit | None = None  # per-class max-F1 decision thresholds on the same eval set
 
     def record(self) -> dict[str, Any]:
         """The JSON line appended to `reports/map100.jsonl`, naming k, the class weighting and EMA/raw weights,
-        with the random and class-prior scores of the same evaluation set under "baselines"."""
+        with the random and class-prior scores of the same evaluation set under "baselines", and the mean F1 over
+        classes at their decision thresholds ("threshold_mean_f1")."""
+        mean_f1 = self.thresholds.mean_f1() if self.thresholds is not None else None
         return {"step": self.step, "samples_seen": self.samples_seen, "checkpoint": self.checkpoint,
                 **eval_settings(self.config), **self.result.scalars(), "baselines": self.baselines,
-                "eval_seconds": round(self.seconds, 3), "time": time.time()}
+                "threshold_mean_f1": mean_f1, "eval_seconds": round(self.seconds, 3), "time": time.time()}
 
 
 def evaluate_checkpoint(checkpoint_url: str, settings: Config | None = None, *, device: torch.device | None = None,

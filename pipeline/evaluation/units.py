@@ -18,6 +18,7 @@ from pipeline.config import Config
 from pipeline.evaluation.accumulator import MapAtK
 from pipeline.evaluation.baselines import BaselineScorers
 from pipeline.evaluation.class_weights import class_prior
+from pipeline.evaluation.thresholds import ThresholdCounts
 
 if TYPE_CHECKING:
     from pipeline.data import Batch
@@ -114,13 +115,16 @@ class ExampleKeeper:
         return {"examples": self.examples[: self.count]}
 
 
-UNIT_TYPES = {"map": MapAtKUnit, "baselines": BaselinesUnit, "examples": ExampleKeeper}
+UNIT_TYPES = {"map": MapAtKUnit, "baselines": BaselinesUnit, "examples": ExampleKeeper, "thresholds": ThresholdCounts}
 
 
 def metric_units(config: Config, baselines: bool) -> dict[str, MetricUnit]:
-    """The units one scoring pass feeds: MAP@K, the report's examples and, with `baselines`, the baselines."""
-    units: dict[str, MetricUnit] = {"map": MapAtKUnit(MapAtK(config.model.num_classes, config.eval.k)),
-                                    "examples": ExampleKeeper()}
+    """The units one scoring pass feeds: MAP@K, the report's examples, the per-class decision thresholds
+    (`pipeline.evaluation.thresholds`) and, with `baselines`, the baselines."""
+    num_classes = config.model.num_classes
+    units: dict[str, MetricUnit] = {"map": MapAtKUnit(MapAtK(num_classes, config.eval.k)),
+                                    "examples": ExampleKeeper(),
+                                    "thresholds": ThresholdCounts(num_classes, config.eval.threshold_min_positives)}
     if baselines:
         units["baselines"] = BaselinesUnit(BaselineScorers.for_prior(class_prior(config), config.eval.k))
     return units

@@ -1,5 +1,8 @@
 """The checkpoint-watching evaluator: every new complete checkpoint of a run -> one MAP@100 report line.
 
+With each line it writes the checkpoint's per-class decision thresholds (`reports/thresholds/step-NNNNNNNNN.json`,
+`pipeline.models.thresholds`), before the line, so a step on record always has them.
+
 Idempotent and resumable by construction: the set of evaluated steps is read back from `reports/map100.jsonl`
 before each poll, so a restarted evaluator skips what is done; only committed checkpoints (COMMIT marker present)
 are ever listed, so partial ones are never read. One evaluator per run is expected (the report is rewritten, not
@@ -23,6 +26,7 @@ from pipeline.config import Config
 from pipeline.evaluation.class_weights import frequency_classes
 from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, eval_settings, evaluate_checkpoint
 from pipeline.evaluation.report import append_record, headline, read_records, write_report
+from pipeline.models.thresholds import thresholds_url, write_thresholds
 from pipeline.storage import StorageError, exists, is_local_url, join_url, list_dir, local_path
 from pipeline.storage.checkpoints import (
     CheckpointRef,
@@ -149,8 +153,11 @@ class CheckpointWatcher:
     def evaluate(self, ref: CheckpointRef) -> Evaluation:
         """Evaluate one checkpoint, record it, regenerate the report."""
         evaluation = evaluate_checkpoint(ref.url, self.config, workers=self.workers, reports_dir=self.reports_dir)
-        append_record(self.reports_dir, evaluation.record(), self.storage)
         names, frequency = self._classes(evaluation.config)
+        if evaluation.thresholds is not None:  # before the record: a step on record has its thresholds
+            write_thresholds(thresholds_url(self.run_dir, evaluation.step),
+                             evaluation.thresholds.as_class_thresholds(names, evaluation.step), self.storage)
+        append_record(self.reports_dir, evaluation.record(), self.storage)
         url = write_report(self.reports_dir, evaluation, names, frequency, self.storage)
         if self.tensorboard:
             self._tensorboard(evaluation)

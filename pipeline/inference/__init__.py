@@ -1,1 +1,2 @@
-"""Using a trained model: loading it from a package or a run (`sources`), exporting it (`export`), predicting."""
+"""Using a trained model: loading it (`sources`, `model_source`), exporting it (`export`), and batch prediction on
+Ray Data (`predict`) over its inputs (`inputs`) into resumable output (`output`)."""

@@ -90,5 +90,5 @@ def read_thresholds(url: str, storage: StorageConfig | None = None) -> ClassThre
 
 
 def thresholds_url(run_dir: str, step: int) -> str:
-    """Where checkpoint `step`'s thresholds live in a run: <run>/reports/thresholds/step-NNNNNNNNN.json."""
+    """Where the evaluator writes the thresholds of checkpoint `step`: <run>/reports/thresholds/step-NNNNNNNNN.json."""
     return join_url(run_dir, "reports", "thresholds", f"{step_dir_name(step)}.json")
