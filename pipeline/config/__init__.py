@@ -27,6 +27,7 @@ from pipeline.config.schema import (
     ScheduleConfig,
     ShardsConfig,
     StorageConfig,
+    TrackingConfig,
     TrainConfig,
 )
 
@@ -47,6 +48,7 @@ __all__ = [
     "ScheduleConfig",
     "ShardsConfig",
     "StorageConfig",
+    "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
     "config_argument_parser",

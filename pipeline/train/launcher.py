@@ -18,6 +18,7 @@ from pipeline.data import check_shard_split, read_manifest
 from pipeline.data.manifest import check_same_classes, class_fingerprint
 from pipeline.storage import absolute_url, is_local_url, local_path, s3_endpoint, s3_region
 from pipeline.storage.checkpoints import latest_checkpoint, read_commit
+from pipeline.tracking import require_backend
 from pipeline.train.failure import clear_failure, raise_recorded_failure, record_failure
 from pipeline.train.loop import train
 from pipeline.train.ranks import WorkerContext
@@ -35,6 +36,7 @@ def preflight(config: Config) -> None:
         raise ValueError(f"model.num_classes={config.model.num_classes} but the training data at {config.data.train} "
                          f"has {manifest.num_classes} classes; set model.num_classes={manifest.num_classes}")
     check_shard_split(manifest, config.cluster.num_workers, config.data.loader_workers, config.per_worker_batch_size)
+    require_backend(config.tracking)  # the tracking package, here rather than on the workers
     if config.data.eval is not None:  # now, not when the evaluator meets it hours into the run
         trained = class_fingerprint(config.data.train, manifest, config.storage)
         check_same_classes(trained, config.data.eval, config.storage)
