@@ -24,7 +24,7 @@ from pipeline.config import load_config
 from pipeline.evaluation.report import read_records
 from pipeline.evaluation.watcher import CheckpointWatcher
 from pipeline.storage import join_url, read_bytes
-from pipeline.tracking import TRACKING_FILE, Tracker, read_run_file, start_tracking
+from pipeline.tracking import TRACKING_FILE, Tracker, TrackingUnavailable, read_run_file, start_tracking
 from pipeline.tracking.tracker import MAX_PENDING, BackgroundTracker
 from pipeline.train.loop import train
 
@@ -148,6 +148,15 @@ def test_mlflow_run_holds_config_training_scalars_evaluation_and_report_and_a_re
     assert [a.path for a in client.list_artifacts(run.info.run_id, "reports")] == ["reports/report.html"]
     downloaded = client.download_artifacts(run.info.run_id, "reports/report.html", str(tmp_path))
     assert Path(downloaded).read_bytes() == read_bytes(join_url(first.run_dir, "reports", "report.html"))
+
+    # A tracked run deleted on the server is replaced by a new one, recorded in tracking.json.
+    client.delete_run(run.info.run_id)
+    tracker = start_tracking(first.run_dir, first, role="train")
+    tracker.log_scalars(8, {"loss": 0.5})
+    tracker.close()
+    replacement = read_run_file(first.run_dir)["mlflow"]["run_id"]
+    assert replacement != run.info.run_id
+    assert {m.step: m.value for m in client.get_metric_history(replacement, "loss")} == {8: 0.5}
 
 
 def read_wandb_records(path: Path) -> list:
@@ -325,3 +334,22 @@ def test_tracking_none_is_a_no_op_tracker(tmp_path):
     tracker.log_scalars(1, {"loss": 1.0})
     tracker.close()
     assert not (tmp_path / TRACKING_FILE).exists()
+
+
+def test_a_missing_tracking_package_is_refused_before_training_starts(tiny_demo, tmp_path, monkeypatch):
+    from pipeline.train.launcher import preflight
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    config = tiny_config(tiny_demo, tmp_path, "tracking.backend=wandb")
+    with pytest.raises(TrackingUnavailable, match=r"tracking.backend=wandb needs the wandb package: pip install"):
+        preflight(config)
+
+
+def test_the_evaluator_reports_where_training_tracked_unless_it_names_a_backend_itself(tiny_demo, tmp_path):
+    from pipeline.evaluation.evaluator import resolve_config
+
+    saved = tiny_config(tiny_demo, tmp_path, "tracking.backend=mlflow", "tracking.uri=http://tracker:5000")
+    inherited = resolve_config(saved, evaluator_settings(tiny_demo)).tracking
+    assert inherited == saved.tracking
+    own = load_config("demo", ["tracking.backend=wandb", "tracking.project=evals"])
+    assert resolve_config(saved, own).tracking == own.tracking

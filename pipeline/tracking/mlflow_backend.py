@@ -51,8 +51,10 @@ class MlflowBackend:
         except MlflowException as exc:
             if exc.error_code not in _MISSING:
                 raise
-            log.warning("MLflow run %s (from %s/tracking.json) is not on %s: starting a new tracked run", run_id,
-                        self.run_dir, self.client.tracking_uri)
+            run = None
+        if run is None or run.info.lifecycle_stage != "active":
+            log.warning("MLflow run %s (from %s/tracking.json) is not on %s or was deleted: starting a new tracked "
+                        "run", run_id, self.run_dir, self.client.tracking_uri)
             return False
         self.run_id = run_id
         if self.primary and run.info.status != "RUNNING":

@@ -104,15 +104,18 @@ class _RateLimitedWarnings:
         self.count = 0
         self._unreported = 0
         self._last = -float("inf")
+        self._lock = threading.Lock()  # the caller's thread (a full queue) and the sender's
 
     def __call__(self, message: str) -> None:
-        self.count += 1
-        self._unreported += 1
-        now = time.monotonic()
-        if now - self._last >= WARN_EVERY_S:
+        with self._lock:
+            self.count += 1
+            self._unreported += 1
+            now = time.monotonic()
+            if now - self._last < WARN_EVERY_S:
+                return
             more = f" ({self._unreported} tracking problems since the last warning)" if self._unreported > 1 else ""
-            log.warning("%s: %s%s; training goes on", self.what, message, more)
             self._last, self._unreported = now, 0
+        log.warning("%s: %s%s; training goes on", self.what, message, more)
 
 
 class _NotOpen(Exception):
