@@ -11,8 +11,10 @@ import os
 from pipeline.config import Config
 
 # Non-secret settings forwarded to workers on other nodes; credentials come from each node's own chain
-# (instance role / workload identity / profile), never from the driver's environment.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+# (instance role / workload identity / profile; for tracking, the node's WANDB_API_KEY or MLflow credentials),
+# never from the driver's environment.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+                 "MLFLOW_TRACKING_URI", "WANDB_MODE", "WANDB_BASE_URL")
 
 
 def connect_ray(config: Config) -> None:

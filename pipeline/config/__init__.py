@@ -28,6 +28,7 @@ from pipeline.config.schema import (
     ScheduleConfig,
     ShardsConfig,
     StorageConfig,
+    TrackingConfig,
     TrainConfig,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "ScheduleConfig",
     "ShardsConfig",
     "StorageConfig",
+    "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
     "config_argument_parser",

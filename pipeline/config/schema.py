@@ -349,6 +349,24 @@ class ClusterConfig(Section):
     max_failures: int = Field(3, ge=-1, description="restarts from the last checkpoint; -1 = unlimited")
 
 
+class TrackingConfig(Section):
+    """Experiment tracking (`pipeline.tracking`): training's scalars and config, and the evaluator's MAP@K and
+    report, in one tracked run per run directory (its id kept in <run>/tracking.json)."""
+
+    backend: Literal["none", "mlflow", "wandb"] = Field(
+        "none", description="none, mlflow or wandb (both need the 'tracking' extra)")
+    uri: str | None = Field(
+        None, description="mlflow: the tracking server URI (None = MLFLOW_TRACKING_URI, else MLflow's local "
+        "default); wandb: the server's base URL (None = WANDB_BASE_URL, else W&B's cloud)")
+    project: str = Field("xception", min_length=1, description="the MLflow experiment or W&B project")
+    entity: str | None = Field(None, description="wandb: the team or user (None = the API key's default)")
+    run_name: str | None = Field(None, min_length=1, description="the tracked run's display name; None = run.name")
+    tags: dict[str, str] = Field(default_factory=dict, description="MLflow run tags; W&B tags 'key:value'")
+    close_timeout_s: PositiveFloat = Field(
+        30.0, description="at the end, how long to wait for queued log calls to reach the tracker (they are sent "
+        "by a background thread, so training never waits for them)")
+
+
 class RunConfig(Section):
     """Where a run's checkpoints, reports and logs go: <storage>/<name>/."""
 
@@ -372,6 +390,7 @@ class Config(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")

@@ -46,7 +46,9 @@ def checkpoint_config(checkpoint_url: str, storage: StorageConfig | None) -> Con
 
 def resolve_config(saved: Config, settings: Config | None) -> Config:
     """The config an evaluation runs with: model and data from the checkpoint's `saved` config; `eval.*`, `storage`,
-    `cluster.use_gpu`/`address`, `EVALUATOR_DATA` and (when set) `data.eval` from the evaluator's `settings`.
+    `cluster.use_gpu`/`address`, `EVALUATOR_DATA` and (when set) `data.eval` from the evaluator's `settings`;
+    `tracking` from the evaluator's when it names a backend, else the training's (so the evaluator reports into
+    the tracked run that training logs to without repeating its settings).
 
     Without `settings`, the saved config as it is.
     """
@@ -54,6 +56,8 @@ def resolve_config(saved: Config, settings: Config | None) -> Config:
         return saved
     raw, own = saved.model_dump(mode="json"), settings.model_dump(mode="json")
     raw["eval"], raw["storage"] = own["eval"], own["storage"]
+    if settings.tracking.backend != "none":
+        raw["tracking"] = own["tracking"]
     for key in ("use_gpu", "address"):
         raw["cluster"][key] = own["cluster"][key]
     for key in EVALUATOR_DATA + (("eval",) if settings.data.eval else ()):

@@ -11,6 +11,10 @@ warning. An evaluator that lags behind training can lose checkpoints to retentio
 them (inferred from the newest checkpoint's `checkpoint.every_steps`), or while it read them, are named in a
 warning. `--once` on a run that does not exist is refused (`NoSuchRunError`, naming the runs beside it); with
 nothing to evaluate it says why (`nothing_to_evaluate`).
+
+With `tracking.backend` set (the evaluator's, else the one training ran with), each evaluation's metrics go to the
+run's tracked run at its training step (`eval/map_at_100`, ..., and the baselines), with `report.html` as the file
+`reports/report.html`; the tracker is opened at the first evaluation and closed when `run` returns.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pipeline.storage.checkpoints import (
     scheduled_steps,
     step_dirs,
 )
+from pipeline.tracking import Tracker, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ class CheckpointWatcher:
         self.tensorboard = tensorboard
         self._warned: set[tuple[str, int]] = set()  # (why, step): each step is named once per watcher
         self._schedule: tuple[int, Config] | None = None  # (newest checkpoint step, its saved config)
+        self._tracker: Tracker | None = None  # opened at the first evaluation, with its resolved config
 
     def require_run(self, only: str | None = None) -> None:
         """Raise `NoSuchRunError` if nothing exists at the run directory (a started run writes <run>/workers/ before
@@ -161,6 +167,7 @@ class CheckpointWatcher:
         url = write_report(self.reports_dir, evaluation, names, frequency, self.storage)
         if self.tensorboard:
             self._tensorboard(evaluation)
+        self._track(evaluation, url)
         summary = summarize(evaluation.record(), orientation=evaluation.config.eval.orientation)
         log.info("step %d: %s; %d images in %.1fs -> %s", evaluation.step, summary, evaluation.result.num_images,
                  evaluation.seconds, url)
@@ -168,23 +175,33 @@ class CheckpointWatcher:
 
     def run(self, once: bool = False, until_step: int | None = None, only: str | None = None) -> list[Evaluation]:
         """Poll until stopped (or, with `once`, a single pass; with `until_step`, until that step is evaluated)."""
-        results = []
+        results: list[Evaluation] = []
         if not once and not exists(self.run_dir, self.storage):
             log.info("waiting for checkpoints of %s: nothing there yet (if training is running, check run.name and "
                      "run.storage)", self.run_dir)
-        while True:
-            for ref in self.pending(only):
-                try:
-                    results.append(self.evaluate(ref))
-                except StorageError as exc:
-                    if is_committed(ref.url, self.storage):
-                        raise  # the checkpoint is there: the eval data or the store is what failed
-                    self._unnamed("removed", [ref.step])  # named here already
-                    log.warning("checkpoint %s vanished while being evaluated (retention?): %s", ref.url, exc)
-            done = {r["step"] for r in read_records(self.reports_dir, self.storage)}
-            if once or (until_step is not None and any(step >= until_step for step in done)):
-                return results
-            time.sleep(self.poll_seconds)
+        try:
+            while True:
+                results += self._evaluate_pending(only)
+                done = {r["step"] for r in read_records(self.reports_dir, self.storage)}
+                if once or (until_step is not None and any(step >= until_step for step in done)):
+                    return results
+                time.sleep(self.poll_seconds)
+        finally:
+            if self._tracker is not None:
+                self._tracker.close()
+                self._tracker = None
+
+    def _evaluate_pending(self, only: str | None) -> list[Evaluation]:
+        results = []
+        for ref in self.pending(only):
+            try:
+                results.append(self.evaluate(ref))
+            except StorageError as exc:
+                if is_committed(ref.url, self.storage):
+                    raise  # the checkpoint is there: the eval data or the store is what failed
+                self._unnamed("removed", [ref.step])  # named here already
+                log.warning("checkpoint %s vanished while being evaluated (retention?): %s", ref.url, exc)
+        return results
 
     def _classes(self, config: Config) -> tuple[list[str], np.ndarray]:
         """Class names and training frequencies for the report's plots (ids and zeros when unreadable)."""
@@ -204,11 +221,24 @@ class CheckpointWatcher:
         directory = Path(local_path(self.run_dir)) / "tensorboard" / "eval"
         step = evaluation.samples_seen or evaluation.step
         with SummaryWriter(str(directory)) as writer:
-            for name, value in evaluation.result.scalars().items():
-                writer.add_scalar(f"eval/{name}", value, global_step=step)
-            for baseline, scores in (evaluation.baselines or {}).items():
-                for name, value in scores.items():
-                    writer.add_scalar(f"eval/{baseline}_baseline/{name}", value, global_step=step)
+            for name, value in eval_scalars(evaluation).items():
+                writer.add_scalar(name, value, global_step=step)
+
+    def _track(self, evaluation: Evaluation, report_url: str) -> None:
+        """The evaluation's scalars (at its training step, beside training's) and report into the tracked run."""
+        if self._tracker is None:
+            self._tracker = start_tracking(self.run_dir, evaluation.config, role="eval")
+        self._tracker.log_scalars(evaluation.step, {**eval_scalars(evaluation),
+                                                    "eval/samples_seen": evaluation.samples_seen})
+        self._tracker.log_artifact(report_url, "reports/report.html")
+
+
+def eval_scalars(evaluation: Evaluation) -> dict[str, float]:
+    """`eval/<metric>` for every scalar of the result, `eval/<prior|random>_baseline/<metric>` for its baselines."""
+    scalars = {f"eval/{name}": value for name, value in evaluation.result.scalars().items()}
+    for baseline, scores in (evaluation.baselines or {}).items():
+        scalars.update({f"eval/{baseline}_baseline/{name}": value for name, value in scores.items()})
+    return scalars
 
 
 def evaluate_latest(config: Config, workers: int = 1) -> str:

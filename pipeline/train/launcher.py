@@ -19,6 +19,7 @@ from pipeline.data.manifest import check_same_classes, class_fingerprint
 from pipeline.models.weights import absolute_init_source, check_init_source
 from pipeline.storage import absolute_url, is_local_url, local_path, s3_endpoint, s3_region
 from pipeline.storage.checkpoints import latest_checkpoint, read_commit
+from pipeline.tracking import require_backend
 from pipeline.train.failure import clear_failure, raise_recorded_failure, record_failure
 from pipeline.train.loop import train
 from pipeline.train.ranks import WorkerContext
@@ -38,6 +39,7 @@ def preflight(config: Config) -> None:
     check_shard_split(manifest, config.cluster.num_workers, config.data.loader_workers, config.per_worker_batch_size)
     if config.model.init_from and latest_checkpoint(config.run_dir, config.storage) is None:
         check_init_source(config.model.init_from, config.storage)  # a resumed run does not read it
+    require_backend(config.tracking)  # the tracking package, here rather than on the workers
     if config.data.eval is not None:  # now, not when the evaluator meets it hours into the run
         trained = class_fingerprint(config.data.train, manifest, config.storage)
         check_same_classes(trained, config.data.eval, config.storage)

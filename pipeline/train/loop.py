@@ -50,8 +50,8 @@ def next_batch(batches: Iterator[Batch], config: Config,
 
 
 def _close_after_error(*closers: Callable[[], None]) -> None:
-    """Finish background work (checkpoint upload, TensorBoard upload) on the way out of a failed run, without
-    masking its error: the last checkpoint gets committed and the events up to the failure get published."""
+    """Finish background work (checkpoint upload, TensorBoard upload, tracking) on the way out of a failed run,
+    without masking its error: the last checkpoint gets committed and the events up to the failure get published."""
     for close in closers:
         try:
             close()
@@ -103,7 +103,7 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
             if checkpointer.maybe_save(state.step, extra={"metrics": scalars.last, "class_fingerprint": classes}):
                 scalars.publish(state.step)  # Ray Train's report is a barrier: only as often as checkpoints
     except BaseException:
-        _close_after_error(checkpointer.wait, scalars.close)
+        _close_after_error(checkpointer.wait, lambda: scalars.close(failed=True))
         raise
     checkpointer.wait()
     scalars.close()

@@ -12,6 +12,10 @@ into `<run>/tensorboard/` when the run directory is local; for object storage th
 directory and uploaded whole on `flush()`/`close()` (TensorBoard cannot append to S3 objects). The loop publishes at
 every checkpoint and closes on the way out of a failed run too, so a run's curves are visible while it trains and
 survive a failure (a killed process keeps them up to its last checkpoint).
+
+With `tracking.backend` set, rank 0 also sends the config and every record to the tracked run (`pipeline.tracking`:
+queued for a background thread, so a slow or unreachable tracking server never delays a step), and closing marks
+that run finished, or failed when the loop is on its way out of an error.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.data import ShardStream
 from pipeline.storage import StorageError, is_local_url, join_url, local_path, upload_file
+from pipeline.tracking import Tracker, start_tracking
 from pipeline.train.step import StepResult, TrainState
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,8 @@ class ScalarWriter:
         self._wait_s = 0.0
         self._remote = None if is_local_url(run_dir) else join_url(run_dir, "tensorboard")
         self._writer = None
+        self.tracker = start_tracking(run_dir, config, role="train") if enabled else Tracker()
+        self.tracker.log_config(config.model_dump(mode="json"))
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -99,6 +106,7 @@ class ScalarWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float):
                 self._writer.add_scalar(key, value, global_step=record["step"])
+        self.tracker.log_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
 
     def publish(self, step: int) -> None:
         """At a checkpoint step: the latest record to Ray Train, and TensorBoard's events to the run directory.
@@ -121,7 +129,11 @@ class ScalarWriter:
             for path in Path(self._local_dir).glob("events.*"):
                 upload_file(str(path), join_url(self._remote, path.name), self.config.storage)
 
-    def close(self) -> None:
-        self.flush()
-        if self._writer is not None:
-            self._writer.close()
+    def close(self, failed: bool = False) -> None:
+        """Upload TensorBoard's events, then close the tracked run (marked failed with `failed`)."""
+        try:
+            self.flush()
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            self.tracker.close(failed=failed)
