@@ -94,7 +94,7 @@ def test_the_job_exports_a_named_checkpoint_with_raw_weights_and_no_thresholds(t
                          "export.weights=raw"])
     assert code == 0
     assert f"exported step 2 (raw weights) to {out}" in capsys.readouterr().out
-    assert "no thresholds for step 2" in caplog.text
+    assert "no decision thresholds for step 2" in caplog.text
     package = read_package(out)
     raw = read_checkpoint_state(checkpoint)["model"]
     for name, tensor in package.model.state_dict().items():

@@ -17,6 +17,7 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.data import ShardStream, read_manifest, to_device
 from pipeline.data.manifest import class_fingerprint, read_classes
+from pipeline.inference.export import export_model
 from pipeline.inference.inputs import input_kind, list_images, plan_parts, read_part, read_url_list
 from pipeline.inference.model_source import load_predictor
 from pipeline.inference.output import OUTPUT_SCHEMA
@@ -137,6 +138,25 @@ def test_shard_predictions_are_the_evaluators_scores_with_threshold_labels(tiny_
                 expected = [names[0]] + [names[c] for c in range(2, len(names)) if probabilities[i, c] >= 0.5]
                 assert row["labels"] == expected
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"] == 80
+
+
+def test_an_exported_package_predicts_as_its_run_does(tiny_demo, tmp_path):
+    """The prediction job runs from a model package (jobs/export_model.py) as from the run directory: same rows."""
+    config = _trained_run(tiny_demo, tmp_path, f"predict.input={tiny_demo.eval}", "export.formats=[safetensors]")
+    names = _names(tiny_demo)
+    write_thresholds(thresholds_url(config.run_dir, 2), ClassThresholds(
+        classes=names, thresholds=[0.5] * len(names), global_threshold=0.5, min_positives=5, step=2))
+    package = export_model(config.run_dir, config, out=f"{tmp_path}/package").url
+    from_run = config.model_copy(update={"predict": config.predict.model_copy(update={"output": f"{tmp_path}/a"})})
+    from_package = config.model_copy(update={"predict": config.predict.model_copy(
+        update={"output": f"{tmp_path}/b", "model": package})})
+    assert run_prediction(from_package, use_ray=False)["images"] == run_prediction(from_run, use_ray=False)["images"]
+    rows = [{row["key"]: row for part in sorted((tmp_path / out).glob("part-*.parquet"))
+             for row in pq.read_table(part).to_pylist()} for out in ("a", "b")]
+    assert rows[0].keys() == rows[1].keys() and len(rows[0]) == 80
+    for key, row in rows[0].items():
+        assert rows[1][key]["top_classes"] == row["top_classes"] and rows[1][key]["labels"] == row["labels"]
+        assert rows[1][key]["top_scores"] == pytest.approx(row["top_scores"], abs=1e-6)
 
 
 def test_folder_and_url_list_bad_images_are_rows_and_a_rerun_skips_finished_parts(tiny_demo, tmp_path, caplog):

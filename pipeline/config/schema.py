@@ -314,8 +314,8 @@ class ExportConfig(Section):
 class PredictConfig(Section):
     """Batch prediction on Ray Data (jobs/predict.py, pipeline.inference): images in, top-k classes and labels out."""
 
-    model: str | None = Field(None, description="a run directory or a checkpoint URL; None = run.storage/run.name "
-                              "(its latest complete checkpoint)")
+    model: str | None = Field(None, description="a run directory, a checkpoint URL or an exported model package; "
+                              "None = run.storage/run.name (its latest complete checkpoint)")
     weights: Literal["ema", "raw"] = Field("ema", description="the checkpoint's Polyak-averaged or raw weights")
     input: str | None = Field(None, description="a dataset prefix of shards (any split), a folder of images, or a "
                               ".txt/.csv file of image URLs (any fsspec URL)")

@@ -1,40 +1,36 @@
-"""Where a prediction's model comes from: `load_predictor(source)` -> what to decode, what to run, what to call it.
+"""What a prediction replica loads: `load_predictor(source)` -> how to decode, which classes, which model to build.
 
 A source is resolved once on the driver into a `Predictor`: light, picklable, shipped to every Ray Data replica,
-which then builds the model with its weights once (`Predictor.build`). Sources today:
-
-- a run directory (`<run.storage>/<run.name>`): its latest complete checkpoint;
-- a checkpoint URL (`<run>/checkpoints/step-NNNNNNNNN`).
-
-Either way the model is the checkpoint's saved config (architecture, `data.image_size`, the eval crop
-`data.augment.eval_crop_fraction`, `data.decoder`) with its Polyak-averaged (EMA) weights (or the raw ones);
-the class names come from the training classes file the checkpoint's COMMIT names (else `data.train`'s
-classes.tsv); the decision thresholds from `<run>/reports/thresholds/step-NNNNNNNNN.json`, the evaluator's for that
-step, if it has evaluated it. Another source (an exported model package) is one more branch in `load_predictor`
-returning a `Predictor` with its own `loader`.
+which then builds the model with its weights once (`Predictor.build`). A source is a model package (exported by
+`jobs/export_model.py`: it carries its classes, thresholds and input size), a checkpoint URL, or a run directory
+(its latest complete checkpoint); checkpoints are resolved exactly as export resolves them
+(`pipeline.inference.sources`): the saved config's architecture, input size and eval crop, the EMA or raw weights,
+the training classes (checked against the checkpoint's class fingerprint) and the evaluator's thresholds for that
+step when it wrote them.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import AugmentConfig, Config, StorageConfig
-from pipeline.data.manifest import read_classes, read_manifest, read_vocabulary
-from pipeline.models import build_model
-from pipeline.models.thresholds import ClassThresholds, read_thresholds, thresholds_url
-from pipeline.storage import StorageError, exists, join_url
-from pipeline.storage.checkpoints import (
-    COMMIT,
-    latest_checkpoint,
-    read_checkpoint_config,
-    read_checkpoint_state,
-    read_commit,
+from pipeline.config import AugmentConfig, Config, DataConfig, StorageConfig
+from pipeline.inference.sources import (
+    Weights,
+    checkpoint_model,
+    checkpoint_thresholds,
+    resolve_checkpoint,
+    training_classes,
 )
+from pipeline.models.package import MANIFEST_FILE, read_package, read_package_manifest
+from pipeline.models.thresholds import ClassThresholds
+from pipeline.storage import exists, join_url
+from pipeline.storage.checkpoints import read_checkpoint_config, read_commit
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +42,7 @@ class Predictor:
     """A model to predict with, before its weights are loaded: how to decode, which classes, which thresholds."""
 
     source: str  # what was asked for
-    weights_url: str  # where the weights are (a checkpoint URL)
+    weights_url: str  # where the weights are (a checkpoint or a package URL)
     step: int | None
     classes: list[str]
     thresholds: ClassThresholds | None  # None: no evaluated thresholds; predictions carry no labels
@@ -60,79 +56,42 @@ class Predictor:
         return self.loader(device).eval()
 
 
-def load_predictor(source: str, storage: StorageConfig | None = None, weights: str = "ema") -> Predictor:
-    """The `Predictor` of a run directory (its latest complete checkpoint) or of one checkpoint URL."""
-    checkpoint = source.rstrip("/")
-    if not exists(join_url(checkpoint, COMMIT), storage):
-        latest = latest_checkpoint(checkpoint, storage)
-        if latest is None:
-            raise ValueError(f"predict.model={source}: neither a complete checkpoint (no {COMMIT}) nor a run "
-                             "directory with one under checkpoints/")
-        checkpoint = latest.url
-    return _from_checkpoint(source, checkpoint, storage, weights)
+def load_predictor(source: str, storage: StorageConfig | None = None, weights: Weights = "ema") -> Predictor:
+    """The `Predictor` of a model package, a checkpoint URL or a run directory (its latest complete checkpoint)."""
+    if exists(join_url(source, MANIFEST_FILE), storage):
+        return _from_package(source, storage)
+    checkpoint = resolve_checkpoint(source, storage)
+    saved = read_checkpoint_config(checkpoint.url, storage)
+    classes = training_classes(saved, read_commit(checkpoint.url, storage).get("class_fingerprint"), storage)
+    thresholds = checkpoint_thresholds(checkpoint, storage)
+    if thresholds is not None and len(thresholds.classes) != len(classes):
+        raise ValueError(f"the thresholds of step {checkpoint.step} are for {len(thresholds.classes)} classes, the "
+                         f"model has {len(classes)}")
+    loader = functools.partial(_checkpoint_loader, checkpoint.url, saved.model_dump(mode="json"), storage, weights)
+    log.info("predicting with %s (step %d, %s weights, %d classes, %s)", checkpoint.url, checkpoint.step, weights,
+             len(classes), "per-class thresholds" if thresholds else "no thresholds")
+    return Predictor(source=source, weights_url=checkpoint.url, step=checkpoint.step, classes=classes,
+                     thresholds=thresholds, image_size=saved.data.image_size, augment=saved.data.augment,
+                     decoder=saved.data.decoder, loader=loader)
 
 
-def _from_checkpoint(source: str, checkpoint: str, storage: StorageConfig | None, weights: str) -> Predictor:
-    saved = read_checkpoint_config(checkpoint, storage)
-    commit = read_commit(checkpoint, storage)
-    step = commit.get("step")
-    classes = _class_names(saved, commit, storage)
-    thresholds = _thresholds(checkpoint, step, classes, storage)
-    loader = functools.partial(_load_checkpoint_model, checkpoint, saved.model_dump(mode="json"), storage, weights)
-    log.info("predicting with %s (step %s, %s weights, %d classes, %s)", checkpoint, step, weights, len(classes),
-             "per-class thresholds" if thresholds else "no thresholds")
-    return Predictor(source=source, weights_url=checkpoint, step=step, classes=classes, thresholds=thresholds,
-                     image_size=saved.data.image_size, augment=saved.data.augment, decoder=saved.data.decoder,
-                     loader=loader)
+def _from_package(url: str, storage: StorageConfig | None) -> Predictor:
+    """A package's predictor, from its model.json alone (the weights are read by each replica)."""
+    metadata = read_package_manifest(url, storage)
+    inline = metadata.get("thresholds")
+    thresholds = ClassThresholds.from_json(json.dumps(inline), source=url) if inline else None
+    log.info("predicting with the model package %s (step %s, %d classes, %s)", url, metadata["source"].get("step"),
+             len(metadata["classes"]), "per-class thresholds" if thresholds else "no thresholds")
+    return Predictor(source=url, weights_url=url, step=metadata["source"].get("step"), classes=metadata["classes"],
+                     thresholds=thresholds, image_size=int(metadata["input"]["image_size"]),
+                     augment=AugmentConfig(eval_crop_fraction=metadata["input"].get("center_crop", 1.0)),
+                     decoder=DataConfig().decoder, loader=functools.partial(_package_loader, url, storage))
 
 
-def _load_checkpoint_model(checkpoint: str, raw_config: dict, storage: StorageConfig | None, weights: str,
-                           device: torch.device) -> torch.nn.Module:
-    config = Config.model_validate(raw_config)
-    state = read_checkpoint_state(checkpoint, storage, map_location="cpu")
-    model = build_model(config)
-    if weights == "ema":
-        if state.get("ema") is None:
-            raise ValueError(f"{checkpoint} has no EMA weights (train.ema_decay was null); use predict.weights=raw")
-        model.load_state_dict(state["ema"]["shadow"])
-    else:
-        model.load_state_dict(state["model"])
-    return model.to(device)
+def _checkpoint_loader(checkpoint: str, raw_config: dict, storage: StorageConfig | None, weights: Weights,
+                       device: torch.device) -> torch.nn.Module:
+    return checkpoint_model(checkpoint, Config.model_validate(raw_config), weights, storage).to(device)
 
 
-def _class_names(saved: Config, commit: dict, storage: StorageConfig | None) -> list[str]:
-    """The model's class names in id order: the classes file its COMMIT names, else data.train's classes.tsv."""
-    fingerprint = commit.get("class_fingerprint") or {}
-    tried = []
-    if fingerprint.get("classes"):
-        try:
-            return [c.name for c in read_vocabulary(fingerprint["classes"], storage)]
-        except StorageError as exc:
-            tried.append(str(exc))
-    if saved.data.train:
-        try:
-            return [c.name for c in read_classes(saved.data.train, read_manifest(saved.data.train, storage), storage)]
-        except StorageError as exc:
-            tried.append(str(exc))
-    log.warning("class names unavailable (%s); predicting class ids", "; ".join(tried) or "no classes file named")
-    return [str(i) for i in range(saved.model.num_classes)]
-
-
-def run_dir_of(checkpoint: str) -> str:
-    """<run> of <run>/checkpoints/step-NNNNNNNNN."""
-    return checkpoint.rstrip("/").rsplit("/", 2)[0]
-
-
-def _thresholds(checkpoint: str, step: int | None, classes: list[str],
-                storage: StorageConfig | None) -> ClassThresholds | None:
-    url = thresholds_url(run_dir_of(checkpoint), step) if step is not None else None
-    if url is None or not exists(url, storage):
-        log.warning("no decision thresholds for %s (%s missing: run the evaluator on this checkpoint); predictions "
-                    "get top-k classes only, with empty label lists", checkpoint, url)
-        return None
-    thresholds = read_thresholds(url, storage)
-    if len(thresholds.classes) != len(classes):
-        raise ValueError(f"{url} has thresholds for {len(thresholds.classes)} classes, the model {len(classes)}")
-    if thresholds.classes != classes:
-        log.warning("%s names its classes differently from the model's classes file; using the model's names", url)
-    return thresholds
+def _package_loader(url: str, storage: StorageConfig | None, device: torch.device) -> torch.nn.Module:
+    return read_package(url, storage, map_location=device).model

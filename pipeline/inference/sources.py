@@ -77,9 +77,21 @@ def checkpoint_thresholds(checkpoint: CheckpointRef, storage: StorageConfig | No
     """The evaluator's per-class thresholds for this checkpoint's step, or None (logged) when it wrote none."""
     url = thresholds_url(run_dir_of(checkpoint), checkpoint.step)
     if not exists(url, storage):
-        log.info("no thresholds for step %d (%s not found): the package will have none", checkpoint.step, url)
+        log.warning("no decision thresholds for step %d (%s not found: run the evaluator on this checkpoint); "
+                    "without them a model ranks classes but assigns no labels", checkpoint.step, url)
         return None
     return read_thresholds(url, storage)
+
+
+def checkpoint_model(checkpoint_url: str, config: Config, weights: Weights, storage: StorageConfig | None = None,
+                     map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model `config` describes with the checkpoint's EMA (Polyak-averaged) or raw weights."""
+    state = read_checkpoint_state(checkpoint_url, storage, map_location=map_location)
+    if weights == "ema" and state.get("ema") is None:
+        raise ValueError(f"{checkpoint_url} has no EMA weights (train.ema_decay was null): use the raw weights")
+    model = build_model(config).to(map_location)
+    model.load_state_dict(state["ema"]["shadow"] if weights == "ema" else state["model"])
+    return model
 
 
 def package_from_checkpoint(url: str, weights: Weights = "ema", storage: StorageConfig | None = None,
@@ -91,11 +103,7 @@ def package_from_checkpoint(url: str, weights: Weights = "ema", storage: Storage
     config = read_checkpoint_config(checkpoint.url, storage)
     commit = read_commit(checkpoint.url, storage)
     classes = training_classes(config, commit.get("class_fingerprint"), storage)  # before the large read
-    state = read_checkpoint_state(checkpoint.url, storage, map_location=map_location)
-    if weights == "ema" and state.get("ema") is None:
-        raise ValueError(f"{checkpoint.url} has no EMA weights (train.ema_decay was null): export raw weights")
-    model = build_model(config).to(map_location)
-    model.load_state_dict(state["ema"]["shadow"] if weights == "ema" else state["model"])
+    model = checkpoint_model(checkpoint.url, config, weights, storage, map_location)
     thresholds = checkpoint_thresholds(checkpoint, storage)
     source = {"run": run_dir_of(checkpoint), "checkpoint": checkpoint.url, "step": checkpoint.step,
               "samples_seen": commit.get("samples_seen"), "training_data": config.data.train,
@@ -103,7 +111,8 @@ def package_from_checkpoint(url: str, weights: Weights = "ema", storage: Storage
               "thresholds": None if thresholds is None else thresholds_url(run_dir_of(checkpoint), checkpoint.step)}
     return new_package(model, architecture_options(config.model), classes,
                        image_size=image_size or config.data.image_size, activation=config.loss.name,
-                       weights=weights, thresholds=thresholds, source=source)
+                       weights=weights, thresholds=thresholds, source=source,
+                       center_crop=config.data.augment.eval_crop_fraction)
 
 
 def load_model(url: str, weights: Weights = "ema", storage: StorageConfig | None = None,

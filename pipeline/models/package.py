@@ -103,7 +103,8 @@ def build_architecture(architecture: Mapping[str, Any], source: str = MANIFEST_F
 
 def new_package(model: Xception, architecture: Mapping[str, Any], classes: Sequence[str], *, image_size: int,
                 activation: Literal["sigmoid", "softmax"], weights: Literal["ema", "raw"],
-                thresholds: ClassThresholds | None = None, source: Mapping[str, Any] | None = None) -> ModelPackage:
+                thresholds: ClassThresholds | None = None, source: Mapping[str, Any] | None = None,
+                center_crop: float = 1.0) -> ModelPackage:
     """Describe `model` (weights already loaded) as a package, checking that the names fit it.
 
     The architecture must rebuild a model with exactly `model`'s state-dict keys and shapes; there must be one class
@@ -123,7 +124,7 @@ def new_package(model: Xception, architecture: Mapping[str, Any], classes: Seque
     metadata = {
         "format": FORMAT, "version": VERSION, "architecture": dict(architecture),
         "input": {"image_size": image_size, "layout": "NCHW", "channels": "RGB", "pixels": "uint8",
-                  "preprocess": PREPROCESS},
+                  "preprocess": PREPROCESS, "center_crop": center_crop},
         "output": {"activation": activation}, "classes": list(classes),
         "thresholds": json.loads(thresholds.to_json()) if thresholds is not None else None,
         "weights": {"file": WEIGHTS_FILE, "kind": weights}, "programs": {}, "source": dict(source or {}),
