@@ -48,14 +48,6 @@ class NoSuchRunError(ValueError):
     """Nothing exists at the run directory: a typo in run.name / run.storage, or a run never started."""
 
 
-def run_dir_of(checkpoint_url: str) -> str:
-    """The run directory of a checkpoint URL (<run>/checkpoints/step-N)."""
-    parts = checkpoint_url.rstrip("/").rsplit("/", 2)
-    if len(parts) != 3 or parts[1] != "checkpoints":
-        raise ValueError(f"{checkpoint_url} is not a checkpoint URL of the form <run>/checkpoints/step-NNNNNNNNN")
-    return parts[0]
-
-
 class CheckpointWatcher:
     """Evaluates a run's checkpoints as they appear; `run(once=True)` evaluates what is there and returns.
 

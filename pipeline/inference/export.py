@@ -19,12 +19,12 @@ import torch
 
 from pipeline.config import Config, StorageConfig
 from pipeline.data import ShardStream
-from pipeline.inference.sources import package_from_checkpoint, resolve_checkpoint, run_dir_of
+from pipeline.inference.sources import package_from_checkpoint, resolve_checkpoint
 from pipeline.models import preprocess_input
 from pipeline.models.package import PROGRAM_FILES, ModelPackage, write_package
 from pipeline.models.programs import check_program, export_program, load_program, require_packages
 from pipeline.storage import join_url
-from pipeline.storage.checkpoints import read_checkpoint_config, step_dir_name
+from pipeline.storage.checkpoints import read_checkpoint_config, run_dir_of, step_dir_name
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def export_model(source: str, settings: Config, out: str | None = None) -> Expor
     require_packages([f for f in options.formats if f in PROGRAM_FILES])  # before any large read
     checkpoint = resolve_checkpoint(source, storage)
     package = package_from_checkpoint(checkpoint.url, options.weights, storage, image_size=options.image_size)
-    out = out or default_package_url(run_dir_of(checkpoint), checkpoint.step)
+    out = out or default_package_url(run_dir_of(checkpoint.url), checkpoint.step)
     log.info("exporting %s (step %d, %s weights) to %s", checkpoint.url, checkpoint.step, options.weights, out)
     with tempfile.TemporaryDirectory(prefix="xception-export-") as scratch:
         files: dict[str, str] = {}

@@ -29,6 +29,7 @@ from pipeline.storage.checkpoints import (
     read_checkpoint_config,
     read_checkpoint_state,
     read_commit,
+    run_dir_of,
 )
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,6 @@ def resolve_checkpoint(url: str, storage: StorageConfig | None = None) -> Checkp
     return ref
 
 
-def run_dir_of(checkpoint: CheckpointRef) -> str:
-    """The run directory holding `checkpoint`."""
-    return checkpoint.url.rsplit("/", 2)[0]
-
-
 def training_classes(config: Config, fingerprint: dict | None, storage: StorageConfig | None) -> list[str]:
     """Class names in id order from the training data's classes.tsv, refused if they are not the ones the
     checkpoint was trained with (its COMMIT's class fingerprint, when it has one)."""
@@ -75,7 +71,7 @@ def training_classes(config: Config, fingerprint: dict | None, storage: StorageC
 
 def checkpoint_thresholds(checkpoint: CheckpointRef, storage: StorageConfig | None) -> ClassThresholds | None:
     """The evaluator's per-class thresholds for this checkpoint's step, or None (logged) when it wrote none."""
-    url = thresholds_url(run_dir_of(checkpoint), checkpoint.step)
+    url = thresholds_url(run_dir_of(checkpoint.url), checkpoint.step)
     if not exists(url, storage):
         log.warning("no decision thresholds for step %d (%s not found: run the evaluator on this checkpoint); "
                     "without them a model ranks classes but assigns no labels", checkpoint.step, url)
@@ -105,10 +101,10 @@ def package_from_checkpoint(url: str, weights: Weights = "ema", storage: Storage
     classes = training_classes(config, commit.get("class_fingerprint"), storage)  # before the large read
     model = checkpoint_model(checkpoint.url, config, weights, storage, map_location)
     thresholds = checkpoint_thresholds(checkpoint, storage)
-    source = {"run": run_dir_of(checkpoint), "checkpoint": checkpoint.url, "step": checkpoint.step,
+    source = {"run": run_dir_of(checkpoint.url), "checkpoint": checkpoint.url, "step": checkpoint.step,
               "samples_seen": commit.get("samples_seen"), "training_data": config.data.train,
               "class_fingerprint": commit.get("class_fingerprint"),
-              "thresholds": None if thresholds is None else thresholds_url(run_dir_of(checkpoint), checkpoint.step)}
+              "thresholds": None if thresholds is None else thresholds_url(run_dir_of(checkpoint.url), checkpoint.step)}
     return new_package(model, architecture_options(config.model), classes,
                        image_size=image_size or config.data.image_size, activation=config.loss.name,
                        weights=weights, thresholds=thresholds, source=source,

@@ -163,3 +163,11 @@ def read_checkpoint(url: str, storage: StorageConfig | None = None,
     state = read_checkpoint_state(url, storage, map_location)
     loader = json.loads(read_bytes(join_url(url, LOADER), storage)) if LOADER in commit.get("files", []) else None
     return {"state": state, "loader": loader, "commit": commit}
+
+
+def run_dir_of(checkpoint_url: str) -> str:
+    """The run directory of a checkpoint URL (<run>/checkpoints/step-NNNNNNNNN)."""
+    parts = checkpoint_url.rstrip("/").rsplit("/", 2)
+    if len(parts) != 3 or parts[1] != CHECKPOINTS:
+        raise ValueError(f"{checkpoint_url} is not a checkpoint URL of the form <run>/checkpoints/step-NNNNNNNNN")
+    return parts[0]
