@@ -247,6 +247,26 @@ def test_format_round_trip_and_deletion_unpublishes_first(tmp_path, monkeypatch)
     assert removed == [join_url(url, "COMMIT"), url]
 
 
+def test_find_checkpoint_and_saved_weights_read_the_format(tmp_path):
+    """A URL names a committed checkpoint itself, or a run directory's newest one; EMA or raw weights by layout."""
+    from pipeline.storage import checkpoints
+
+    config = load_config("demo", [*TINY_MODEL, "model.num_classes=5", f"run.storage={tmp_path}"])
+    for step in (2, 4):
+        checkpoints.write_checkpoint(config.run_dir, step, {"counters": {"step": step}}, config, None, {})
+    write_bytes(join_url(config.run_dir, "checkpoints", "step-000000006", "state.pt"), b"torn")  # no COMMIT
+    second = checkpoints.checkpoint_url(config.run_dir, 2)
+    assert checkpoints.find_checkpoint(config.run_dir).step == 4
+    assert checkpoints.find_checkpoint(second + "/") == checkpoints.CheckpointRef(second, 2)
+    torn = checkpoints.checkpoint_url(config.run_dir, 6)
+    assert checkpoints.find_checkpoint(torn) is None and checkpoints.is_step_dir(torn)
+    assert checkpoints.find_checkpoint(str(tmp_path / "nothing")) is None and not checkpoints.is_step_dir(str(tmp_path))
+    state = {"model": {"w": torch.zeros(1)}, "ema": {"shadow": {"w": torch.ones(1)}}}
+    assert checkpoints.saved_weights(state, "raw") is state["model"]
+    assert checkpoints.saved_weights(state, "ema") is state["ema"]["shadow"]
+    assert checkpoints.saved_weights({**state, "ema": None}, "ema") is None
+
+
 def test_rank_rng_restores_its_own_state_only_with_the_same_world_size():
     from pipeline.train.rng import RankRng
 

@@ -31,7 +31,7 @@ from pipeline.evaluation.map_at_k import MapAtKResult
 from pipeline.evaluation.thresholds import ThresholdFit
 from pipeline.evaluation.units import MetricUnit, merged_units, metric_units
 from pipeline.models import build_model, preprocess_input
-from pipeline.storage.checkpoints import read_checkpoint_config, read_checkpoint_state, read_commit
+from pipeline.storage.checkpoints import read_checkpoint_config, read_checkpoint_state, read_commit, saved_weights
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,10 @@ def load_weights(checkpoint_url: str, config: Config, device: torch.device) -> t
     """The trained model in eval mode, with EMA (`eval.weights=ema`) or raw weights."""
     state = read_checkpoint_state(checkpoint_url, config.storage, map_location=device)
     model = build_model(config).to(device)
-    if config.eval.weights == "ema":
-        if state.get("ema") is None:
-            raise ValueError(f"{checkpoint_url} has no EMA weights (train.ema_decay was null); use eval.weights=raw")
-        model.load_state_dict(state["ema"]["shadow"])
-    else:
-        model.load_state_dict(state["model"])
+    weights = saved_weights(state, config.eval.weights)
+    if weights is None:
+        raise ValueError(f"{checkpoint_url} has no EMA weights (train.ema_decay was null); use eval.weights=raw")
+    model.load_state_dict(weights)
     return model.eval()
 
 

@@ -10,7 +10,6 @@ against the class fingerprint the checkpoint recorded) and the thresholds from
 from __future__ import annotations
 
 import logging
-import re
 from typing import Literal
 
 import torch
@@ -24,17 +23,16 @@ from pipeline.storage import exists, join_url
 from pipeline.storage.checkpoints import (
     CHECKPOINTS,
     CheckpointRef,
-    is_committed,
-    latest_checkpoint,
+    find_checkpoint,
+    is_step_dir,
     read_checkpoint_config,
     read_checkpoint_state,
     read_commit,
     run_dir_of,
+    saved_weights,
 )
 
 log = logging.getLogger(__name__)
-
-_CHECKPOINT_URL = re.compile(r"^(?P<run>.+)/checkpoints/step-(?P<step>\d{9})/?$")
 
 Weights = Literal["ema", "raw"]
 
@@ -42,13 +40,10 @@ Weights = Literal["ema", "raw"]
 def resolve_checkpoint(url: str, storage: StorageConfig | None = None) -> CheckpointRef:
     """The checkpoint `url` names: itself when it is a checkpoint (<run>/checkpoints/step-NNNNNNNNN, complete),
     else the latest complete checkpoint of the run directory `url`."""
-    match = _CHECKPOINT_URL.match(url)
-    if match:
-        if not is_committed(url, storage):
-            raise ValueError(f"{url} is not a complete checkpoint (no COMMIT marker): training may still be writing "
-                             f"it, or it died before publishing it")
-        return CheckpointRef(url=url.rstrip("/"), step=int(match.group("step")))
-    ref = latest_checkpoint(url, storage)
+    ref = find_checkpoint(url, storage)
+    if ref is None and is_step_dir(url):
+        raise ValueError(f"{url} is not a complete checkpoint (no COMMIT marker): training may still be writing "
+                         f"it, or it died before publishing it")
     if ref is None:
         raise ValueError(f"no complete checkpoint in {join_url(url, CHECKPOINTS)}: give a run directory that has "
                          f"one, a checkpoint URL (<run>/checkpoints/step-NNNNNNNNN) or a model package (holds "
@@ -82,11 +77,11 @@ def checkpoint_thresholds(checkpoint: CheckpointRef, storage: StorageConfig | No
 def checkpoint_model(checkpoint_url: str, config: Config, weights: Weights, storage: StorageConfig | None = None,
                      map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """The model `config` describes with the checkpoint's EMA (Polyak-averaged) or raw weights."""
-    state = read_checkpoint_state(checkpoint_url, storage, map_location=map_location)
-    if weights == "ema" and state.get("ema") is None:
+    tensors = saved_weights(read_checkpoint_state(checkpoint_url, storage, map_location=map_location), weights)
+    if tensors is None:
         raise ValueError(f"{checkpoint_url} has no EMA weights (train.ema_decay was null): use the raw weights")
     model = build_model(config).to(map_location)
-    model.load_state_dict(state["ema"]["shadow"] if weights == "ema" else state["model"])
+    model.load_state_dict(tensors)
     return model
 
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from pipeline.config import StorageConfig
 from pipeline.models.xception import is_head
-from pipeline.storage.checkpoints import is_committed, latest_checkpoint, read_checkpoint_state
+from pipeline.storage.checkpoints import find_checkpoint, read_checkpoint_state, saved_weights
 from pipeline.storage.files import exists, read_bytes
 from pipeline.storage.paths import absolute_url
 
@@ -74,7 +74,7 @@ def check_init_source(spec: str, storage: StorageConfig | None = None) -> None:
     checkpoint."""
     source = parse_init_source(spec)
     if source.kind == "run":
-        if not is_committed(source.url, storage) and latest_checkpoint(source.url, storage) is None:
+        if find_checkpoint(source.url, storage) is None:
             raise FileNotFoundError(f"model.init_from={spec}: neither a complete checkpoint (no COMMIT) nor a run "
                                     "directory with one under checkpoints/")
     elif not exists(source.url, storage):
@@ -104,16 +104,15 @@ def read_init_weights(spec: str, storage: StorageConfig | None = None,
 def read_run_weights(url: str, storage: StorageConfig | None = None,
                      weights: Literal["ema", "raw"] = "ema") -> SourceWeights:
     """The weights of a checkpoint directory, or of a run directory's latest complete checkpoint."""
-    checkpoint = url.rstrip("/")
-    if not is_committed(checkpoint, storage):
-        check_init_source(f"run:{url}", storage)
-        checkpoint = latest_checkpoint(checkpoint, storage).url
+    ref = find_checkpoint(url, storage)
+    if ref is None:
+        check_init_source(f"run:{url}", storage)  # raises, naming what is missing
+    checkpoint = ref.url
     state = read_checkpoint_state(checkpoint, storage)
-    used = weights
-    if weights == "ema" and state.get("ema") is None:
+    used, tensors = weights, saved_weights(state, weights)
+    if tensors is None:
         log.warning("model.init_from=%s: the run kept no EMA (train.ema_decay=null); taking its raw weights", url)
-        used = "raw"
-    tensors = state["ema"]["shadow"] if used == "ema" else state["model"]
+        used, tensors = "raw", saved_weights(state, "raw")
     return SourceWeights(dict(tensors), {"kind": "run", "url": url, "checkpoint": checkpoint,
                                          "step": state["counters"]["step"], "weights": used})
 

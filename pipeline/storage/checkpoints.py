@@ -27,7 +27,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -83,6 +83,30 @@ def committed_checkpoints(run_dir: str, storage: StorageConfig | None = None) ->
 def latest_checkpoint(run_dir: str, storage: StorageConfig | None = None) -> CheckpointRef | None:
     refs = committed_checkpoints(run_dir, storage)
     return refs[-1] if refs else None
+
+
+def find_checkpoint(url: str, storage: StorageConfig | None = None) -> CheckpointRef | None:
+    """The committed checkpoint `url` names: itself when it is one (its COMMIT exists), else the newest committed
+    checkpoint of the run directory `url`; None when there is neither."""
+    url = url.rstrip("/")
+    if is_committed(url, storage):
+        match = _STEP_DIR.match(url.rsplit("/", 1)[-1])
+        step = int(match.group(1)) if match else int(read_commit(url, storage)["step"])
+        return CheckpointRef(url=url, step=step)
+    return latest_checkpoint(url, storage)
+
+
+def is_step_dir(url: str) -> bool:
+    """Whether `url`'s last segment is a checkpoint directory's name (step-NNNNNNNNN), complete or not."""
+    return _STEP_DIR.match(url.rstrip("/").rsplit("/", 1)[-1]) is not None
+
+
+def saved_weights(state: dict[str, Any], weights: Literal["ema", "raw"]) -> dict[str, torch.Tensor] | None:
+    """The model weights in a checkpoint's state: the Polyak-averaged (EMA) ones or the raw ones; None for EMA
+    when the run kept none (train.ema_decay=null). What to do then is the caller's policy."""
+    if weights == "raw":
+        return state["model"]
+    return None if state.get("ema") is None else state["ema"]["shadow"]
 
 
 def is_checkpoint_step(step: int, every_steps: int, total_steps: int) -> bool:
