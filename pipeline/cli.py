@@ -2,7 +2,8 @@
 
 A job's `main(argv) -> int` is wrapped with `job_main`. Exceptions that mean "the input is wrong or unreachable"
 (bad config, a dataset that does not fit the config, a missing manifest, storage that refuses or stays down after
-its retries, missing demo or export packages) end the job with `error: <Type>: <message>` on stderr and exit code
+its retries, missing demo or export packages) and the deterministic stops of training (a NaN/Inf loss, too much
+corrupt data: a retry would fail the same way) end the job with `error: <Type>: <message>` on stderr and exit code
 2; the traceback goes to the log at DEBUG level. Any other exception is a bug and keeps its traceback (exit code 1).
 """
 
@@ -28,9 +29,12 @@ def refused_input() -> tuple[type[BaseException], ...]:
     LabelsFileError and the data-vs-config checks. Imported when needed: a job's `--help` never loads torch."""
     from pipeline.data.demo.scene import DemoAssetsMissing
     from pipeline.data.shard_writer import ShardWriteError
+    from pipeline.data.stream import BadDataError
     from pipeline.models.programs import ExportPackagesMissing
+    from pipeline.train.step import NonFiniteError
 
-    return (ValueError, StorageError, DemoAssetsMissing, ShardWriteError, ExportPackagesMissing)
+    return (ValueError, StorageError, DemoAssetsMissing, ShardWriteError, ExportPackagesMissing, BadDataError,
+            NonFiniteError)
 
 
 def refusal_line(exc: BaseException) -> str:

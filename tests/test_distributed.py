@@ -3,6 +3,7 @@
 Ray tests are few and purposeful (each costs tens of seconds): one 2-node cluster serves both Ray tests.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import torch.multiprocessing as mp
 from pipeline.config import load_config
 from pipeline.data import read_manifest
 from pipeline.storage import join_url, list_dir, open_read, read_bytes
-from pipeline.storage.checkpoints import latest_checkpoint, read_checkpoint
+from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, read_checkpoint, read_commit
 from pipeline.train.loop import wrap_model
 from pipeline.train.ranks import WorkerContext
 from pipeline.train.step import NonFiniteError, build_train_state, train_step
@@ -175,23 +176,40 @@ def test_two_node_ray_training_streams_from_s3_checkpoints_and_reports(two_node_
     assert not {owner[k] for k in samples[0]} & {owner[k] for k in samples[1]}
 
 
-def test_killed_worker_resumes_from_last_checkpoint_and_keeps_the_loader_promise(two_node_cluster, tiny_demo_s3,
-                                                                                 s3_prefix):
-    from pipeline.train.launcher import launch, prepare
+def _launch_in_background(config) -> tuple[threading.Thread, dict]:
+    """`launch(config)` in a thread; the outcome dict gets "result" when it returns."""
+    from pipeline.train.launcher import launch
 
-    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "fault", "train.total_steps=12",
-                                 "checkpoint.every_steps=3", "checkpoint.background=false", "cluster.max_failures=2"))
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=launch(config)), daemon=True)
     thread.start()
+    return thread, outcome
+
+
+def _wait_for_checkpoint(config, step: int) -> None:
     deadline = time.time() + 240
     while time.time() < deadline:
         ref = latest_checkpoint(config.run_dir)
-        if ref is not None and ref.step >= 3:
-            break
+        if ref is not None and ref.step >= step:
+            return
         time.sleep(0.5)
-    else:
-        pytest.fail("no checkpoint appeared")
+    pytest.fail(f"no checkpoint at step {step} or later appeared")
+
+
+def _assert_every_sample_once(config, steps: int) -> None:
+    samples = _read_samples(config.run_dir)
+    keys = samples[0] + samples[1]
+    assert len(keys) == steps * 8 and len(set(keys)) == len(keys), "every step's samples exactly once in the epoch"
+
+
+def test_killed_worker_resumes_from_last_checkpoint_and_keeps_the_loader_promise(two_node_cluster, tiny_demo_s3,
+                                                                                 s3_prefix):
+    from pipeline.train.launcher import prepare
+
+    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "fault", "train.total_steps=12",
+                                 "checkpoint.every_steps=3", "checkpoint.background=false", "cluster.max_failures=2"))
+    thread, outcome = _launch_in_background(config)
+    _wait_for_checkpoint(config, 3)
     victim = next(w for w in _workers(config.run_dir) if w["rank"] == 1)
     os.kill(victim["pid"], signal.SIGKILL)  # a Ray Train worker process this test's cluster started
     thread.join(timeout=400)
@@ -201,9 +219,60 @@ def test_killed_worker_resumes_from_last_checkpoint_and_keeps_the_loader_promise
     workers = _workers(config.run_dir)
     assert all(w["start_step"] >= 3 for w in workers), "the restarted group must resume from a checkpoint"
     assert victim["pid"] not in {w["pid"] for w in workers}
-    samples = _read_samples(config.run_dir)
-    keys = samples[0] + samples[1]
-    assert len(keys) == 12 * 8 and len(set(keys)) == len(keys), "every step's samples exactly once in the epoch"
+    _assert_every_sample_once(config, 12)
+
+
+def test_sigterm_to_a_worker_checkpoints_every_rank_and_the_restart_redoes_no_step(two_node_cluster, tiny_demo_s3,
+                                                                                   s3_prefix):
+    """A spot preemption notice: the run checkpoints where it is, restarts from there, and loses no step."""
+    from pipeline.train.launcher import prepare
+
+    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "preempt", "train.total_steps=20",
+                                 "checkpoint.every_steps=5", "checkpoint.keep_last=10", "cluster.max_failures=1"))
+    thread, outcome = _launch_in_background(config)
+    _wait_for_checkpoint(config, 5)
+    victim = next(w for w in _workers(config.run_dir) if w["rank"] == 1)
+    signalled_at = time.time()
+    os.kill(victim["pid"], signal.SIGTERM)  # what a spot node's shutdown sends first
+    thread.join(timeout=400)
+    assert outcome.get("result", {}).get("step") == 20, "training did not finish after the preemption"
+    preempted = [ref for ref in committed_checkpoints(config.run_dir)
+                 if read_commit(ref.url).get("stopped") == "preempted"]
+    # The notice takes effect when the worker's main thread next runs Python: some steps after the checkpoint the
+    # test waited for, at whatever step that is.
+    assert len(preempted) == 1 and 5 < preempted[0].step < 20, "one preemption checkpoint, where the ranks stopped"
+    committed_after = read_commit(preempted[0].url)["time"] - signalled_at
+    print(f"preemption checkpoint of step {preempted[0].step} committed {committed_after:.1f} s after SIGTERM")
+    workers = _workers(config.run_dir)
+    assert {w["start_step"] for w in workers} == {preempted[0].step}, "the restart resumes where the ranks stopped"
+    assert victim["pid"] not in {w["pid"] for w in workers}
+    _assert_every_sample_once(config, 20)
+
+
+def test_a_frozen_worker_is_declared_dead_after_the_stall_timeout_and_the_run_goes_on(two_node_cluster,
+                                                                                      tiny_demo_s3, s3_prefix):
+    """SIGSTOP on one worker: its peer blocks in the gradient all-reduce; Ray Train's health check (bounded by
+    cluster.stall_timeout_s instead of Ray's 600 s) declares it dead and the group restarts from the checkpoint."""
+    from pipeline.train.launcher import prepare
+
+    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "stall", "train.total_steps=12",
+                                 "checkpoint.every_steps=4", "cluster.max_failures=1", "cluster.stall_timeout_s=10"))
+    thread, outcome = _launch_in_background(config)
+    _wait_for_checkpoint(config, 4)
+    victim = next(w for w in _workers(config.run_dir) if w["rank"] == 1)
+    stopped_at = time.time()
+    os.kill(victim["pid"], signal.SIGSTOP)
+    try:
+        thread.join(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a process this test's cluster started
+            os.kill(victim["pid"], signal.SIGKILL)
+    assert outcome.get("result", {}).get("step") == 12, "training did not go on after the stall"
+    workers = _workers(config.run_dir)
+    assert victim["pid"] not in {w["pid"] for w in workers}
+    detected_after = min(w["time"] for w in workers) - stopped_at
+    print(f"stalled worker replaced {detected_after:.0f} s after SIGSTOP (stall_timeout_s=10; Ray's default 600)")
+    _assert_every_sample_once(config, 12)
 
 
 def test_evaluator_with_two_ray_workers_counts_each_eval_image_once(two_node_cluster, tiny_demo, tmp_path):

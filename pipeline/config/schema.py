@@ -346,7 +346,14 @@ class ClusterConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: float = Field(1.0, ge=0.0)
-    max_failures: int = Field(3, ge=-1, description="restarts from the last checkpoint; -1 = unlimited")
+    max_failures: int = Field(3, ge=-1, description="restarts from the last checkpoint; -1 = unlimited. A "
+                              "preemption (SIGTERM) counts as one: on spot capacity set -1")
+    stall_timeout_s: PositiveFloat = Field(
+        60.0, description="a worker that leaves Ray Train's health check (polled every 2 s) unanswered this long, "
+        "frozen or cut off, is declared dead and the group restarts from the last checkpoint (Ray's default: 600)")
+    collective_timeout_s: PositiveInt = Field(
+        900, description="how long a rank may wait in one collective for its peers (torch process group timeout); "
+        "above storage's outage budget, since a rank that waits out a storage outage keeps its peers waiting")
 
 
 class TrackingConfig(Section):

@@ -28,12 +28,13 @@ class SampleAudit:
         self.write_at = write_at
         self._keys: list[str] = []  # since the last file
 
-    def record(self, step: int, batch: Batch) -> None:
-        """Note the batch's valid keys as trained at `step`; at a checkpoint step, write them (collective)."""
+    def record(self, step: int, batch: Batch, write: bool = False) -> None:
+        """Note the batch's valid keys as trained at `step`; at a checkpoint step (or `write`: an unscheduled
+        checkpoint follows), write them out (collective)."""
         if not self.enabled:
             return
         self._keys += [key for key, ok in zip(batch.keys, batch.valid.tolist(), strict=True) if ok]
-        if self.write_at(step):
+        if write or self.write_at(step):
             name = f"rank-{self.ctx.rank:05d}-step-{step:09d}.json"
             write_bytes(join_url(self.samples_dir, name), json.dumps(self._keys).encode(), self.storage)
             self._keys = []

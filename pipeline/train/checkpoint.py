@@ -74,6 +74,7 @@ class Checkpointer:
         self._error: BaseException | None = None
         self.last_save_stall_s = 0.0  # time save() blocked the training loop
         self.last_upload_s = 0.0
+        self.saved_step: int | None = None  # the step of the checkpoint restored or saved last
 
     def is_checkpoint_step(self, step: int) -> bool:
         """Whether a checkpoint is saved after `step`: every `checkpoint.every_steps`, and at the last step."""
@@ -90,14 +91,17 @@ class Checkpointer:
             self.loader.load_state_dict(checkpoint["loader"]["ranks"])
         if checkpoint["state"].get("rng") is not None:
             self.rng.load_state_dict(checkpoint["state"]["rng"])
+        self.saved_step = ref.step
         return ref
 
-    def maybe_save(self, step: int, extra: dict[str, Any] | None = None) -> bool:
-        """At a checkpoint step, gather the per-rank states and (rank 0) save; whether it was one.
+    def maybe_save(self, step: int, extra: dict[str, Any] | None = None, *, now: bool = False) -> bool:
+        """At a checkpoint step (or `now`, unless `step` is saved already), gather the per-rank states and (rank 0)
+        save; whether it saved.
 
         Every rank must call this after every step: the gathering is collective."""
-        if not self.is_checkpoint_step(step):
+        if not (self.is_checkpoint_step(step) or (now and step != self.saved_step)):
             return False
+        self.saved_step = step  # on every rank: they must agree on the next `now`
         ranks = gather_ranks((self.loader.state_dict(), self.rng.state_dict()), self.ctx)
         if self.ctx.rank == 0:
             self.save(step, {**self.train_state.state_dict(), "rng": [rng for _, rng in ranks]},
@@ -137,6 +141,7 @@ class Checkpointer:
 
     def _write(self, step: int, state: dict, loader_state: dict | None, extra: dict) -> None:
         start = time.perf_counter()
+        log.info("checkpoint step %d: writing to %s", step, checkpoint_url(self.run_dir, step))
         commit = write_checkpoint(self.run_dir, step, state, self.config, loader_state, extra, self.storage)
         self.last_upload_s = time.perf_counter() - start
         log.info("checkpoint step %d published to %s (%.1f MB in %.1fs)", step, checkpoint_url(self.run_dir, step),

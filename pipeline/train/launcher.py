@@ -4,6 +4,15 @@
 ranks x loader workers), then builds a `TorchTrainer`: `ScalingConfig` from `cluster.*`, gloo on CPUs or NCCL on
 GPUs (Ray Train sets up the process group and `ray.train.torch.get_device()`), `FailureConfig(max_failures)` so a
 lost worker or node restarts the whole group, which then resumes from the run's latest complete checkpoint.
+
+Faults, and how each ends:
+- A preemption notice (SIGTERM to a worker) checkpoints the last completed step and restarts the group from it
+  (`pipeline.train.stopping`); `pipeline.train.ray_backend` installs the handler on each worker's main thread.
+- A stalled worker (frozen, or its node unreachable) stops answering Ray Train's health check; after
+  `cluster.stall_timeout_s` the controller declares it dead and restarts the group. The torch process group's own
+  timeout (`cluster.collective_timeout_s`) catches a worker that is alive but stuck in a collective.
+- A deterministic stop (`NonFiniteError`, `BadDataError`) is recorded in `<run>/FAILED.json` by rank 0 while every
+  rank returns normally, so Ray Train does not retry it; `launch()` raises it again (`pipeline.train.failure`).
 """
 
 from __future__ import annotations
@@ -20,10 +29,13 @@ from pipeline.models.weights import absolute_init_source, check_init_source
 from pipeline.storage import absolute_url, is_local_url, local_path, s3_endpoint, s3_region
 from pipeline.storage.checkpoints import latest_checkpoint, read_commit
 from pipeline.tracking import require_backend
-from pipeline.train.failure import clear_failure, raise_recorded_failure, record_failure
+from pipeline.train.failure import DETERMINISTIC_STOPS, clear_failure, raise_recorded_failure, record_failure
 from pipeline.train.loop import train
 from pipeline.train.ranks import WorkerContext
-from pipeline.train.step import NonFiniteError
+
+# Read by Ray Train's controller (and passed on to it from the driver's environment): how long a worker may leave
+# a health check unanswered before it is declared dead. Ray's default is 600 s.
+HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +70,7 @@ def _quiet_ray_train_reports() -> None:
 def train_worker(raw_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker: rank and device from Ray Train's context, then the loop.
 
-    A `NonFiniteError` is recorded, not raised: Ray Train would retry it (see `pipeline.train.failure`).
+    A deterministic stop is recorded, not raised: Ray Train would retry it (see `pipeline.train.failure`).
     """
     import ray.train
     import ray.train.torch
@@ -70,11 +82,9 @@ def train_worker(raw_config: dict[str, Any]) -> None:
                         local_rank=context.get_local_rank(), node_rank=context.get_node_rank(),
                         device=ray.train.torch.get_device())
     config = validate(raw_config)
-    if ctx.rank == 0:
-        clear_failure(config.run_dir, config.storage)  # a record from an earlier attempt is stale now
     try:
         train(config, ctx, report=ray.train.report)
-    except NonFiniteError as error:  # every rank stops at the same step; none may raise, or Ray retries the group
+    except DETERMINISTIC_STOPS as error:  # every rank stops at the same step; none may raise, or Ray retries
         log.error("rank %d: %s", ctx.rank, error)
         if ctx.rank == 0:
             record_failure(config.run_dir, error, config.storage)
@@ -123,21 +133,26 @@ def prepare(config: Config) -> Config:
 def launch(config: Config) -> dict[str, Any]:
     """Run training on the Ray cluster at `cluster.address` (or RAY_ADDRESS, or a new local one).
 
-    Returns the final metrics of rank 0; raises `NonFiniteError` (naming the step) when training stopped on
-    NaN/Inf, without Ray retries. `config` must come from `prepare` (absolute paths, checks done).
+    Returns the final metrics of rank 0; raises the recorded deterministic stop (`NonFiniteError` naming the step,
+    `BadDataError` naming the shards), without Ray retries. `config` must come from `prepare` (absolute paths,
+    checks done).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.ray_backend import preemptible_torch_config
 
     connect_ray(config)  # forwards FORWARDED_ENV, also when the background evaluator connected first
     cluster = config.cluster
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = cluster.gpus_per_worker
+    clear_failure(config.run_dir, config.storage)  # a record from an earlier launch is stale now
+    os.environ[HEALTH_CHECK_TIMEOUT_ENV] = str(cluster.stall_timeout_s)  # Ray Train passes it on to its controller
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config.model_dump(mode="json"),
-        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        torch_config=preemptible_torch_config(config),
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=config.run.name, failure_config=FailureConfig(max_failures=cluster.max_failures),

@@ -2,8 +2,9 @@
 
 It reads top to bottom like the table of contents of a run (big_vision style); each component lives in its module
 and keeps its own state: the checkpointer its cadence and what goes into a checkpoint, the scalar writer its
-throughput window, the sample audit its keys. The same function runs on one process (world_size 1, no process
-group) and as a Ray Train DDP worker (`pipeline.train.ranks`).
+throughput window, the sample audit its keys, the stop agreement whether every rank goes on (a preemption notice or
+one rank's bad data stops all of them at the same step boundary: `pipeline.train.stopping`). The same function runs
+on one process (world_size 1, no process group) and as a Ray Train DDP worker (`pipeline.train.ranks`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from collections.abc import Callable, Iterator
 import torch
 
 from pipeline.config import Config
-from pipeline.data import Batch, ShardStream, read_manifest, to_device
+from pipeline.data import BadDataError, Batch, ShardStream, read_manifest, to_device
 from pipeline.data.manifest import class_fingerprint
 from pipeline.models import preprocess_input
+from pipeline.storage.checkpoints import checkpoint_url
 from pipeline.train.audit import SampleAudit
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.init_from import initialize_from
@@ -24,6 +26,7 @@ from pipeline.train.ranks import WorkerContext, write_rank_info
 from pipeline.train.rng import RankRng
 from pipeline.train.scalars import ScalarWriter
 from pipeline.train.step import build_train_state, train_step
+from pipeline.train.stopping import Preempted, StopAgreement, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +43,21 @@ def wrap_model(model: torch.nn.Module, config: Config, ctx: WorkerContext) -> to
     return model
 
 
-def next_batch(batches: Iterator[Batch], config: Config,
-               device: torch.device) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The next batch, and its model inputs on `device`: (batch, images, targets, valid)."""
-    with torch.random.fork_rng(devices=[]):  # loading must not draw from the model's random stream
-        batch = next(batches)
+Inputs = tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def next_batch(batches: Iterator[Batch], config: Config, device: torch.device,
+               stops: StopAgreement | None = None) -> Inputs | None:
+    """The next batch, and its model inputs on `device`: (batch, images, targets, valid). With `stops`, a
+    `BadDataError` is handed to the agreement (every rank then stops at the step boundary) and None returned."""
+    try:
+        with torch.random.fork_rng(devices=[]):  # loading must not draw from the model's random stream
+            batch = next(batches)
+    except BadDataError as error:
+        if stops is None:
+            raise
+        stops.bad_data(error)
+        return None
     pixels, targets = to_device(batch, device, config.model.num_classes, channels_last=config.train.channels_last)
     return batch, preprocess_input(pixels), targets, batch.valid.to(device, non_blocking=True)
 
@@ -92,18 +105,29 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
 
     # Train.
     batches = iter(loader)
+    stops = StopAgreement(ctx)
     try:
         while state.step < config.train.total_steps:
             with scalars.waiting_for_data():
-                batch, images, targets, valid = next_batch(batches, config, device)
+                inputs = next_batch(batches, config, device, stops)
+            # Every rank learns of any rank's bad data (raised here) or preemption notice; a notice takes effect
+            # after this step, whose batch is in hand: its checkpoint is then the last completed step.
+            preempted = stops.agree(state.step) is StopReason.PREEMPTED
+            batch, images, targets, valid = inputs
             result = train_step(state, config, images, targets, valid,
                                 global_batch_size=config.train.global_batch_size)
             scalars.log(state, result, loader)
-            audit.record(state.step, batch)  # at a checkpoint step, on record before the checkpoint commits
-            if checkpointer.maybe_save(state.step, extra={"metrics": scalars.last, "class_fingerprint": classes}):
+            audit.record(state.step, batch, write=preempted)  # written before the step's checkpoint commits
+            extra = {"metrics": scalars.last, "class_fingerprint": classes,
+                     "stopped": "preempted" if preempted else None}
+            if checkpointer.maybe_save(state.step, extra=extra, now=preempted):
                 scalars.publish(state.step)  # Ray Train's report is a barrier: only as often as checkpoints
-    except BaseException:
-        _close_after_error(checkpointer.wait, lambda: scalars.close(failed=True))
+            if preempted and state.step < config.train.total_steps:
+                checkpointer.wait()  # committed before any rank leaves
+                raise stops.preempted(state.step, checkpoint_url(config.run_dir, state.step))
+    except BaseException as error:
+        failed = not isinstance(error, Preempted)  # a preempted run goes on after the restart
+        _close_after_error(checkpointer.wait, lambda: scalars.close(failed=failed))
         raise
     checkpointer.wait()
     scalars.close()

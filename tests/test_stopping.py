@@ -1,0 +1,181 @@
+"""Stopping together: a SIGTERM checkpoints the last completed step and the resume redoes nothing; one rank's bad data
+stops every rank at the same step; deterministic stops are recorded, not retried, and end a job with exit code 2."""
+
+import json
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_checkpoint import assert_trees_close, tiny_config
+
+from pipeline.cli import EXIT_REFUSED, job_main
+from pipeline.config import load_config
+from pipeline.data import BadDataError
+from pipeline.storage import join_url, list_dir, read_bytes
+from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, read_checkpoint, read_commit
+from pipeline.train import launcher, loop, stopping
+from pipeline.train.failure import raise_recorded_failure, record_failure
+from pipeline.train.ranks import WorkerContext
+from pipeline.train.step import NonFiniteError
+from pipeline.train.stopping import Preempted, StopAgreement, StopReason
+
+
+@pytest.fixture
+def sigterm_handler():
+    """The preemption handler in this (main) thread, and the process's own handler back afterwards."""
+    previous = signal.getsignal(signal.SIGTERM)
+    stopping.clear_preemption_notice()
+    assert stopping.install_sigterm_handler()
+    yield
+    signal.signal(signal.SIGTERM, previous)
+    stopping.clear_preemption_notice()
+
+
+def sigterm_after_step(monkeypatch, at_step: int) -> None:
+    """A real SIGTERM to this process right after the loop's step `at_step` (the signal arrives mid-loop)."""
+    real_step = loop.train_step
+
+    def step_then_signal(state, *args, **kwargs):
+        result = real_step(state, *args, **kwargs)
+        if state.step == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+
+
+def test_sigterm_checkpoints_the_last_completed_step_and_the_resume_redoes_nothing(tiny_demo, tmp_path,
+                                                                                 monkeypatch, sigterm_handler):
+    # The signal arrives during step 4; every rank finishes step 5, whose batch it holds, and checkpoints it. Step 5
+    # is no scheduled checkpoint (every 3): without the preemption checkpoint the resume would redo steps 4 and 5.
+    options = ["train.total_steps=6", "checkpoint.every_steps=3", "train.log_samples=true", "model.dropout=0.5",
+               "schedule.name=step"]
+    config = tiny_config(tiny_demo, tmp_path, *options)
+    reference_config = tiny_config(tiny_demo, tmp_path / "ref", *options)
+    reference = loop.train(reference_config)
+
+    sigterm_after_step(monkeypatch, at_step=4)
+    with pytest.raises(Preempted, match="preempted after step 5") as caught:
+        loop.train(config)
+    assert caught.value.step == 5
+    assert [ref.step for ref in committed_checkpoints(config.run_dir)] == [3, 5]
+    assert read_commit(latest_checkpoint(config.run_dir).url)["stopped"] == "preempted"
+
+    monkeypatch.undo()  # no more signals
+    stopping.clear_preemption_notice()
+    resumed = loop.train(config)
+    assert resumed["step"] == 6
+    rank_info = json.loads(read_bytes(join_url(config.run_dir, "workers", "rank-00000.json")))
+    assert rank_info["start_step"] == 5, "the resume starts where the preempted run stopped"
+    # The preempted-and-resumed run is the uninterrupted one: same model, EMA, optimizer, RNG and data position.
+    ours, theirs = (read_checkpoint(latest_checkpoint(c.run_dir).url) for c in (config, reference_config))
+    assert ours["loader"] == theirs["loader"]
+    assert_trees_close(ours["state"], theirs["state"])
+    assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+    # The audit has every step's keys once: the preemption checkpoint wrote the keys of steps 4 and 5 first.
+    files = sorted(url.rsplit("/", 1)[-1] for url in list_dir(join_url(config.run_dir, "samples")))
+    assert files == [f"rank-00000-step-{s:09d}.json" for s in (3, 5, 6)]
+    keys = [k for f in files for k in json.loads(read_bytes(join_url(config.run_dir, "samples", f)))]
+    assert len(keys) == 6 * 8 and len(set(keys)) == len(keys)
+
+
+def test_a_second_sigterm_falls_through_to_the_previous_handler():
+    previous_calls = []
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: previous_calls.append(signum))
+    try:
+        stopping.clear_preemption_notice()
+        assert stopping.install_sigterm_handler()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stopping.preemption_noticed() and previous_calls == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert previous_calls == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, original)
+        stopping.clear_preemption_notice()
+
+
+def _agreeing_rank(rank: int, port: int, out: str) -> None:
+    """Three steps on 2 gloo ranks: nothing; rank 0 gets a real SIGTERM; rank 1's data fails."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    stopping.install_sigterm_handler()
+    stops = StopAgreement(WorkerContext(rank=rank, world_size=2))
+    outcome = {"step0": stops.agree(0).name}
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+    outcome["step1"] = stops.agree(1).name
+    stopping.clear_preemption_notice()
+    if rank == 1:
+        stops.bad_data(BadDataError("300 of 1000 samples read by rank 1 were bad"))
+    try:
+        stops.agree(2)
+    except BadDataError as error:
+        outcome["step2"] = str(error)
+    with open(f"{out}.rank{rank}.json", "w") as f:
+        json.dump(outcome, f)
+    dist.destroy_process_group()
+
+
+def test_every_rank_stops_at_the_same_step_for_one_rank_s_notice_or_bad_data(tmp_path):
+    out = str(tmp_path / "agree")
+    mp.spawn(_agreeing_rank, args=(29700 + os.getpid() % 200, out), nprocs=2, join=True)
+    outcomes = [json.loads((tmp_path / f"agree.rank{rank}.json").read_text()) for rank in range(2)]
+    assert [o["step0"] for o in outcomes] == [StopReason.NONE.name] * 2
+    assert [o["step1"] for o in outcomes] == [StopReason.PREEMPTED.name] * 2
+    assert outcomes[1]["step2"] == "300 of 1000 samples read by rank 1 were bad"
+    assert outcomes[0]["step2"] == "(reported by rank 1) 300 of 1000 samples read by rank 1 were bad"
+
+
+def test_bad_data_is_recorded_and_raised_again_like_a_nonfinite_stop(tmp_path):
+    run_dir = str(tmp_path / "run")
+    record_failure(run_dir, BadDataError("120 of 1000 samples read by rank 0 were bad"))
+    with pytest.raises(BadDataError, match="120 of 1000"):
+        raise_recorded_failure(run_dir)
+
+
+@pytest.mark.parametrize("error", [BadDataError("too many bad samples"), NonFiniteError("nan at step 5", step=5)])
+def test_train_worker_returns_normally_on_a_deterministic_stop(tmp_path, monkeypatch, error):
+    """Ray Train retries whatever the training function raises: a deterministic stop must return on every rank."""
+    pytest.importorskip("ray")
+    import ray.train
+    import ray.train.torch
+
+    config = load_config("demo", [f"run.storage={tmp_path}", "model.num_classes=5"])
+    context = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 2, get_local_rank=lambda: 0,
+                              get_node_rank=lambda: 0)
+    monkeypatch.setattr(ray.train, "get_context", lambda: context)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+
+    def stop(config, ctx, report):
+        raise error
+
+    monkeypatch.setattr(launcher, "train", stop)
+    launcher.train_worker(config.model_dump(mode="json"))
+    with pytest.raises(type(error), match=str(error)):
+        raise_recorded_failure(config.run_dir)
+
+
+@pytest.mark.parametrize("error", [BadDataError("too many bad samples"), NonFiniteError("nan at step 5", step=5)])
+def test_a_deterministic_stop_ends_a_job_with_one_line_and_exit_code_2(capsys, error):
+    def main(argv):
+        raise error
+
+    assert job_main(main)([]) == EXIT_REFUSED
+    assert capsys.readouterr().err.strip() == f"error: {type(error).__name__}: {error}"
+
+
+def test_preemptible_torch_config_installs_the_handler_and_bounds_collectives():
+    pytest.importorskip("ray")
+    from pipeline.train import ray_backend
+
+    config = load_config("demo", ["cluster.collective_timeout_s=120"])
+    torch_config = ray_backend.preemptible_torch_config(config)
+    assert torch_config.timeout_s == 120 and torch_config.backend == "gloo"
+    executed = []
+    worker_group = SimpleNamespace(execute=lambda fn: executed.append(fn))
+    torch_config.backend_cls().on_training_start(worker_group, torch_config)
+    assert executed == [ray_backend.install_preemption_handler]
