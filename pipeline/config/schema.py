@@ -201,8 +201,9 @@ class IndexConfig(Section):
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail above this fraction of samples without "
                                     "an image or with unreadable labels (a wrong mapping), naming shards and keys")
     workers: PositiveInt = Field(32, description="shards read at once (threads; reads wait on the network)")
-    block_kib: PositiveInt = Field(64, description="read-ahead per ranged read (KiB): each image costs about one "
-                                   "block to skip; larger blocks mean fewer requests for shards of small images")
+    block_kib: PositiveInt = Field(16, description="bytes per ranged read (KiB): an image larger than this costs "
+                                   "one read of this size to skip; shards of images smaller than it are read in "
+                                   "fewer, larger reads (1024: about a whole-shard read in 1 MiB pieces)")
     progress: bool = Field(True, description="a progress bar on stderr")
 
 

@@ -1,7 +1,7 @@
 """Count one shard's samples and read its labels by walking its tar headers with ranged reads, never its images.
 
 A tar is a chain of 512-byte headers, each followed by its member's data. `scan_shard` opens the shard through
-fsspec with a small read-ahead block (`block_size`, 64 KiB by default) and walks the headers with Python's
+fsspec with a small read-ahead block (`index.block_kib`, 16 KiB by default) and walks the headers with Python's
 `tarfile` in random-access mode: it seeks past every image body, so each member larger than a block costs one
 ranged read of one block (its neighbours' headers and small label members ride along in it), and the bytes read
 are about `block_size` per image instead of the image. Label members (`.cls`, `.json`, `.txt`) are small and
@@ -133,7 +133,7 @@ def _walk(scan: ShardScan, handle: _CountingFile, fmt: SampleFormat, values: str
 
 def scan_shard(url: str, fmt: SampleFormat, *, values: Literal["ids", "names", "auto"] | None = None,
                check: Callable[[Sequence[RawLabel]], object] | None = None, storage: StorageConfig | None = None,
-               block_size: int = 64 * 1024) -> ShardScan:
+               block_size: int = 16 * 1024) -> ShardScan:
     """Walk the shard at `url` (see the module docstring). `check(raw labels)` raises LabelError for labels the
     dataset cannot use; None: labels are not read at all (only images are checked to be present). Transient
     storage errors retry the shard from its start; a tar that breaks midway keeps the samples before the break
