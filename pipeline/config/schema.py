@@ -168,6 +168,45 @@ class ShardsConfig(Section):
         return int(self.min_shard_mb * 2**20)
 
 
+class IndexConfig(Section):
+    """How jobs/index_shards.py indexes WebDataset shards written by other tools, in place (pipeline.data.adopt).
+
+    The mapping says where each sample keeps its labels; it is recorded in the manifest, so training and the
+    evaluator read the shards with no further settings.
+    """
+
+    labels: Literal["cls", "json", "txt"] = Field(
+        "cls", description="the member holding the labels: cls (class ids as text, webdataset's convention), json "
+        "(a field of a JSON object, see json_field) or txt (one label per line, or separated by | or ;)")
+    json_field: str = Field("label", min_length=1, description="labels=json: the field holding the labels (a "
+                            "dotted path for nested objects, e.g. annotations.classes); one value or a list")
+    label_values: Literal["auto", "ids", "names"] = Field(
+        "auto", description="labels are class ids (0..num_classes-1) or class names; auto: ids for cls, else what "
+        "the shards hold (all integers: ids, all strings: names)")
+    classes: str | None = Field(
+        None, description="a classes file fixing class ids and names: a classes.tsv (e.g. the training set's, to "
+        "index an eval set) or a text file of one class name per line (id = line number); None: names are ordered by "
+        "frequency (most frequent first), ids named by their number")
+    num_classes: PositiveInt | None = Field(None, description="label_values=ids without a classes file: the class "
+                                            "count (None: the largest id seen + 1)")
+    frequencies: Literal["count", "classes_file", "skip"] = Field(
+        "count", description="classes.tsv's train_frequency: count (read every label member), classes_file (copy "
+        "the given classes.tsv's frequencies and weights, as for an eval set), skip (zeros; labels are not read, "
+        "so with a wids index giving counts no shard is opened)")
+    image_extensions: list[Literal["jpg", "jpeg", "png", "webp"]] = Field(
+        default_factory=lambda: ["jpg", "jpeg", "png", "webp"], min_length=1,
+        description="members that hold the image, the first present is used")
+    labels_kind: Literal["sparse", "dense"] = Field("sparse", description="sparse (training, noisy) or dense "
+                                                    "(evaluation) labels, recorded in the manifest")
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail above this fraction of samples without "
+                                    "an image or with unreadable labels (a wrong mapping), naming shards and keys")
+    workers: PositiveInt = Field(32, description="shards read at once (threads; reads wait on the network)")
+    block_kib: PositiveInt = Field(16, description="bytes per ranged read (KiB): an image larger than this costs "
+                                   "one read of this size to skip; shards of images smaller than it are read in "
+                                   "fewer, larger reads (1024: about a whole-shard read in 1 MiB pieces)")
+    progress: bool = Field(True, description="a progress bar on stderr")
+
+
 class OptimizerConfig(Section):
     """RMSprop as TensorFlow defines it (the paper's JFT runs) or SGD with momentum (its ImageNet runs)."""
 
@@ -388,6 +427,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     loss: LossConfig = Field(default_factory=LossConfig)

@@ -1,4 +1,4 @@
-"""JPEG decoding with DCT-domain downscaling, Inception-style augmentation, and label checking.
+"""JPEG decoding with DCT-domain downscaling, and Inception-style augmentation.
 
 Why DCT-domain downscaling: a random crop is resized to `image_size` anyway, so decoding at a reduced scale
 (the smallest that still leaves the crop at least `image_size` on both sides) skips much of the IDCT and colour
@@ -21,7 +21,6 @@ side, resized to `image_size` (the same as resizing the shorter side to image_si
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
 import threading
@@ -204,24 +203,3 @@ def decode_image(data: bytes, image_size: int, augment: AugmentConfig, *, train:
     except Exception as exc:  # Pillow and simplejpeg raise many types for broken data
         raise BadSampleError("bad_image", f"{type(exc).__name__}: {exc}") from exc
     return out
-
-
-def parse_labels(data: bytes | None, num_classes: int) -> list[int]:
-    """Class ids from a sample's JSON `{"labels": [ids]}`; raises BadSampleError("bad_label") naming the problem."""
-    if data is None:
-        raise BadSampleError("bad_label", "no .json member")
-    try:
-        body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadSampleError("bad_label", f"invalid JSON: {exc}") from exc
-    if not isinstance(body, dict) or "labels" not in body:
-        raise BadSampleError("bad_label", 'no "labels" field')
-    labels = body["labels"]
-    if not isinstance(labels, list):
-        raise BadSampleError("bad_label", f'"labels" is {type(labels).__name__}, not a list')
-    for label in labels:
-        if not isinstance(label, int) or isinstance(label, bool):
-            raise BadSampleError("bad_label", f"label {label!r} is not an integer class id")
-        if not 0 <= label < num_classes:
-            raise BadSampleError("bad_label", f"label {label} is outside 0..{num_classes - 1}")
-    return labels

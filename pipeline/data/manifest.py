@@ -8,7 +8,13 @@ manifest.json (format version 1)::
      "classes": "classes.tsv", "shards": [{"url": "shard-000000.tar", "samples": 1000, "bytes": 26214400}, ...],
      "labels": "sparse" | "dense", "attribution": "...", "extra": {...}}
 
-Shard URLs are relative to the prefix (absolute URLs are allowed too). classes.tsv has a header
+Version 2 adds `"sample_format"`: where each sample keeps its image and labels, for shards written by other tools
+(`pipeline.data.sample_format`; written by `pipeline.data.adopt`). A manifest without it is written as version 1
+(the project's own `KEY.jpg` + `KEY.json` samples), so readers of version 1 keep reading the project's shards and
+refuse, by version, the shards they could not read.
+
+Shard URLs are relative to the prefix (absolute URLs are allowed too: a manifest indexing read-only shards elsewhere).
+classes.tsv has a header
 `id<TAB>name<TAB>train_frequency<TAB>weight` (weight may be empty) and one row per class id 0..num_classes-1.
 """
 
@@ -22,10 +28,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.config import StorageConfig
+from pipeline.data.sample_format import OWN_FORMAT, SampleFormat
 from pipeline.storage import join_url, read_bytes, write_bytes
 
 FORMAT_NAME = "xception-pipeline-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reader knows; 1 is still written when it suffices
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 CLASSES_FILE = "classes.tsv"
 
@@ -57,7 +65,13 @@ class Manifest:
     classes: str = CLASSES_FILE
     attribution: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-    version: int = FORMAT_VERSION
+    sample_format: SampleFormat = OWN_FORMAT
+
+    @property
+    def version(self) -> int:
+        """The lowest format version that expresses this manifest (readers of version 1 cannot follow a
+        sample format)."""
+        return 1 if self.sample_format == OWN_FORMAT else 2
 
     @property
     def num_samples(self) -> int:
@@ -72,6 +86,8 @@ class Manifest:
                 "num_samples": self.num_samples, "labels": self.labels, "classes": self.classes,
                 "attribution": self.attribution, "extra": self.extra,
                 "shards": [asdict(s) for s in self.shards]}
+        if self.version > 1:
+            body["sample_format"] = self.sample_format.to_dict()
         return json.dumps(body, indent=1)
 
     @classmethod
@@ -82,17 +98,18 @@ class Manifest:
             raise ManifestError(f"{source}: not valid JSON: {exc}") from exc
         if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
             raise ManifestError(f"{source}: not a shard manifest (expected format={FORMAT_NAME!r})")
-        if body.get("version") != FORMAT_VERSION:
+        if body.get("version") not in SUPPORTED_VERSIONS:
             raise ManifestError(
                 f"{source}: format version {body.get('version')!r} is not supported by this reader "
-                f"(supports {FORMAT_VERSION}); rewrite the shards or upgrade the pipeline"
+                f"(supports {', '.join(map(str, SUPPORTED_VERSIONS))}); rewrite the shards or upgrade the pipeline"
             )
         try:
             shards = [ShardInfo(url=str(s["url"]), samples=int(s["samples"]), bytes=int(s.get("bytes", 0)))
                       for s in body["shards"]]
             manifest = cls(num_classes=int(body["num_classes"]), shards=shards, labels=body.get("labels", "sparse"),
                            classes=body.get("classes", CLASSES_FILE), attribution=body.get("attribution", ""),
-                           extra=body.get("extra", {}), version=body["version"])
+                           extra=body.get("extra", {}),
+                           sample_format=SampleFormat.from_dict(body.get("sample_format") or OWN_FORMAT.to_dict()))
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"{source}: missing or malformed field: {exc!r}") from exc
         if manifest.num_classes < 1 or any(s.samples < 0 for s in shards):

@@ -29,8 +29,9 @@ from typing import Any
 
 from pipeline.config import DataConfig, StorageConfig
 from pipeline.data.batch import Batch, own_batch
-from pipeline.data.manifest import Manifest, read_manifest
+from pipeline.data.manifest import Manifest, read_classes, read_manifest
 from pipeline.data.plan import EpochPlan, Split, check_shard_split, eval_plan, resumed_plan
+from pipeline.data.sample_format import LabelReader
 from pipeline.data.workers import Filler, WorkerSpec, WorkerStart, start_workers
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,15 @@ def _rank_states(state: Mapping[str, Any] | list) -> list[Mapping[str, Any]]:
     return states
 
 
+def label_reader(prefix: str, manifest: Manifest, num_classes: int | None = None,
+                 storage: StorageConfig | None = None) -> LabelReader:
+    """How the loader reads the labels of the dataset at `prefix`: its manifest's sample format, with the class
+    names of its classes.tsv when labels are written as names."""
+    fmt = manifest.sample_format
+    names = {c.name: c.id for c in read_classes(prefix, manifest, storage)} if fmt.values == "names" else {}
+    return LabelReader(fmt, num_classes or manifest.num_classes, names)
+
+
 class ShardStream:
     """One rank's stream of `Batch`es from the dataset at `prefix` (holding manifest.json).
 
@@ -88,7 +98,7 @@ class ShardStream:
         self._seed = data.seed
         self._spec = WorkerSpec(self.manifest.shard_urls(prefix), [s.samples for s in self.manifest.shards], rank,
                                 train, data.image_size, data.augment, data.decoder, data.fast_train_decode,
-                                num_classes or self.manifest.num_classes, storage, data.cache_dir,
+                                label_reader(prefix, self.manifest, num_classes, storage), storage, data.cache_dir,
                                 int(data.cache_max_gb * 2**30))
         self._entered: set[tuple[int, int]] = set()
         self._stats: dict[str, float] = {"batches": 0, "samples": 0, "good": 0, "refilled": 0, "padded": 0,

@@ -39,14 +39,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import AugmentConfig, StorageConfig
 from pipeline.data.batch import Batch, BatchBuilder, SharedBuffers
 from pipeline.data.cache import ShardCache
-from pipeline.data.decode import BadSampleError, Decoder, decode_image, parse_labels
+from pipeline.data.decode import BadSampleError, Decoder, decode_image
 from pipeline.data.plan import EpochPlan, train_plan
+from pipeline.data.sample_format import LabelError, LabelReader, image_member
 from pipeline.data.shard_reader import PartEnd, ShardOpener, planned_samples, shard_opener
 
 log = logging.getLogger(__name__)
 
 _LOG_FIRST, _LOG_EVERY = 10, 100
-_IMAGE_KEYS = ("jpg", "jpeg", "png")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class WorkerSpec:
     augment: AugmentConfig
     decoder: Decoder
     fast_train_decode: bool
-    num_classes: int
+    labels: LabelReader  # where a sample keeps its labels and image (the manifest's sample format)
     storage: StorageConfig | None
     cache_dir: str | None
     cache_max_bytes: int
@@ -147,10 +147,10 @@ class SlotProducer:
                     continue
                 key = str(sample.get("__key__", f"#{k}"))
                 try:
-                    labels = parse_labels(sample.get("json"), spec.num_classes)
-                    data = next((sample[e] for e in _IMAGE_KEYS if e in sample), None)
+                    labels = _labels(spec.labels, sample)
+                    data = image_member(sample, spec.labels.fmt)
                     if data is None:
-                        raise BadSampleError("bad_image", f"no image member (.{'/.'.join(_IMAGE_KEYS)})")
+                        raise BadSampleError("bad_image", f"no image member (.{'/.'.join(spec.labels.fmt.image)})")
                     rng = random.Random(f"{plan.seed}:{plan.epoch}:{plan.segment}:{slot}:{position}{tag}")
                     decode_image(data, spec.image_size, spec.augment, train=spec.train, rng=rng, decoder=spec.decoder,
                                  fast_train_decode=spec.fast_train_decode, out=destination())
@@ -219,6 +219,13 @@ class SlotProducer:
                 break
             builder.add(*got[1:])
             self.counters.refilled += 1
+
+
+def _labels(reader: LabelReader, sample: dict) -> list[int]:
+    try:
+        return reader.labels(sample)
+    except LabelError as exc:
+        raise BadSampleError("bad_label", str(exc)) from exc
 
 
 class RankStream(IterableDataset):
