@@ -97,6 +97,25 @@ def test_sources_plan_and_read_every_input_kind(tiny_demo, tmp_path):
     assert len({p["digest"] for p in shards}) == len(shards)
 
 
+def test_shards_written_by_other_tools_give_their_images_also_under_dotted_keys(tmp_path):
+    """webdataset's key ends at the first dot of a member's basename: "cat.001.png" is key "cat", member "001.png"."""
+    import io as bytes_io
+
+    import webdataset as wds
+    from PIL import Image
+
+    png = bytes_io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(png, format="PNG")
+    with wds.TarWriter(str(tmp_path / "foreign.tar")) as writer:
+        writer.write({"__key__": "cat.001", "png": png.getvalue(), "cls": b"3"})
+        writer.write({"__key__": "dog", "webp": png.getvalue()})
+        writer.write({"__key__": "fish", "cls": b"1"})
+    part = {"part": 0, "shard": str(tmp_path / "foreign.tar"), "paths": [], "rows": 3, "digest": "x"}
+    rows = {row["key"]: row for chunk in read_part(part) for row in chunk}
+    assert rows["cat"]["image"] == rows["dog"]["image"] == png.getvalue()
+    assert rows["fish"]["image"] is None and rows["fish"]["error"].startswith("no image member")
+
+
 def test_corrupt_shard_becomes_one_error_row(tiny_demo, tmp_path):
     shard = read_manifest(tiny_demo.eval).shard_urls(tiny_demo.eval)[0]
     broken = tmp_path / "broken.tar"

@@ -29,6 +29,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.config import StorageConfig
 from pipeline.data.manifest import MANIFEST_FILE, read_manifest
+from pipeline.data.sample_format import member
 from pipeline.storage import StorageError, exists, filesystem, join_url, open_read, read_bytes
 
 InputKind = Literal["shards", "folder", "urls"]
@@ -127,9 +128,10 @@ def _shard_rows(planned: Row, storage: StorageConfig | None) -> Iterator[Row]:
     try:
         for sample in group_by_keys({**f, "__url__": url} for f in tar_file_iterator(stream)):
             delivered += 1
-            member = next((m for m in SHARD_IMAGE_MEMBERS if sample.get(m) is not None), None)
-            error = None if member else f"no image member ({'/'.join(SHARD_IMAGE_MEMBERS)}) in {url}"
-            yield _row(part, sample["__key__"], sample.get(member) if member else None, error)
+            # `member` also finds "KEY.a.jpg"-style names: webdataset's key ends at the first dot of the basename.
+            image = next((found[1] for ext in SHARD_IMAGE_MEMBERS if (found := member(sample, ext)) is not None), None)
+            error = None if image is not None else f"no image member ({'/'.join(SHARD_IMAGE_MEMBERS)}) in {url}"
+            yield _row(part, sample["__key__"], image, error)
     except Exception as exc:  # truncated or corrupt tar: the rest of the shard is lost, named once
         yield _row(part, url, error=f"corrupt shard after {delivered} samples: {type(exc).__name__}: {exc}")
         return
