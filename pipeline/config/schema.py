@@ -118,8 +118,16 @@ class StorageConfig(Section):
     region: str | None = None
     profile: str | None = Field(None, description="AWS profile name from ~/.aws/credentials")
     anonymous: bool = False
-    retries: int = Field(5, ge=0, description="attempts after the first on transient errors")
-    retry_backoff_s: PositiveFloat = 0.5
+    retries: int = Field(5, ge=0, description="attempts after the first on transient errors (connection refused, "
+                         "timeouts, HTTP 5xx/429) for one-off calls: start-up reads, listings, writes; with the "
+                         "backoff about 10 s, so a wrong endpoint is reported quickly")
+    retry_backoff_s: PositiveFloat = Field(0.5, description="the first wait between attempts; doubled per attempt, "
+                                           "at most 10 s, jittered")
+    outage_budget_s: PositiveFloat = Field(
+        300.0, description="how long reads on the data path (shards streamed by training and the evaluator) keep "
+        "retrying a store that is unreachable or failing transiently, from the first failure: an outage shorter "
+        "than this costs a wait (logged once, and once when the store is back), not the run. Training's collective "
+        "timeout is sized from it: other ranks wait at the next all-reduce while one rank's reads wait")
 
 
 class ShardsConfig(Section):
