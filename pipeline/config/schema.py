@@ -101,10 +101,15 @@ class DataConfig(Section):
         True, description="simplejpeg's fast IDCT and chroma upsampling for training images (~10% faster); "
         "evaluation always decodes accurately",
     )
-    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail the run above this corrupt fraction")
-    bad_fraction_min_samples: int = Field(
-        1000, ge=1, description="check max_bad_fraction once a rank has read this many samples (and at epoch ends)"
-    )
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail the run above this corrupt fraction "
+                                    "(of the samples a rank has read, judged over data.bad_data_window)")
+    bad_data_window: int = Field(
+        10_000, ge=1, description="judge max_bad_fraction once a rank has read this many samples (and at each epoch "
+        "end), over everything it has read. Bad samples cluster by shard (a corrupt or truncated tar), so the window "
+        "must span several shards to be fair: 10,000 samples are 2-3 shards of the default 256 MiB (~65 KB images) "
+        "per loader worker of a rank with 2 workers; a first shard 14% bad in a dataset 5% bad no longer stops "
+        "the run, as it did when 1,000 samples were judged. Data that is clearly hopeless stops earlier: as soon as "
+        "more than max_bad_fraction x bad_data_window samples are bad, no full window could pass")
     cache_dir: str | None = Field(None, description="local shard cache directory (LRU); None disables")
     cache_max_gb: PositiveFloat = 50.0
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

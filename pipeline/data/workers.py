@@ -11,8 +11,9 @@
   before the next worker in the old round-robin emit one filler first, so the order continues exactly.
 - Bad data. Undecodable images ("bad_image"), missing or malformed labels ("bad_label"), and samples a shard did
   not deliver ("truncated_shard" when it died midway or ended early, "corrupt_shard" when no sample could be read)
-  are skipped, counted, and logged with shard URL and key (first 10, then every 100th per worker). The counts
-  travel in the items to the main process, which decides whether there are too many (`pipeline.data.stream`).
+  are skipped, counted, and logged with shard URL and key (first 10, then every 100th per worker); a shard that
+  ends early is logged once, naming where (the last sample and key it delivered, the byte offset) and why. The
+  counts travel in the items to the main process, which decides whether there are too many (`pipeline.data.stream`).
 - Short slots (training). Quotas are fixed up front, so batch counts never change: a slot first spends the
   samples it would otherwise drop at the epoch end; if bad samples still leave it short, it replays its own
   stream from the start and fills its last batches with its earliest good samples, counted as "refilled" (a
@@ -97,21 +98,26 @@ class SlotCounters:
         self.good = self.refilled = self.padded = 0
         self.bad: dict[str, int] = {}
         self.bad_shards: dict[str, int] = {}
+        self.shards: set[str] = set()  # shards whose samples were counted (good or bad)
         self.last_bad: str | None = None
 
-    def skip(self, reason: str, url: str, key: str, detail: str) -> None:
+    def skip(self, reason: str, url: str, which: str, detail: str, *, logged: bool = True) -> None:
+        """Count a bad sample (`which`: "key K", or "sample N" of a shard that did not deliver it); log it unless
+        `logged` is False (the shard reader has logged the shard's end once)."""
         self.bad[reason] = self.bad.get(reason, 0) + 1
         self.bad_shards[url] = self.bad_shards.get(url, 0) + 1
-        self.last_bad = f"{url} key {key} ({reason}: {detail})"
+        self.last_bad = f"{url} {which} ({reason}: {detail})"
+        if not logged:
+            return
         self.logged += 1
         if self.logged <= _LOG_FIRST or self.logged % _LOG_EVERY == 0:
-            log.warning("skipping sample %s key %s: %s: %s (%d skipped by this worker)", url, key, reason, detail,
+            log.warning("skipping sample %s %s: %s: %s (%d skipped by this worker)", url, which, reason, detail,
                         self.logged)
 
     def drain_counts(self) -> dict[str, Any]:
         """The counters since the previous call (an item's `stats`), reset to zero."""
         stats = {"good": self.good, "bad": self.bad, "bad_shards": self.bad_shards, "last_bad": self.last_bad,
-                 "refilled": self.refilled, "padded": self.padded}
+                 "shards": sorted(self.shards), "refilled": self.refilled, "padded": self.padded}
         if self.cache is not None:
             stats["cache_hits"], stats["cache_misses"] = self.cache.drain_counts()
         self._reset()
@@ -136,14 +142,16 @@ class SlotProducer:
         """
         spec, sp = self.spec, plan.slots[slot]
         first_id = [0, *itertools.accumulate(spec.counts)]
-        raw = planned_samples(plan, slot, start, spec.urls, spec.counts, self.open_shard)
+        raw = planned_samples(plan, slot, start, spec.urls, spec.counts, self.open_shard, log_ends=count_bad)
         with contextlib.closing(raw):
             for position, pi, k, sample in raw:
                 url = spec.urls[sp.parts[pi].shard]
+                if count_bad:
+                    self.counters.shards.add(url)
                 if isinstance(sample, PartEnd):
                     if count_bad:
                         reason = "corrupt_shard" if sample.samples == 0 else "truncated_shard"
-                        self.counters.skip(reason, url, f"#{k}", sample.error or "missing")
+                        self.counters.skip(reason, url, f"sample {k}", sample.error or "missing", logged=False)
                     continue
                 key = str(sample.get("__key__", f"#{k}"))
                 try:
@@ -156,7 +164,7 @@ class SlotProducer:
                                  fast_train_decode=spec.fast_train_decode, out=destination())
                 except BadSampleError as exc:
                     if count_bad:
-                        self.counters.skip(exc.reason, url, key, exc.detail)
+                        self.counters.skip(exc.reason, url, f"key {key}", exc.detail)
                     continue
                 if count_bad:
                     self.counters.good += 1
