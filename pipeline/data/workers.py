@@ -30,6 +30,9 @@ import logging
 import multiprocessing
 import os
 import random
+import select
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -288,7 +291,7 @@ def start_workers(spec: WorkerSpec, start: WorkerStart, workers: int) -> tuple[I
     returned = [context.Queue() for _ in range(workers)]
     loader = DataLoader(RankStream(spec, start, returned), batch_size=None, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), multiprocessing_context=context,
-                        worker_init_fn=functools.partial(_adopt_environment, dict(os.environ)))
+                        worker_init_fn=functools.partial(_init_worker, dict(os.environ), os.getpid()))
     return iter(loader), returned
 
 
@@ -301,9 +304,41 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _adopt_environment(environment: dict[str, str], worker_id: int) -> None:
+def _init_worker(environment: dict[str, str], main_pid: int, worker_id: int) -> None:
     """Give a worker this process's current environment (credentials, endpoints), as a fork would: the fork
-    server's own environment is the one it had when it started, possibly before they were set."""
+    server's own environment is the one it had when it started, possibly before they were set. And end it when the
+    main process is gone (`_exit_with`)."""
     del worker_id
     os.environ.clear()
     os.environ.update(environment)
+    _exit_with(main_pid)
+
+
+def _exit_with(main_pid: int) -> None:
+    """End this worker as soon as the process `main_pid` is gone, however it died (SIGKILL, an out-of-memory kill,
+    a Ray actor killed). A worker started from the fork server is the server's child: torch's watchdog, which
+    checks the worker's parent, never sees the main process die, and the worker and the server (which lives while
+    any of its children holds its pipe) would keep each other, and the resource tracker, alive forever."""
+    def watch() -> None:
+        try:
+            handle = os.pidfd_open(main_pid)  # Linux >= 5.3: readable once the process has exited
+        except (AttributeError, OSError):
+            handle = None
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while _exists(main_pid):
+                time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="main-process-watch", daemon=True).start()
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
