@@ -54,8 +54,7 @@ class Terminated(SystemExit):
 def _terminate(signum: int, frame: object) -> None:
     del frame
     signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
-    log.warning("%s received: stopping (shutting down worker processes; a second one kills at once)",
-                signal.Signals(signum).name)
+    log.warning("SIGTERM received: stopping (shutting down worker processes; a second one kills at once)")
     raise Terminated(128 + signum)
 
 
