@@ -1,18 +1,27 @@
-"""The start-up every job shares: one log format, and a refused input reported as one line with exit code 2.
+"""The start-up every job shares: one log format, a refused input reported as one line with exit code 2, and an
+orderly stop on SIGTERM.
 
 A job's `main(argv) -> int` is wrapped with `job_main`. Exceptions that mean "the input is wrong or unreachable"
 (bad config, a dataset that does not fit the config, a missing manifest, storage that refuses or stays down after
 its retries, missing demo or export packages) and the deterministic stops of training (a NaN/Inf loss, too much
 corrupt data: a retry would fail the same way) end the job with `error: <Type>: <message>` on stderr and exit code
 2; the traceback goes to the log at DEBUG level. Any other exception is a bug and keeps its traceback (exit code 1).
+
+SIGTERM (`ray job stop`, Kubernetes, `kill`) raises `Terminated` in the main thread instead of ending the process
+on the spot, so `finally` blocks and context managers run: DataLoader workers are shut down and joined, the fork
+server and the resource tracker they hold then exit, staging directories are removed; the exit code is 143
+(128 + SIGTERM), as a killed process's. A second SIGTERM ends the process at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 from pipeline.storage import StorageError
 
@@ -42,14 +51,40 @@ def refusal_line(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {exc}"
 
 
+class Terminated(SystemExit):
+    """The job received SIGTERM: raised in its main thread so that it unwinds in order (exit code 143)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    del frame
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    log.warning("SIGTERM received: stopping (shutting down worker processes; a second one kills at once)")
+    raise Terminated(128 + signum)
+
+
+@contextlib.contextmanager
+def stop_in_order_on_sigterm() -> Iterator[None]:
+    """While the body runs, SIGTERM raises `Terminated` in the main thread (no-op in other threads)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def job_main(main: JobMain) -> JobMain:
-    """Run a job's `main` with the shared logging set-up and the refused-input contract (see the module doc)."""
+    """Run a job's `main` with the shared logging set-up, the refused-input contract and the orderly stop on
+    SIGTERM (see the module doc)."""
 
     @functools.wraps(main)
     def run(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         try:
-            return main(argv)
+            with stop_in_order_on_sigterm():
+                return main(argv)
         except Exception as exc:
             if not isinstance(exc, refused_input()):
                 raise

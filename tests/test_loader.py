@@ -81,7 +81,7 @@ def uneven(local_s3) -> str:
 
 
 def config(**overrides) -> DataConfig:
-    base = {"image_size": 71, "loader_workers": 2, "shuffle_buffer": 8, "bad_fraction_min_samples": 1000}
+    base = {"image_size": 71, "loader_workers": 2, "shuffle_buffer": 8, "bad_data_window": 1000}
     return DataConfig(**{**base, **overrides})
 
 
@@ -300,7 +300,7 @@ def test_short_slots_refill_to_keep_batch_counts(broken: tuple[str, dict]) -> No
 def test_too_many_bad_samples_fail_naming_the_shard(broken: tuple[str, dict]) -> None:
     prefix, _ = broken
     stream = streams(prefix, 1, batch=2, train=False, loader_workers=0, max_bad_fraction=0.1,
-                     bad_fraction_min_samples=8)[0]
+                     bad_data_window=8)[0]
     with pytest.raises(BadDataError, match=r"max_bad_fraction=0.1.*shard-00000[123]\.tar"):
         list(stream)
 

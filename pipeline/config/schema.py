@@ -101,10 +101,15 @@ class DataConfig(Section):
         True, description="simplejpeg's fast IDCT and chroma upsampling for training images (~10% faster); "
         "evaluation always decodes accurately",
     )
-    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail the run above this corrupt fraction")
-    bad_fraction_min_samples: int = Field(
-        1000, ge=1, description="check max_bad_fraction once a rank has read this many samples (and at epoch ends)"
-    )
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail the run above this corrupt fraction "
+                                    "(of the samples a rank has read, judged over data.bad_data_window)")
+    bad_data_window: int = Field(
+        10_000, ge=1, description="judge max_bad_fraction once a rank has read this many samples (and at each epoch "
+        "end), over everything it has read. Bad samples cluster by shard (a corrupt or truncated tar), so the window "
+        "must span several shards to be fair: 10,000 samples are 2-3 shards of the default 256 MiB (~65 KB images) "
+        "per loader worker of a rank with 2 workers; a first shard 14% bad in a dataset 5% bad no longer stops "
+        "the run, as it did when 1,000 samples were judged. Data that is clearly hopeless stops earlier: as soon as "
+        "more than max_bad_fraction x bad_data_window samples are bad, no full window could pass")
     cache_dir: str | None = Field(None, description="local shard cache directory (LRU); None disables")
     cache_max_gb: PositiveFloat = 50.0
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -118,8 +123,16 @@ class StorageConfig(Section):
     region: str | None = None
     profile: str | None = Field(None, description="AWS profile name from ~/.aws/credentials")
     anonymous: bool = False
-    retries: int = Field(5, ge=0, description="attempts after the first on transient errors")
-    retry_backoff_s: PositiveFloat = 0.5
+    retries: int = Field(5, ge=0, description="attempts after the first on transient errors (connection refused, "
+                         "timeouts, HTTP 5xx/429) for one-off calls: start-up reads, listings, writes; with the "
+                         "backoff about 10 s, so a wrong endpoint is reported quickly")
+    retry_backoff_s: PositiveFloat = Field(0.5, description="the first wait between attempts; doubled per attempt, "
+                                           "at most 10 s, jittered")
+    outage_budget_s: PositiveFloat = Field(
+        300.0, description="how long reads on the data path (shards streamed by training and the evaluator) keep "
+        "retrying a store that is unreachable or failing transiently, from the first failure: an outage shorter "
+        "than this costs a wait (logged once, and once when the store is back), not the run. Training's collective "
+        "timeout is sized from it: other ranks wait at the next all-reduce while one rank's reads wait")
 
 
 class ShardsConfig(Section):

@@ -112,6 +112,9 @@ class _Tee:
     def readable(self) -> bool:
         return True
 
+    def tell(self) -> int:
+        return self._source.tell()
+
     def drain(self) -> None:
         """Read the rest (tar padding after the end-of-archive marker) so the copy is complete and published."""
         while self._copy is not None and self.read(1 << 20):

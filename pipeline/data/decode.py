@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from PIL import Image
 
 from pipeline.config import AugmentConfig
 
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
 Box = tuple[float, float, float, float]  # left, top, right, bottom in source pixels
 Decoder = Literal["pil_draft", "simplejpeg"]
 
@@ -201,5 +203,6 @@ def decode_image(data: bytes, image_size: int, augment: AugmentConfig, *, train:
     try:
         _DECODERS[decoder](data, choose, out, fast_train_decode and train)
     except Exception as exc:  # Pillow and simplejpeg raise many types for broken data
-        raise BadSampleError("bad_image", f"{type(exc).__name__}: {exc}") from exc
+        detail = _OBJECT_REPR.sub("", str(exc)).strip()  # Pillow names its in-memory file by its repr
+        raise BadSampleError("bad_image", f"{type(exc).__name__}: {detail} ({len(data)} bytes)") from exc
     return out

@@ -18,7 +18,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -56,52 +56,78 @@ class PartEnd:
 
     part: int
     samples: int  # samples the shard delivered
-    error: str | None  # why it stopped early, if it did
+    error: str | None  # why it stopped early, if it did: where (sample, key, byte) and the cause
+
+
+def _tar_error(exc: Exception) -> str:
+    """"Type: message" of a tar parsing error, without the " @ <stream>" webdataset appends to the message."""
+    return f"{type(exc).__name__}: {str(exc).split(' @ ', 1)[0]}"
+
 
 
 def read_parts(plan: EpochPlan, slot: int, urls: list[str], counts: list[int], wanted: dict[int, set[int] | None],
-               open_shard: ShardOpener) -> Iterator[tuple[int, int, dict] | PartEnd]:
+               open_shard: ShardOpener, log_ends: bool = True) -> Iterator[tuple[int, int, dict] | PartEnd]:
     """Raw samples of a slot's parts in read order: (part, sample index, sample), then `PartEnd` per part.
 
-    Parts whose `wanted` set is empty are not opened; samples not wanted are read past, never decoded.
+    Parts whose `wanted` set is empty are not opened; samples not wanted are read past, never decoded. A shard
+    that ends early is logged (unless not `log_ends`: a second pass over the same shards).
     """
     for pi, part in enumerate(plan.slots[slot].parts):
         want = wanted.get(pi)
         if want is not None and not want:
             continue
-        url = urls[part.shard]
+        url, count = urls[part.shard], counts[part.shard]
         keep = set(part.sample_indices()) if part.indices is not None else None
-        delivered, error = 0, None
         stream = open_shard(url)  # permanent errors propagate: they name the URL
         try:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            for sample in group_by_keys(files):
-                k, delivered = delivered, delivered + 1
-                if k >= counts[part.shard]:
-                    if k == counts[part.shard]:
-                        log.warning("%s holds more samples than the manifest's %d; the extra ones are ignored",
-                                    url, counts[part.shard])
-                    continue
-                if (keep is None or k in keep) and (want is None or k in want):
-                    yield pi, k, sample
-            if hasattr(stream, "drain"):
-                stream.drain()  # let the cache publish its copy
-        except StorageError:
-            raise
-        except Exception as exc:  # truncated or corrupt tar
-            error = f"{type(exc).__name__}: {exc}"
+            delivered, error = yield from _shard_samples(pi, url, count, keep, want, stream)
         finally:
             stream.close()
-        yield _part_end(pi, url, delivered, counts[part.shard], error)
+        yield _part_end(pi, url, delivered, count, error, log_ends)
 
 
-def _part_end(part: int, url: str, delivered: int, expected: int, error: str | None) -> PartEnd:
-    """The part's `PartEnd`. A shard short of its manifest count ended early even without a read error; an early
-    end is logged."""
-    if error is None and delivered < expected:
-        error = f"ended after {delivered} of {expected} samples"
+def _shard_samples(pi: int, url: str, count: int, keep: set[int] | None, want: set[int] | None,
+                   stream: BinaryIO) -> Generator[tuple[int, int, dict], None, tuple[int, str | None]]:
+    """Yield part `pi`'s wanted samples from its open shard `stream`; return (samples delivered, why it ended
+    early or None)."""
+    delivered, last_key = 0, None
+    try:
+        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        for sample in group_by_keys(files):
+            k, delivered, last_key = delivered, delivered + 1, sample.get("__key__")
+            if k >= count:
+                if k == count:
+                    log.warning("%s holds more samples than the manifest's %d; the extra ones are ignored", url, count)
+                continue
+            if (keep is None or k in keep) and (want is None or k in want):
+                yield pi, k, sample
+        if hasattr(stream, "drain"):
+            stream.drain()  # let the cache publish its copy
+    except StorageError:
+        raise
+    except Exception as exc:  # truncated or corrupt tar
+        return delivered, f"unreadable {_where(delivered, last_key, stream)}: {_tar_error(exc)}"
+    if delivered < count:  # an end-of-archive where the manifest promised more
+        return delivered, f"ended {_where(delivered, last_key, stream)}"
+    return delivered, None
+
+
+def _where(delivered: int, last_key: str | None, stream: BinaryIO) -> str:
+    """Where a shard's reading stopped: after which sample (index and key), at which byte."""
+    try:
+        at = f", at byte {int(stream.tell())}"
+    except Exception:  # a stream that cannot say
+        at = ""
+    return (f"after sample {delivered - 1} (key {last_key})" if delivered else "before its first sample") + at
+
+
+def _part_end(part: int, url: str, delivered: int, expected: int, error: str | None, log_end: bool) -> PartEnd:
+    """The part's `PartEnd`. An early end is logged once per shard: the samples it did not deliver are counted,
+    not logged one by one."""
     if error is not None:
-        log.warning("shard %s: %s", url, error)
+        error = f"{error}; {delivered} of {expected} samples delivered"
+        if log_end:
+            log.warning("shard %s: %s (the other %d are skipped)", url, error, expected - delivered)
     return PartEnd(part, delivered, error)
 
 
@@ -160,15 +186,16 @@ class ReadAhead:
         with contextlib.suppress(queue.Empty):
             while True:
                 self._queue.get_nowait()
-        self._thread.join(timeout=10)
+        if threading.current_thread() is not self._thread:  # a generator abandoned mid-read may be collected there
+            self._thread.join(timeout=10)
 
 
 def planned_samples(plan: EpochPlan, slot: int, start: int, urls: list[str], counts: list[int],
-                    open_shard: ShardOpener) -> Iterator[tuple[int, int, int, dict | PartEnd]]:
+                    open_shard: ShardOpener, log_ends: bool = True) -> Iterator[tuple[int, int, int, dict | PartEnd]]:
     """(position, part, sample index, raw sample) of the slot's items in plan order from position `start`; for a
-    sample its shard did not deliver, the part's `PartEnd` in place of the sample."""
+    sample its shard did not deliver, the part's `PartEnd` in place of the sample (see `read_parts`)."""
     sp = plan.slots[slot]
-    reader = ReadAhead(read_parts(plan, slot, urls, counts, plan.wanted_from(slot, start), open_shard))
+    reader = ReadAhead(read_parts(plan, slot, urls, counts, plan.wanted_from(slot, start), open_shard, log_ends))
     available: dict[tuple[int, int], dict] = {}
     ended: dict[int, PartEnd] = {}
 

@@ -14,8 +14,10 @@ side: it plans each epoch segment once, starts the workers, and keeps the positi
   segment of the same epoch, with its own quotas; the next epoch uses the new split. Needs every old rank's state,
   i.e. `{"ranks": [state of rank 0, ...]}`. Only batches delivered after the checkpoint (in flight) can repeat.
 - Bad data. Workers skip and count bad samples (`pipeline.data.workers`); the counts travel in the batches to the
-  main process, which raises `BadDataError` when the bad fraction of its samples exceeds `data.max_bad_fraction`
-  (checked from `data.bad_fraction_min_samples` samples on, and at every epoch end).
+  main process, which raises `BadDataError` when the bad fraction of the samples the rank has read exceeds
+  `data.max_bad_fraction`, judged once it has read `data.bad_data_window` samples (bad ones cluster by shard: a
+  fair verdict needs several shards), at every epoch end, and earlier only when more samples are bad than a full
+  window may hold (the window's verdict is then certain). The message states what it was judged on.
 - Evaluation. Manifest order, every sample once, batches padded with `valid=False` entries so that every rank
   yields the same number of batches (big_vision style); bad samples become padding too.
 """
@@ -106,6 +108,7 @@ class ShardStream:
                                          "data_wait_s": 0.0}
         self._bad: dict[str, int] = {}
         self._bad_shards: dict[str, int] = {}
+        self._shards_read: set[str] = set()
         self._last_bad: str | None = None
         self._started: float | None = None
         self._move_to(0, (), {})
@@ -196,22 +199,33 @@ class ShardStream:
             self._bad[reason] = self._bad.get(reason, 0) + n
         for url, n in stats.get("bad_shards", {}).items():
             self._bad_shards[url] = self._bad_shards.get(url, 0) + n
+        self._shards_read.update(stats.get("shards", ()))
         if stats.get("last_bad"):
             self._last_bad = stats["last_bad"]
 
     def _check_bad(self, end: bool) -> None:
         bad = sum(self._bad.values())
         seen = bad + int(self._stats["good"])
-        if not bad or (seen < self.data.bad_fraction_min_samples and not end):
+        limit, window = self.data.max_bad_fraction, self.data.bad_data_window
+        if not bad or bad / seen <= limit:
             return
-        if bad / seen > self.data.max_bad_fraction:
-            worst = sorted(self._bad_shards.items(), key=lambda kv: -kv[1])[:5]
-            reasons = ", ".join(f"{r}={n}" for r, n in sorted(self._bad.items()))
-            shards = "; ".join(f"{url} ({n})" for url, n in worst)
-            raise BadDataError(
-                f"{bad} of {seen} samples read by rank {self.rank} were bad ({bad / seen:.1%} > "
-                f"data.max_bad_fraction={self.data.max_bad_fraction}): {reasons}. Worst shards: {shards}. "
-                f"Latest: {self._last_bad}")
+        if seen >= window:
+            basis = f"a full window (data.bad_data_window={window})"
+        elif end:
+            basis = (f"the end of {f'epoch {self._epoch}' if self.train else 'the evaluation pass'}, short of a full "
+                     f"window (data.bad_data_window={window})")
+        elif bad > limit * window:
+            basis = (f"before a full window (data.bad_data_window={window}): more than {limit:g} x {window} are bad "
+                     "already, so no full window could pass")
+        else:
+            return
+        worst = sorted(self._bad_shards.items(), key=lambda kv: -kv[1])[:5]
+        reasons = ", ".join(f"{r}={n}" for r, n in sorted(self._bad.items()))
+        shards = "; ".join(f"{url} ({n})" for url, n in worst)
+        raise BadDataError(
+            f"{bad} of {seen} samples read by rank {self.rank} were bad ({bad / seen:.1%} > "
+            f"data.max_bad_fraction={limit}), judged on those {seen} samples from {len(self._shards_read)} "
+            f"shard(s), {basis}. Skipped: {reasons}. Worst shards: {shards}. Latest: {self._last_bad}")
 
     # ------------------------------------------------------------------------------------------------ position
 

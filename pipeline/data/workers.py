@@ -11,8 +11,9 @@
   before the next worker in the old round-robin emit one filler first, so the order continues exactly.
 - Bad data. Undecodable images ("bad_image"), missing or malformed labels ("bad_label"), and samples a shard did
   not deliver ("truncated_shard" when it died midway or ended early, "corrupt_shard" when no sample could be read)
-  are skipped, counted, and logged with shard URL and key (first 10, then every 100th per worker). The counts
-  travel in the items to the main process, which decides whether there are too many (`pipeline.data.stream`).
+  are skipped, counted, and logged with shard URL and key (first 10, then every 100th per worker); a shard that
+  ends early is logged once, naming where (the last sample and key it delivered, the byte offset) and why. The
+  counts travel in the items to the main process, which decides whether there are too many (`pipeline.data.stream`).
 - Short slots (training). Quotas are fixed up front, so batch counts never change: a slot first spends the
   samples it would otherwise drop at the epoch end; if bad samples still leave it short, it replays its own
   stream from the start and fills its last batches with its earliest good samples, counted as "refilled" (a
@@ -29,6 +30,9 @@ import logging
 import multiprocessing
 import os
 import random
+import select
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -97,21 +101,26 @@ class SlotCounters:
         self.good = self.refilled = self.padded = 0
         self.bad: dict[str, int] = {}
         self.bad_shards: dict[str, int] = {}
+        self.shards: set[str] = set()  # shards whose samples were counted (good or bad)
         self.last_bad: str | None = None
 
-    def skip(self, reason: str, url: str, key: str, detail: str) -> None:
+    def skip(self, reason: str, url: str, which: str, detail: str, *, logged: bool = True) -> None:
+        """Count a bad sample (`which`: "key K", or "sample N" of a shard that did not deliver it); log it unless
+        `logged` is False (the shard reader has logged the shard's end once)."""
         self.bad[reason] = self.bad.get(reason, 0) + 1
         self.bad_shards[url] = self.bad_shards.get(url, 0) + 1
-        self.last_bad = f"{url} key {key} ({reason}: {detail})"
+        self.last_bad = f"{url} {which} ({reason}: {detail})"
+        if not logged:
+            return
         self.logged += 1
         if self.logged <= _LOG_FIRST or self.logged % _LOG_EVERY == 0:
-            log.warning("skipping sample %s key %s: %s: %s (%d skipped by this worker)", url, key, reason, detail,
+            log.warning("skipping sample %s %s: %s: %s (%d skipped by this worker)", url, which, reason, detail,
                         self.logged)
 
     def drain_counts(self) -> dict[str, Any]:
         """The counters since the previous call (an item's `stats`), reset to zero."""
         stats = {"good": self.good, "bad": self.bad, "bad_shards": self.bad_shards, "last_bad": self.last_bad,
-                 "refilled": self.refilled, "padded": self.padded}
+                 "shards": sorted(self.shards), "refilled": self.refilled, "padded": self.padded}
         if self.cache is not None:
             stats["cache_hits"], stats["cache_misses"] = self.cache.drain_counts()
         self._reset()
@@ -136,14 +145,16 @@ class SlotProducer:
         """
         spec, sp = self.spec, plan.slots[slot]
         first_id = [0, *itertools.accumulate(spec.counts)]
-        raw = planned_samples(plan, slot, start, spec.urls, spec.counts, self.open_shard)
+        raw = planned_samples(plan, slot, start, spec.urls, spec.counts, self.open_shard, log_ends=count_bad)
         with contextlib.closing(raw):
             for position, pi, k, sample in raw:
                 url = spec.urls[sp.parts[pi].shard]
+                if count_bad:
+                    self.counters.shards.add(url)
                 if isinstance(sample, PartEnd):
                     if count_bad:
                         reason = "corrupt_shard" if sample.samples == 0 else "truncated_shard"
-                        self.counters.skip(reason, url, f"#{k}", sample.error or "missing")
+                        self.counters.skip(reason, url, f"sample {k}", sample.error or "missing", logged=False)
                     continue
                 key = str(sample.get("__key__", f"#{k}"))
                 try:
@@ -156,7 +167,7 @@ class SlotProducer:
                                  fast_train_decode=spec.fast_train_decode, out=destination())
                 except BadSampleError as exc:
                     if count_bad:
-                        self.counters.skip(exc.reason, url, key, exc.detail)
+                        self.counters.skip(exc.reason, url, f"key {key}", exc.detail)
                     continue
                 if count_bad:
                     self.counters.good += 1
@@ -287,7 +298,7 @@ def start_workers(spec: WorkerSpec, start: WorkerStart, workers: int) -> tuple[I
     returned = [context.Queue() for _ in range(workers)]
     loader = DataLoader(RankStream(spec, start, returned), batch_size=None, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), multiprocessing_context=context,
-                        worker_init_fn=functools.partial(_adopt_environment, dict(os.environ)))
+                        worker_init_fn=functools.partial(_init_worker, dict(os.environ), os.getpid()))
     return iter(loader), returned
 
 
@@ -300,9 +311,41 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _adopt_environment(environment: dict[str, str], worker_id: int) -> None:
+def _init_worker(environment: dict[str, str], main_pid: int, worker_id: int) -> None:
     """Give a worker this process's current environment (credentials, endpoints), as a fork would: the fork
-    server's own environment is the one it had when it started, possibly before they were set."""
+    server's own environment is the one it had when it started, possibly before they were set. And end it when the
+    main process is gone (`_exit_with`)."""
     del worker_id
     os.environ.clear()
     os.environ.update(environment)
+    _exit_with(main_pid)
+
+
+def _exit_with(main_pid: int) -> None:
+    """End this worker as soon as the process `main_pid` is gone, however it died (SIGKILL, an out-of-memory kill,
+    a Ray actor killed). A worker started from the fork server is the server's child: torch's watchdog, which
+    checks the worker's parent, never sees the main process die, and the worker and the server (which lives while
+    any of its children holds its pipe) would keep each other, and the resource tracker, alive forever."""
+    def watch() -> None:
+        try:
+            handle = os.pidfd_open(main_pid)  # Linux >= 5.3: readable once the process has exited
+        except (AttributeError, OSError):
+            handle = None
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while _exists(main_pid):
+                time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="main-process-watch", daemon=True).start()
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -184,9 +184,11 @@ def credential_hint(protocol: str | None, storage: StorageConfig) -> str:
 
 
 def as_storage_error(
-    exc: BaseException, what: str, *, attempts: int, protocol: str | None, storage: StorageConfig
+    exc: BaseException, what: str, *, attempts: int, protocol: str | None, storage: StorageConfig,
+    waited_s: float = 0.0, budget: str | None = None,
 ) -> StorageError:
-    """The StorageError that the storage failure `exc` of `what` (say "read s3://b/k") means after `attempts`."""
+    """The StorageError that the storage failure `exc` of `what` (say "read s3://b/k") means after `attempts`
+    over `waited_s` seconds, within `budget` (the retry budget's setting, as text)."""
     kind = classify(exc, None if protocol is None else is_remote(protocol))
     cause = describe(exc)
     if kind == "auth":
@@ -194,5 +196,6 @@ def as_storage_error(
     if kind == "missing":
         return StorageError(f"{what}: not found ({cause})", errno_code=errno.ENOENT)
     if kind == "transient":
-        return StorageError(f"{what}: still failing after {attempts} attempts: {cause}")
+        within = f" over {waited_s:.1f} s" + (f", retried for up to {budget}" if budget else "")
+        return StorageError(f"{what}: still failing after {attempts} attempts{within}: {cause}")
     return StorageError(f"{what}: {cause}")

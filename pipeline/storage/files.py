@@ -41,12 +41,14 @@ def _resolve(url: str, storage: StorageConfig | None) -> tuple[fsspec.AbstractFi
 def open_read(url: str, storage: StorageConfig | None = None, *, reopen: bool = False) -> BinaryIO:
     """Open `url` for streaming reads; the caller closes it.
 
-    Opening is retried on transient errors (a missing object fails here, not at the first read). Reads in the
-    middle of the stream rely on the filesystem's own short retry, unless `reopen`: then a read that fails midway
-    re-opens the object at the current offset, within the storage retry budget (`ReopeningReader`).
+    Opening is retried on transient errors (a missing object fails here, not at the first read). A plain stream
+    ends at a read that fails midway. With `reopen` (the data path: shards) opening rides out an outage within
+    `storage.outage_budget_s`, and so does a read that fails midway: it re-opens the object at the current offset
+    (`ReopeningReader`).
     """
     fs, path, protocol = _resolve(url, storage)
-    handle = with_retries(lambda: fs.open(path, "rb"), what=f"open {url}", storage=storage, protocol=protocol)
+    handle = with_retries(lambda: fs.open(path, "rb"), what=f"open {url}", storage=storage, protocol=protocol,
+                          outage=reopen)
     if reopen:
         return ReopeningReader(handle, fs, path, url, storage, protocol)  # type: ignore[return-value]
     return handle

@@ -40,6 +40,7 @@ _CLIENT_ENV = (
 # its own. The parent's instances are left untouched in the child (closing them there could disturb sockets that
 # the parent still uses).
 _cache: dict[tuple[object, ...], fsspec.AbstractFileSystem] = {}
+S3FS_ATTEMPTS = 1  # s3fs's own attempts per call (its class default: 5)
 _cache_lock = threading.Lock()
 
 
@@ -58,7 +59,8 @@ def _env_fingerprint() -> str:
 
 def s3_options(storage: StorageConfig) -> dict[str, object]:
     """Keyword arguments of the project's s3fs filesystems: endpoint and region from `s3_endpoint`/`s3_region`,
-    botocore's retries off (`pipeline.storage.retries` retries and logs), fresh listings."""
+    botocore's retries off (`pipeline.storage.retries` retries and logs), fresh listings. Timeouts are s3fs's:
+    5 s to connect, 15 s without a byte read (a stalled store fails an attempt after 15 s)."""
     client_kwargs: dict[str, str] = {}
     config_kwargs: dict[str, object] = {"retries": {"total_max_attempts": 1}}
     endpoint = s3_endpoint(storage)
@@ -94,7 +96,12 @@ def _new_filesystem(url: str, protocol: str, storage: StorageConfig) -> fsspec.A
         if storage.anonymous:
             kwargs["token"] = "anon"
     # Our cache replaces fsspec's: its key ignores the environment that botocore reads credentials from.
-    return cls(skip_instance_cache=True, **kwargs)
+    fs = cls(skip_instance_cache=True, **kwargs)
+    if protocol in S3_PROTOCOLS:
+        # One attempt per call (s3fs's default is 5, each up to its 15 s read timeout, silently): a stalled or
+        # unreachable store surfaces in `pipeline.storage.retries`, which retries, logs and owns the budget.
+        fs.retries = S3FS_ATTEMPTS
+    return fs
 
 
 def filesystem(url: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

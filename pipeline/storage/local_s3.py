@@ -35,6 +35,7 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -327,10 +328,23 @@ class LocalS3:
             self._terminate()
             logger.info("SeaweedFS at %s stopped (pid %d)", self.endpoint_url, pid)
 
+    def pause(self) -> None:
+        """Stall the server (SIGSTOP): connections are still accepted but nothing is answered, as with a hung
+        store; clients see s3fs's read timeout (15 s). `resume()` continues it. A paused server is resumed by
+        `stop()`."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Continue a server stalled by `pause()` (SIGCONT)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def _terminate(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
                 proc.terminate()
                 try:
                     proc.wait(timeout=_STOP_GRACE_S)

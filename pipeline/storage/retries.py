@@ -1,19 +1,26 @@
 """The project's one retry helper (on tenacity), and the storage policy built on it: retry transient errors only.
 
 `retry_call` is the mechanism: which exceptions to retry, how long to wait, when to give up. `with_retries` is the
-storage policy every storage call uses: `storage.retries` retries after the first attempt, exponential backoff from
-`storage.retry_backoff_s` (capped at 30 s, jittered), each retry logged at WARNING; auth, missing and other
-permanent failures raise at once; programming errors propagate unchanged.
+storage policy every storage call uses. Transient errors (connection refused/reset, timeouts, HTTP 5xx/429) are
+retried with exponential backoff from `storage.retry_backoff_s`, capped at `MAX_BACKOFF_S` and jittered, within one
+of two budgets: `storage.retries` attempts after the first for one-off calls (start-up reads, listings, writes: a
+wrong endpoint is reported within ~10 s), or `storage.outage_budget_s` seconds for reads on the data path
+(`outage=True`: shard streams of training and the evaluator), which ride out an outage of the store. Either way
+an outage is logged as two lines: one WARNING at the first failure ("storage unreachable (...): retrying for up to
+..."), one INFO when a retry succeeds ("storage back after N s"); the attempts between are DEBUG. After the budget a
+`StorageError` names the operation, the attempts, the time and the setting. Auth, missing and other permanent
+failures raise at once; programming errors propagate unchanged.
 
-Retry layers: botocore's own retries are switched off (`pipeline.storage.filesystems`) so transient errors surface
-here, where they are counted and logged. s3fs keeps its short internal retry (about 1 s), which protects reads in
-the middle of a stream; a stream that must survive a longer outage re-opens (`pipeline.storage.streams`).
+Retry layers: botocore's own retries and s3fs's internal ones are switched off (`pipeline.storage.filesystems`), so
+every transient error surfaces here, where it is counted and logged; a stream that must survive an outage midway
+re-opens at its offset (`pipeline.storage.streams`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -27,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_BACKOFF_S = 30.0  # cap of one wait between attempts; the budget itself is storage.retries
+MAX_BACKOFF_S = 10.0  # cap of one wait between attempts: a store that is back is noticed within 10 s
 
 
 def retry_call(
@@ -69,39 +76,75 @@ def backoff_s(base_s: float, attempt: int) -> float:
 
 
 def with_retries(
-    fn: Callable[[], T], *, what: str, storage: StorageConfig | None = None, protocol: str | None = None
+    fn: Callable[[], T], *, what: str, storage: StorageConfig | None = None, protocol: str | None = None,
+    outage: bool = False, failed: BaseException | None = None,
 ) -> T:
-    """Call `fn`, retrying transient storage errors with exponential backoff (each retry logged at WARNING).
+    """Call `fn`, retrying transient storage errors with capped exponential backoff (see the module doc).
 
     Transient: connection refused/reset, timeouts, HTTP 5xx/429, SlowDown. Other storage failures (missing object,
     403, bad or missing credentials) raise at once: `StorageAuthError` for credentials, `StorageError` otherwise,
-    with `what` (say "read s3://bucket/key") in the message. Budget: `storage.retries` retries after the first.
-    `protocol` (of the URL, when known) sharpens the credential hint. A `StorageError` from an inner call is never
-    retried again. Exceptions that are not I/O or storage-client errors (a TypeError from a bug) propagate unchanged.
+    with `what` (say "read s3://bucket/key") in the message. Budget: `storage.retries` retries after the first
+    attempt, or with `outage` (reads on the data path) `storage.outage_budget_s` seconds. `failed`: the exception
+    the caller's own first attempt raised (a stream's plain read); it counts as attempt 1. `protocol` (of the URL,
+    when known) sharpens the credential hint. A `StorageError` from an inner call is never retried again.
+    Exceptions that are not I/O or storage-client errors (a TypeError from a bug) propagate unchanged.
     """
     storage = storage or StorageConfig()
-    attempts = storage.retries + 1
     remote = None if protocol is None else is_remote(protocol)
+    outage_log = _OutageLog(what, storage, outage)
 
     def transient(exc: BaseException) -> bool:
         return not isinstance(exc, StorageError) and is_storage_failure(exc) and classify(exc, remote) == "transient"
 
-    def log_retry(attempt: int, exc: BaseException, wait: float) -> None:
-        logger.warning(
-            "%s failed (attempt %d/%d, transient): %s; retrying in %.2f s", what, attempt, attempts, describe(exc), wait
-        )
+    pending = [failed] if failed is not None else []
+
+    def attempt() -> T:
+        if pending:
+            raise pending.pop()
+        return fn()
 
     try:
-        return retry_call(
-            fn,
+        result = retry_call(
+            attempt,
             retry_if=transient,
-            wait_s=lambda attempt: backoff_s(storage.retry_backoff_s, attempt),
-            attempts=attempts,
-            before_retry=log_retry,
+            wait_s=lambda n: backoff_s(storage.retry_backoff_s, n),
+            attempts=None if outage else storage.retries + 1,
+            within_s=storage.outage_budget_s if outage else None,
+            before_retry=outage_log.retrying,
         )
     except StorageError:
         raise  # already classified by an inner call
     except Exception as exc:
         if not is_storage_failure(exc):
             raise
-        raise as_storage_error(exc, what, attempts=attempts, protocol=protocol, storage=storage) from exc
+        raise as_storage_error(exc, what, attempts=outage_log.attempts + 1, protocol=protocol, storage=storage,
+                               waited_s=outage_log.waited_s(), budget=outage_log.budget) from exc
+    outage_log.back()
+    return result
+
+
+class _OutageLog:
+    """The two lines an outage is logged as: the first failure (WARNING) and the recovery (INFO)."""
+
+    def __init__(self, what: str, storage: StorageConfig, outage: bool) -> None:
+        self.what = what
+        self.budget = (f"{storage.outage_budget_s:g} s (storage.outage_budget_s)" if outage
+                       else f"{storage.retries} more attempts (storage.retries)")
+        self.attempts = 0
+        self._since: float | None = None
+
+    def retrying(self, attempt: int, exc: BaseException, wait: float) -> None:
+        self.attempts = attempt
+        if self._since is None:
+            self._since = time.monotonic()
+            logger.warning("storage unreachable (%s: %s): retrying for up to %s", self.what, describe(exc),
+                           self.budget)
+        else:
+            logger.debug("%s: attempt %d failed (%s); next in %.2f s", self.what, attempt, describe(exc), wait)
+
+    def waited_s(self) -> float:
+        return 0.0 if self._since is None else time.monotonic() - self._since
+
+    def back(self) -> None:
+        if self._since is not None:
+            logger.info("storage back after %.1f s (%s, %d attempts)", self.waited_s(), self.what, self.attempts + 1)

@@ -1,8 +1,9 @@
-"""A read stream that survives a failure mid-read: it re-opens its object at the current offset and reads on.
+"""A read stream that rides out an outage of the store: it re-opens its object at the current offset and reads on.
 
-s3fs retries a failed block fetch for about a second; a shard read that meets a longer outage (a connection
-reset, the object store restarting) would otherwise end the stream. `open_read(url, storage, reopen=True)`
-returns this stream instead of the plain one.
+s3fs fetches a stream in blocks; a fetch that fails (a connection reset, the object store restarting or down for
+minutes) would otherwise end the stream. `open_read(url, storage, reopen=True)` returns this stream instead of the
+plain one; it retries within `storage.outage_budget_s` (`with_retries(outage=True)`), so an outage is a wait, logged
+as one line when it starts and one when the store is back.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import BinaryIO
 import fsspec
 
 from pipeline.config import StorageConfig
-from pipeline.storage.errors import StorageError, describe, is_storage_failure
+from pipeline.storage.errors import StorageError, is_storage_failure
 from pipeline.storage.retries import with_retries
 
 logger = logging.getLogger(__name__)
@@ -23,9 +24,10 @@ logger = logging.getLogger(__name__)
 
 class ReopeningReader(io.RawIOBase):
     """A read-only stream over `url` that, when a read fails with a storage error, re-opens the object, seeks to
-    the bytes already delivered and reads on, with the storage retry policy (`with_retries`: transient errors
-    retried within `storage.retries`, each logged). Permanent failures raise `StorageError` naming the URL and
-    the offset; the bytes delivered are exactly the object's, in order."""
+    the bytes already delivered and reads on, with the storage retry policy for the data path (`with_retries`
+    with `outage=True`: transient errors retried within `storage.outage_budget_s`). Permanent failures, and an
+    outage longer than the budget, raise `StorageError` naming the URL and the offset; the bytes delivered are
+    exactly the object's, in order."""
 
     def __init__(
         self, handle: BinaryIO, fs: fsspec.AbstractFileSystem, path: str, url: str,
@@ -43,18 +45,22 @@ class ReopeningReader(io.RawIOBase):
     def tell(self) -> int:
         return self._offset
 
+    def __repr__(self) -> str:  # how webdataset names the stream in a tar error
+        return f"{self.url} at byte {self._offset}"
+
     def read(self, size: int | None = -1) -> bytes:
         if self.closed:
             raise ValueError(f"read of closed stream {self.url}")
         size = -1 if size is None else size
+        failed = None
         if self._handle is not None:
             try:
                 data = self._handle.read(size)
             except Exception as exc:
                 if isinstance(exc, StorageError) or not is_storage_failure(exc):
                     raise
-                logger.warning("read of %s failed at byte %d (%s); re-opening", self.url, self._offset, describe(exc))
                 self._discard()
+                failed = exc  # attempt 1 of the retries below: it opens the outage's one log line
             else:
                 self._offset += len(data)
                 return data
@@ -63,6 +69,8 @@ class ReopeningReader(io.RawIOBase):
             what=f"read {self.url} at byte {self._offset}",
             storage=self.storage,
             protocol=self._protocol,
+            outage=True,
+            failed=failed,
         )
         self._offset += len(data)
         return data

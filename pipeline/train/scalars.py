@@ -8,10 +8,14 @@ Every rank builds it (`last`; returned by the loop, committed with checkpoints);
 Ray Train's report is a barrier that every rank must reach the same number of times and a round trip through Ray's
 controller, so the loop publishes the latest record to Ray only at checkpoint steps (`publish`): logging every 10
 steps must not slow training. The console and TensorBoard carry the full curve. TensorBoard event files go straight
-into `<run>/tensorboard/` when the run directory is local; for object storage they are written to a local
-directory and uploaded whole on `flush()`/`close()` (TensorBoard cannot append to S3 objects). The loop publishes at
+into `<run>/tensorboard/` when the run directory is local; for object storage they are written to a local staging
+directory (`/tmp/tensorboard-*`) and uploaded whole (TensorBoard cannot append to S3 objects) by a background
+thread (`pipeline.storage.mirror`): `flush()` asks for an upload and returns at once, so a slow or unreachable store
+never delays a step; a failed upload is logged once and the next one sends the newest events. The loop publishes at
 every checkpoint and closes on the way out of a failed run too, so a run's curves are visible while it trains and
-survive a failure (a killed process keeps them up to its last checkpoint).
+survive a failure (a killed process keeps them up to its last checkpoint). `close()` waits at most
+`TENSORBOARD_CLOSE_WAIT_S` for the last upload, then removes the staging directory (kept, and named in a warning,
+if the last upload failed).
 
 With `tracking.backend` set, rank 0 also sends the config and every record to the tracked run (`pipeline.tracking`:
 queued for a background thread, so a slow or unreachable tracking server never delays a step), and closing marks
@@ -26,15 +30,17 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.data import ShardStream
-from pipeline.storage import StorageError, is_local_url, join_url, local_path, upload_file
+from pipeline.storage import is_local_url, join_url, local_path
+from pipeline.storage.mirror import DirectoryMirror
 from pipeline.tracking import Tracker, start_tracking
 from pipeline.train.step import StepResult, TrainState
 
 log = logging.getLogger(__name__)
+
+TENSORBOARD_CLOSE_WAIT_S = 30.0  # the end of a run waits this long at most for the last TensorBoard upload
 
 
 class ScalarWriter:
@@ -48,16 +54,19 @@ class ScalarWriter:
         self._window_start: float | None = None  # the first wait for data opens the first window
         self._window_steps = self._window_ignored = 0
         self._wait_s = 0.0
-        self._remote = None if is_local_url(run_dir) else join_url(run_dir, "tensorboard")
         self._writer = None
+        self.uploads: DirectoryMirror | None = None  # the staging directory's uploads (object storage only)
         self.tracker = start_tracking(run_dir, config, role="train") if enabled else Tracker()
         self.tracker.log_config(config.model_dump(mode="json"))
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            local = (tempfile.mkdtemp(prefix="tensorboard-") if self._remote
-                     else os.path.join(local_path(run_dir), "tensorboard"))
-            self._local_dir = local
+            if is_local_url(run_dir):
+                local = os.path.join(local_path(run_dir), "tensorboard")
+            else:
+                local = tempfile.mkdtemp(prefix="tensorboard-")
+                self.uploads = DirectoryMirror(local, join_url(run_dir, "tensorboard"), config.storage,
+                                               what="TensorBoard events", pattern="events.*", owns_dir=True)
             self._writer = SummaryWriter(local)
 
     @contextlib.contextmanager
@@ -111,29 +120,27 @@ class ScalarWriter:
     def publish(self, step: int) -> None:
         """At a checkpoint step: the latest record to Ray Train, and TensorBoard's events to the run directory.
 
-        Every rank must call this equally often (Ray's report is a barrier). A failed TensorBoard upload is never
-        worth a lost run: it is kept locally and retried at the next checkpoint."""
+        Every rank must call this equally often (Ray's report is a barrier). The TensorBoard upload runs in the
+        background: a failed one is never worth a lost run or a delayed step (see the module doc)."""
         if self._report is not None and self.last is not None:
             self._report(self.last)
-        try:
-            self.flush()
-        except StorageError as exc:
-            log.warning("TensorBoard upload failed at step %d (kept locally, retried at the next checkpoint): %s",
-                        step, exc)
+        self.flush()
 
     def flush(self) -> None:
+        """Write TensorBoard's buffered events; on object storage, ask for their upload (returns at once)."""
         if self._writer is None:
             return
         self._writer.flush()
-        if self._remote:
-            for path in Path(self._local_dir).glob("events.*"):
-                upload_file(str(path), join_url(self._remote, path.name), self.config.storage)
+        if self.uploads is not None:
+            self.uploads.request()
 
     def close(self, failed: bool = False) -> None:
-        """Upload TensorBoard's events, then close the tracked run (marked failed with `failed`)."""
+        """Close TensorBoard's writer and upload its events (waiting at most `TENSORBOARD_CLOSE_WAIT_S`), remove the
+        staging directory, then close the tracked run (marked failed with `failed`)."""
         try:
-            self.flush()
             if self._writer is not None:
                 self._writer.close()
+            if self.uploads is not None:
+                self.uploads.close(TENSORBOARD_CLOSE_WAIT_S)
         finally:
             self.tracker.close(failed=failed)

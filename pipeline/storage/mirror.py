@@ -1,0 +1,120 @@
+"""A side upload that never delays its caller: a local directory's files copied to a URL by a background thread.
+
+`DirectoryMirror` is for files a job writes locally and publishes now and then (TensorBoard's event files, which
+cannot be appended to on object storage). `request()` returns at once: one daemon thread uploads the directory's
+current files, with a short retry of its own (`SIDE_RETRIES`), newest data winning (a request while an upload runs
+makes one more pass afterwards, never a queue of stale copies). While the store is down the first failure is logged
+once as a WARNING, later ones at DEBUG, and the next request (or `close`) tries again with the then newest files;
+a success after failures is logged once. `close(wait_s)` makes a final pass and waits at most `wait_s` seconds for
+it; then it removes the local directory if it owns it and everything is uploaded, else says where the files are.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from pipeline.config import StorageConfig
+from pipeline.storage.errors import StorageError
+from pipeline.storage.files import upload_file
+from pipeline.storage.paths import join_url
+
+log = logging.getLogger(__name__)
+
+SIDE_RETRIES = 1  # attempts after the first per file and pass: a side upload waits for the next pass, not for the store
+
+
+class DirectoryMirror:
+    """Uploads the files of `local_dir` matching `pattern` to `remote` (same names) in the background.
+
+    `what` names it in log lines ("TensorBoard events"). `owns_dir`: `close` removes `local_dir` once all is
+    uploaded (a staging directory). `pending` is True while a pass is wanted or running; `failures` counts failed
+    passes since the last success.
+    """
+
+    def __init__(self, local_dir: str, remote: str, storage: StorageConfig | None, *, what: str,
+                 pattern: str = "*", owns_dir: bool = False) -> None:
+        self.local_dir, self.remote, self.what, self.pattern = local_dir, remote, what, pattern
+        self.owns_dir = owns_dir
+        self.storage = (storage or StorageConfig()).model_copy(update={"retries": SIDE_RETRIES})
+        self.failures = 0
+        self._wanted = False
+        self._running = False
+        self._closing = False
+        self._condition = threading.Condition()
+        self._thread = threading.Thread(target=self._serve, name=f"upload {what}", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> bool:
+        with self._condition:
+            return self._wanted or self._running
+
+    def request(self) -> None:
+        """Ask for a pass over the directory's current files; returns at once."""
+        with self._condition:
+            self._wanted = True
+            self._condition.notify_all()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait until no pass is wanted or running, at most `timeout_s`; True if idle."""
+        deadline = time.monotonic() + timeout_s
+        with self._condition:
+            while self._wanted or self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._condition.wait(left)
+        return True
+
+    def close(self, wait_s: float) -> bool:
+        """A final pass, waited for up to `wait_s` seconds; the staging directory is removed when everything is
+        uploaded. True if the last pass succeeded."""
+        self.request()
+        idle = self.wait(wait_s)
+        with self._condition:
+            self._closing = True
+            self._condition.notify_all()
+        uploaded = idle and self.failures == 0
+        if not idle:
+            log.warning("%s: the final upload to %s did not finish within %g s; the files stay in %s", self.what,
+                        self.remote, wait_s, self.local_dir)
+        elif not uploaded:
+            log.warning("%s: the final upload to %s failed; the files stay in %s", self.what, self.remote,
+                        self.local_dir)
+        elif self.owns_dir:
+            shutil.rmtree(self.local_dir, ignore_errors=True)
+        return uploaded
+
+    def _serve(self) -> None:
+        while True:
+            with self._condition:
+                while not self._wanted and not self._closing:
+                    self._condition.wait()
+                if not self._wanted:
+                    return
+                self._wanted, self._running = False, True
+            try:
+                self._pass()
+            finally:
+                with self._condition:
+                    self._running = False
+                    self._condition.notify_all()
+
+    def _pass(self) -> None:
+        try:
+            for path in sorted(Path(self.local_dir).glob(self.pattern)):
+                upload_file(str(path), join_url(self.remote, path.name), self.storage)
+        except (StorageError, OSError) as exc:
+            self.failures += 1
+            (log.warning if self.failures == 1 else log.debug)(
+                "%s: upload to %s failed (kept locally; the newest files go up at the next attempt): %s", self.what,
+                self.remote, exc)
+            return
+        if self.failures:
+            log.info("%s: uploaded to %s again after %d failed attempt(s)", self.what, self.remote, self.failures)
+        self.failures = 0
+

@@ -1,0 +1,90 @@
+"""A job stopped while it works leaves no process behind: the evaluator killed while scoring, as an operator would."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.config import ShardsConfig, load_config
+from pipeline.data.demo.shards import write_demo_shards
+from pipeline.data.manifest import read_classes, read_manifest
+from pipeline.train.checkpoint import Checkpointer
+from pipeline.train.step import build_train_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scoring_run(tmp_path_factory: pytest.TempPathFactory, tiny_demo) -> tuple[Path, str]:
+    """A run with one checkpoint of a small model, and an eval set of 1,000 images (scoring takes a while)."""
+    root = tmp_path_factory.mktemp("scoring-run")
+    evaluation = str(root / "eval")
+    write_demo_shards("tiny", "eval", 1000, 1, evaluation, image_size=80,
+                      options=ShardsConfig(samples_per_shard=100, workers=1, progress=False),
+                      vocabulary=read_classes(tiny_demo.train, read_manifest(tiny_demo.train)))
+    config = load_config("demo", ["model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71",
+                                  f"data.train={tiny_demo.train}", f"data.eval={evaluation}",
+                                  f"model.num_classes={tiny_demo.num_classes}", f"run.storage={root / 'runs'}",
+                                  "checkpoint.background=false"])
+    Checkpointer(config.run_dir, config).save(1, build_train_state(config).state_dict())
+    return root, evaluation
+
+
+def evaluator_killed_while_scoring(root: Path, evaluation: str,
+                                   sig: signal.Signals) -> tuple[int, list[psutil.Process], str, str]:
+    """Start `jobs/evaluate_map.py --once`, send `sig` once its DataLoader workers are scoring; its exit code, the
+    descendants it had just before the signal and their command lines, and its log."""
+    log = root / f"evaluator-{sig.name}.log"
+    command = [sys.executable, str(REPO / "jobs/evaluate_map.py"), "--once", f"run.storage={root / 'runs'}",
+               "run.name=demo", f"data.eval={evaluation}", "data.loader_workers=2", "eval.batch_size=16"]
+    with open(log, "w") as out:
+        job = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        process = psutil.Process(job.pid)
+        deadline = time.monotonic() + 300
+        # resource tracker + fork server + 2 DataLoader workers (children of the fork server): scoring has started
+        while len(descendants := process.children(recursive=True)) < 4:
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        kinds = " ".join(" ".join(p.cmdline()) for p in descendants)
+        job.send_signal(sig)
+        code = job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    return code, descendants, kinds, log.read_text()
+
+
+def survivors(processes: list[psutil.Process], within_s: float = 20.0) -> list[str]:
+    """Those of `processes` still running after `within_s` seconds (then killed, so no test leaves them behind)."""
+    gone, alive = psutil.wait_procs(processes, timeout=within_s)
+    del gone
+    names = []
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            names.append(" ".join(p.cmdline())[:120])
+            p.kill()
+    return names
+
+
+@pytest.mark.slow  # two evaluator processes started and killed: ~30-60 s
+def test_the_evaluator_killed_while_scoring_leaves_no_process_behind(scoring_run: tuple[Path, str]) -> None:
+    root, evaluation = scoring_run
+    code, descendants, kinds, log = evaluator_killed_while_scoring(root, evaluation, signal.SIGTERM)
+    assert "forkserver" in kinds and "resource_tracker" in kinds
+    assert code == 143, log  # an orderly stop, reported as a SIGTERM'd process's code
+    assert "SIGTERM received: stopping" in log and "Traceback" not in log
+    assert survivors(descendants) == []
+
+    # SIGKILL cannot be handled: the DataLoader workers notice the main process is gone and end, then the fork
+    # server and the resource tracker do (before, the workers and the fork server kept each other alive forever).
+    code, descendants, _, log = evaluator_killed_while_scoring(root, evaluation, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert survivors(descendants) == []
