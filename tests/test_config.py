@@ -74,6 +74,7 @@ def test_round_trip_through_yaml(tmp_path, preset, overrides):
         (["data.augment.min_area=0.9", "data.augment.max_area=0.5"], "min_area=0.9 must be <= max_area=0.5"),
         (["run.name=../escape"], "config key 'run.name'"),
         (["cluster.use_gpu=true", "cluster.gpus_per_worker=0"], "needs cluster.gpus_per_worker > 0"),
+        (["cluster.collective_timeout_s=120"], "cluster.collective_timeout_s=120 must exceed storage.outage_budget_s"),
         (["model.num_classes"], "is not of the form key.sub=value"),
         # wrong types are refused, not coerced
         (['train.total_steps="10"'], "config key 'train.total_steps' = '10': Input should be a valid integer"),

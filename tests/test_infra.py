@@ -34,9 +34,9 @@ MANIFESTS = ["raycluster.yaml", "rayjob-train.yaml", "rayjob-evaluate.yaml", "se
 RUNTIME_ENV = KUBE / "runtime-env.yaml"
 JOBS = {"train_multilabel": REPO / "jobs" / "train_multilabel.py", "evaluate_map": REPO / "jobs" / "evaluate_map.py",
         "make_shards": REPO / "jobs" / "make_shards.py", "export_model": REPO / "jobs" / "export_model.py",
-        "predict": REPO / "jobs" / "predict.py"}
+        "predict": REPO / "jobs" / "predict.py", "index_shards": REPO / "jobs" / "index_shards.py"}
 # --config PRESET key=value ...; default demo
-CONFIG_JOBS = {"train_multilabel", "evaluate_map", "make_shards", "export_model", "predict"}
+CONFIG_JOBS = {"train_multilabel", "evaluate_map", "make_shards", "export_model", "predict", "index_shards"}
 RAY_VERSION = importlib.metadata.version("ray")  # the client's Ray: clusters must run the same version
 RAY_IMAGE = re.compile(rf"^rayproject/ray:{re.escape(RAY_VERSION)}-py311-(cpu|gpu)$")
 
@@ -359,7 +359,7 @@ def test_runtime_env_matches_pyproject(where: str, env: dict[str, Any]) -> None:
 
 SHELL_OPERATORS = {";", "&&", "||", "|", "&", ">", ">>", "2>&1"}
 VALUE_FLAGS = {"--config", "--checkpoint", "--until-step", "--workers", "--images", "--labels", "--out", "--vocab",
-               "--labels-kind", "--demo", "--split", "--count", "--seed", "--image-size", "--attribution"}
+               "--labels-kind", "--demo", "--split", "--count", "--seed", "--image-size", "--attribution", "--shards"}
 
 
 @dataclass(frozen=True)
@@ -458,7 +458,7 @@ def test_job_commands_are_found_where_expected() -> None:
                 (rel(KUBE / "rayjob-evaluate.yaml"), "evaluate_map"),
                 (rel(INFRA / "README.md"), "train_multilabel"), (rel(INFRA / "README.md"), "evaluate_map"),
                 ("README.md", "train_multilabel"), ("README.md", "evaluate_map"), ("README.md", "make_shards"),
-                ("README.md", "export_model"), ("README.md", "predict")}
+                ("README.md", "export_model"), ("README.md", "predict"), ("README.md", "index_shards")}
     assert expected <= seen, f"commands not found: {sorted(expected - seen)}"
 
 

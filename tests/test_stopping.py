@@ -172,7 +172,7 @@ def test_preemptible_torch_config_installs_the_handler_and_bounds_collectives():
     pytest.importorskip("ray")
     from pipeline.train import ray_backend
 
-    config = load_config("demo", ["cluster.collective_timeout_s=120"])
+    config = load_config("demo", ["cluster.collective_timeout_s=120", "storage.outage_budget_s=60"])
     torch_config = ray_backend.preemptible_torch_config(config)
     assert torch_config.timeout_s == 120 and torch_config.backend == "gloo"
     executed = []

@@ -469,6 +469,11 @@ class Config(Section):
         if self.loss.name == "softmax" and self.loss.reduction != "mean":
             raise ValueError(f"loss.reduction={self.loss.reduction} applies to the sigmoid loss only; "
                              "loss.name=softmax always averages over images (leave loss.reduction unset or 'mean')")
+        if self.cluster.collective_timeout_s <= self.storage.outage_budget_s:
+            raise ValueError(
+                f"cluster.collective_timeout_s={self.cluster.collective_timeout_s} must exceed "
+                f"storage.outage_budget_s={self.storage.outage_budget_s}: a rank that waits out a storage outage keeps "
+                "its peers waiting in the next collective, which would time out first")
         if self.cluster.use_gpu and self.cluster.gpus_per_worker == 0:
             raise ValueError("cluster.use_gpu=true needs cluster.gpus_per_worker > 0")
         return self
