@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import time
 import uuid
 
@@ -10,7 +11,7 @@ import torch
 from conftest import copy_with_swapped_classes
 
 from pipeline.config import load_config
-from pipeline.storage import exists, join_url, list_dir, read_bytes, write_bytes
+from pipeline.storage import StorageError, exists, join_url, list_dir, read_bytes, write_bytes
 from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, read_checkpoint, step_dirs
 from pipeline.train import loop
 from pipeline.train.checkpoint import Checkpointer
@@ -191,6 +192,11 @@ def test_prepare_resolves_paths_and_refuses_impossible_launches(tiny_demo, tmp_p
     with pytest.raises(ShardSplitError, match="no full batch"):  # 80 samples per loader worker, batches of 96
         prepare(tiny_config(tiny_demo, tmp_path, "cluster.num_workers=2", "data.loader_workers=2",
                             "train.global_batch_size=192", "train.micro_batches=1"))
+    no_classes = tmp_path / "no-classes"
+    shutil.copytree(tiny_demo.train, no_classes)
+    (no_classes / "classes.tsv").unlink()  # training's rank 0 reads it for every COMMIT: refused before launch
+    with pytest.raises(StorageError, match=r"classes\.tsv: not found"):
+        prepare(tiny_config(tiny_demo, tmp_path, f"data.train={no_classes}", "data.eval=null"))
 
 
 def test_scheduled_steps_are_the_steps_training_checkpoints_at():

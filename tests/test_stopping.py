@@ -83,16 +83,23 @@ def test_sigterm_checkpoints_the_last_completed_step_and_the_resume_redoes_nothi
     assert len(keys) == 6 * 8 and len(set(keys)) == len(keys)
 
 
-def test_a_second_sigterm_falls_through_to_the_previous_handler():
+def test_sigterm_outside_training_and_a_second_one_go_to_the_previous_handler():
     previous_calls = []
     original = signal.signal(signal.SIGTERM, lambda signum, frame: previous_calls.append(signum))
     try:
         stopping.clear_preemption_notice()
         assert stopping.install_sigterm_handler()
+        os.kill(os.getpid(), signal.SIGTERM)  # no training loop yet: as before (Ray's handler ends the process)
+        assert not stopping.preemption_noticed() and previous_calls == [signal.SIGTERM]
+        stops = StopAgreement(WorkerContext())
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stopping.preemption_noticed() and previous_calls == []
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert previous_calls == [signal.SIGTERM]
+        assert stopping.preemption_noticed() and previous_calls == [signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGTERM)  # "now"
+        assert previous_calls == [signal.SIGTERM] * 2
+        stops.close()
+        stopping.clear_preemption_notice()
+        os.kill(os.getpid(), signal.SIGTERM)  # the loop is over: Ray ending the worker group is no notice
+        assert not stopping.preemption_noticed() and previous_calls == [signal.SIGTERM] * 3
     finally:
         signal.signal(signal.SIGTERM, original)
         stopping.clear_preemption_notice()

@@ -52,8 +52,8 @@ def preflight(config: Config) -> None:
     if config.model.init_from and latest_checkpoint(config.run_dir, config.storage) is None:
         check_init_source(config.model.init_from, config.storage)  # a resumed run does not read it
     require_backend(config.tracking)  # the tracking package, here rather than on the workers
+    trained = class_fingerprint(config.data.train, manifest, config.storage)  # rank 0 reads it too (every COMMIT)
     if config.data.eval is not None:  # now, not when the evaluator meets it hours into the run
-        trained = class_fingerprint(config.data.train, manifest, config.storage)
         check_same_classes(trained, config.data.eval, config.storage)
 
 

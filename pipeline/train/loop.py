@@ -129,6 +129,8 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
         failed = not isinstance(error, Preempted)  # a preempted run goes on after the restart
         _close_after_error(checkpointer.wait, lambda: scalars.close(failed=failed))
         raise
+    finally:
+        stops.close()
     checkpointer.wait()
     scalars.close()
     final = scalars.last or {"step": state.step, "samples_seen": state.samples_seen}

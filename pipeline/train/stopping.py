@@ -37,6 +37,7 @@ from pipeline.train.ranks import WorkerContext, gather_ranks
 log = logging.getLogger(__name__)
 
 _notice = threading.Event()  # per process: a SIGTERM arrived
+_training = threading.Event()  # per process: a training loop is running (outside it SIGTERM does what it did before)
 
 
 class StopReason(enum.IntEnum):
@@ -61,14 +62,15 @@ class Preempted(RuntimeError):
 def install_sigterm_handler() -> bool:
     """Make SIGTERM a preemption notice (this process's main thread only); whether it was installed.
 
-    A second SIGTERM falls through to the handler there was before (Ray's ends the worker process), so an operator
-    who means "now" still gets it."""
+    Outside a training loop (before it, or while Ray ends a finished worker group), and on a second SIGTERM, the
+    signal goes to the handler there was before (Ray's ends the worker process), so an operator who means "now"
+    still gets it."""
     if threading.current_thread() is not threading.main_thread():
         return False
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        if _notice.is_set() and callable(previous):
+        if (_notice.is_set() or not _training.is_set()) and callable(previous):
             previous(signum, frame)
             return
         _notice.set()
@@ -91,12 +93,17 @@ class StopAgreement:
     """The per-step agreement among ranks. `agree()` is collective: every rank calls it once per step."""
 
     def __init__(self, ctx: WorkerContext) -> None:
+        """Notices count from now until `close()`."""
         self.ctx = ctx
         self._bad_data: BadDataError | None = None
         self._group = None
         if ctx.world_size > 1 and dist.get_backend() != "gloo":
             # Agree on the CPU over gloo: a device all-reduce would add a host-device sync to every step.
             self._group = dist.new_group(backend="gloo")
+        _training.set()
+
+    def close(self) -> None:
+        _training.clear()
 
     def bad_data(self, error: BadDataError) -> None:
         """This rank's loader gave up; the ranks stop together at `agree()`."""
