@@ -1,8 +1,15 @@
 """Elastic training: the batch split at each world size, the checks for a range, equal results at every size, and
 a Ray cluster that loses a node and gets it back while a run trains."""
 
+import functools
 import json
 import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +21,13 @@ from pipeline.config import ConfigError, config_to_yaml, load_config
 from pipeline.config.batching import BatchSplitError
 from pipeline.data import ShardSplitError
 from pipeline.storage import join_url, list_dir, read_bytes, write_bytes
+from pipeline.storage.checkpoints import (
+    checkpoint_url,
+    committed_checkpoints,
+    latest_checkpoint,
+    read_checkpoint,
+    read_commit,
+)
 from pipeline.train.audit import SampleAudit
 from pipeline.train.elastic import scaling_arguments
 from pipeline.train.loop import wrap_model
@@ -154,3 +168,121 @@ def test_two_ranks_train_as_one_rank_that_accumulates(tmp_path):
     whole, _ = _train(load_config("demo", [*TINY, "train.global_batch_size=8"]), steps, WorkerContext())
     name = "entry_flow.conv1.weight"
     assert not torch.allclose(whole[name], one[name], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- Ray: shrink and grow back
+
+
+def _paced_train_worker(gate: str, raw_config: dict) -> None:
+    """The real Ray Train worker, except that a step runs only while the step count is below the number in the file
+    `gate`: the test decides where the run is when it removes and adds a node (a 2-core machine's timing cannot)."""
+    import pipeline.train.loop as loop
+    from pipeline.train.launcher import train_worker
+
+    real_step = loop.train_step
+
+    def paced(state, *args, **kwargs):
+        while state.step >= int(Path(gate).read_text()):
+            time.sleep(0.05)
+        return real_step(state, *args, **kwargs)
+
+    loop.train_step = paced
+    train_worker(raw_config)
+
+
+@pytest.fixture
+def head_and_two_workers(monkeypatch):
+    """A head node without CPUs (Ray Train's controller, no training worker) and two 1-CPU worker nodes, with
+    their own RAY_TMPDIR: Ray Train's helper actors otherwise connect to the newest Ray instance on the machine."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    monkeypatch.setenv("RAY_TMPDIR", temp)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _groups(run_dir: str) -> list[tuple[int, int, int, int]]:
+    """(start step, world size, per-rank batch, micro-batches) of every worker group the run started, in order."""
+    records = [json.loads(read_bytes(url)) for url in list_dir(join_url(run_dir, "worker_groups"))]
+    return [(r["start_step"], r["world_size"], r["per_rank_batch"], r["micro_batches"]) for r in records]
+
+
+@pytest.mark.slow  # a 3-node Ray cluster and three worker groups: about two minutes on 2 cores
+def test_a_run_shrinks_when_a_node_is_lost_and_grows_back_when_one_is_added(head_and_two_workers, tiny_demo,
+                                                                            tmp_path, monkeypatch):
+    import ray.cloudpickle
+
+    from pipeline.train import launcher
+
+    cluster, nodes = head_and_two_workers
+    gate = tmp_path / "allowed-steps"
+    gate.write_text("8")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    monkeypatch.setattr(launcher, "train_worker", functools.partial(_paced_train_worker, str(gate)))
+    config = launcher.prepare(load_config("demo", [
+        "model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71", "data.loader_workers=1",
+        "data.shuffle_buffer=32", f"data.train={tiny_demo.train}", f"data.eval={tiny_demo.eval}",
+        f"model.num_classes={tiny_demo.num_classes}", "train.global_batch_size=8", "train.max_micro_batch_size=4",
+        "cluster.num_workers=[1,2]", "cluster.resize_check_s=2", "cluster.max_failures=1", "train.total_steps=24",
+        "checkpoint.every_steps=4", "checkpoint.keep_last=10", "checkpoint.background=false", "train.log_every=2",
+        "train.log_samples=true", f"run.storage={tmp_path / 'runs'}", "run.name=elastic"]))
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = launcher.launch(config)
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def wait_for(what: str, done) -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and thread.is_alive():
+            if done():
+                return
+            time.sleep(0.5)
+        pytest.fail(f"{what} did not happen: {outcome or 'still training'}; worker groups {_groups(config.run_dir)}")
+
+    def checkpointed(step: int):
+        return lambda: (latest_checkpoint(config.run_dir) or SimpleNamespace(step=-1)).step == step
+
+    wait_for("checkpoint 8 with 2 workers", checkpointed(8))
+    cluster.remove_node(nodes[1])  # its worker dies with it; the run goes on with the other node's
+    wait_for("a restart with 1 worker", lambda: len(_groups(config.run_dir)) == 2)
+    gate.write_text("12")
+    wait_for("checkpoint 12 with 1 worker", checkpointed(12))
+    cluster.add_node(num_cpus=1)
+    wait_for("a restart with 2 workers", lambda: len(_groups(config.run_dir)) == 3)
+    gate.write_text("24")
+    thread.join(timeout=300)
+    assert "result" in outcome, f"training did not finish: {outcome}"
+    assert (outcome["result"]["step"], outcome["result"]["samples_seen"]) == (24, 24 * 8)
+    # Shrunk at the node loss, grown back with the new node, each time from the latest checkpoint, the global batch
+    # of 8 kept (1 rank: two passes of 4); a grow is no failure to Ray (cluster.max_failures=1 went to the lost node).
+    assert _groups(config.run_dir) == [(0, 2, 4, 1), (8, 1, 8, 2), (12, 2, 4, 1)]
+    first = json.loads(read_bytes(join_url(config.run_dir, "workers", "rank-00000.json")))  # the latest group's
+    assert (first["start_step"], first["world_size"], first["per_rank_batch"], first["micro_batches"]) == (12, 2, 4, 1)
+    ranks_at = {ref.step: len(read_checkpoint(ref.url)["loader"]["ranks"])
+                for ref in committed_checkpoints(config.run_dir)}
+    assert ranks_at == {4: 2, 8: 2, 12: 1, 16: 2, 20: 2, 24: 2}
+    assert read_commit(checkpoint_url(config.run_dir, 12))["metrics"]["world_size"] == 1
+    # The audit: every step's 8 samples on record once, no sample twice in the epoch (all 24 steps are in epoch 0:
+    # 40 steps of 8 make one), across both re-splits of the rest of the epoch.
+    keys, files = [], list_dir(join_url(config.run_dir, "samples"))
+    for url in files:
+        keys += json.loads(read_bytes(url))
+    assert len(keys) == 24 * 8 and len(set(keys)) == len(keys)
+    names = {url.rsplit("/", 1)[-1] for url in files}
+    assert "rank-00001-step-000000012.json" not in names and "rank-00001-step-000000016.json" in names
