@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the demo preset for every run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    base = [f"train.total_steps={args.steps}", "train.log_every=10", *args.overrides]
+    base = [f"train.total_steps={args.steps}", "train.log_every=1", *args.overrides]  # every step's loss: windows of 50
     demo = prepare_demo_data(load_config("demo", base))
     results = {}
     for name, overrides in RUNS.items():
