@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from pipeline.config.batching import BatchSplit, check_batch_splits, split_batch
 
 
 class Section(BaseModel):
@@ -276,6 +278,9 @@ class TrainConfig(Section):
 
     global_batch_size: PositiveInt = 256
     micro_batches: PositiveInt = Field(1, description="gradient accumulation: split each rank's batch into this many")
+    max_micro_batch_size: PositiveInt | None = Field(
+        None, description="instead of micro_batches: the most images one forward pass holds (a memory bound); each "
+        "rank accumulates the fewest equal micro-batches within it, so fewer workers run more of them")
     total_steps: PositiveInt = 1000
     precision: Literal["fp32", "bf16"] = Field(
         "bf16", description="bf16 = autocast to bfloat16 (CPU or CUDA); chosen by tests/benchmarks/train_step.py"
@@ -394,18 +399,41 @@ class ClusterConfig(Section):
     """Ray Train scaling: one DDP rank per worker."""
 
     address: str | None = Field(None, description="Ray address; None = RAY_ADDRESS or a local cluster")
-    num_workers: PositiveInt = 1
+    num_workers: PositiveInt | list[PositiveInt] = Field(
+        1, description="DDP ranks: a number, or [min, max] for elastic training (starts once min workers fit, goes "
+        "on with fewer after a lost node, grows back up to max; each change resumes from the latest checkpoint)")
+    resize_check_s: PositiveFloat = Field(
+        60.0, description="elastic: how often Ray Train looks for room to grow the worker group (a grow restarts "
+        "the group from the latest checkpoint)")
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: float = Field(1.0, ge=0.0)
     max_failures: int = Field(3, ge=-1, description="restarts from the last checkpoint; -1 = unlimited. A "
-                              "preemption (SIGTERM) counts as one: on spot capacity set -1")
+                              "preemption (SIGTERM) counts as one, and so does a lost node with elastic workers "
+                              "(a grow does not): on spot capacity set -1")
     stall_timeout_s: PositiveFloat = Field(
         60.0, description="a worker that leaves Ray Train's health check (polled every 2 s) unanswered this long, "
         "frozen or cut off, is declared dead and the group restarts from the last checkpoint (Ray's default: 600)")
     collective_timeout_s: PositiveInt = Field(
         900, description="how long a rank may wait in one collective for its peers (torch process group timeout); "
         "above storage's outage budget, since a rank that waits out a storage outage keeps its peers waiting")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, value: int | list[int]) -> int | list[int]:
+        if isinstance(value, list) and (len(value) != 2 or value[0] > value[1]):
+            raise ValueError("must be a number or a [min, max] pair with min <= max")
+        return value
+
+    @property
+    def world_sizes(self) -> range:
+        """Every number of workers the run may have: one, or min..max for elastic training."""
+        low, high = self.num_workers if isinstance(self.num_workers, list) else (self.num_workers,) * 2
+        return range(low, high + 1)
+
+    @property
+    def elastic(self) -> bool:
+        return len(self.world_sizes) > 1
 
 
 class TrackingConfig(Section):
@@ -455,17 +483,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        workers = self.cluster.num_workers
-        if self.train.global_batch_size % workers:
-            raise ValueError(
-                f"train.global_batch_size={self.train.global_batch_size} must be divisible by "
-                f"cluster.num_workers={workers} (the global batch is split evenly across DDP ranks)"
-            )
-        if self.per_worker_batch_size % self.train.micro_batches:
-            raise ValueError(
-                f"train.micro_batches={self.train.micro_batches} must divide the per-worker batch "
-                f"{self.per_worker_batch_size} (train.global_batch_size / cluster.num_workers)"
-            )
+        train = self.train
+        check_batch_splits(train.global_batch_size, self.cluster.world_sizes, train.micro_batches,
+                           train.max_micro_batch_size)
         if self.loss.name == "softmax" and self.loss.reduction != "mean":
             raise ValueError(f"loss.reduction={self.loss.reduction} applies to the sigmoid loss only; "
                              "loss.name=softmax always averages over images (leave loss.reduction unset or 'mean')")
@@ -490,9 +510,11 @@ class Config(Section):
         """The run's directory URL: <run.storage>/<run.name> (checkpoints/, reports/, tensorboard/)."""
         return f"{self.run.storage.rstrip('/')}/{self.run.name}"
 
-    @property
-    def per_worker_batch_size(self) -> int:
-        return self.train.global_batch_size // self.cluster.num_workers
+    def batch_split(self, world_size: int) -> BatchSplit:
+        """At `world_size` ranks (`ctx.world_size`): each rank's batch and micro-batches; `BatchSplitError` (a
+        ValueError) saying why not. The global batch is the same at every size."""
+        train = self.train
+        return split_batch(train.global_batch_size, world_size, train.micro_batches, train.max_micro_batch_size)
 
     @property
     def scaled_lr(self) -> float:

@@ -23,12 +23,13 @@ from typing import Any
 
 from pipeline.cluster import connect_ray
 from pipeline.config import Config, validate
-from pipeline.data import check_shard_split, read_manifest
+from pipeline.data import read_manifest
 from pipeline.data.manifest import check_same_classes, class_fingerprint
 from pipeline.models.weights import absolute_init_source, check_init_source
 from pipeline.storage import absolute_url, is_local_url, local_path, s3_endpoint, s3_region
 from pipeline.storage.checkpoints import latest_checkpoint, read_commit
 from pipeline.tracking import require_backend
+from pipeline.train.elastic import check_world_sizes, describe_workers, scaling_arguments
 from pipeline.train.failure import DETERMINISTIC_STOPS, clear_failure, raise_recorded_failure, record_failure
 from pipeline.train.loop import train
 from pipeline.train.ranks import WorkerContext
@@ -48,7 +49,7 @@ def preflight(config: Config) -> None:
     if manifest.num_classes != config.model.num_classes:
         raise ValueError(f"model.num_classes={config.model.num_classes} but the training data at {config.data.train} "
                          f"has {manifest.num_classes} classes; set model.num_classes={manifest.num_classes}")
-    check_shard_split(manifest, config.cluster.num_workers, config.data.loader_workers, config.per_worker_batch_size)
+    check_world_sizes(config, manifest)  # shards and batch at every size an elastic range allows
     if config.model.init_from and latest_checkpoint(config.run_dir, config.storage) is None:
         check_init_source(config.model.init_from, config.storage)  # a resumed run does not read it
     require_backend(config.tracking)  # the tracking package, here rather than on the workers
@@ -153,12 +154,12 @@ def launch(config: Config) -> dict[str, Any]:
         train_worker,
         train_loop_config=config.model_dump(mode="json"),
         torch_config=preemptible_torch_config(config),
-        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+        scaling_config=ScalingConfig(**scaling_arguments(config), use_gpu=cluster.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=config.run.name, failure_config=FailureConfig(max_failures=cluster.max_failures),
                              **_ray_storage(config)),
     )
-    log.info("training %s on %d worker(s) -> %s", config.run.name, cluster.num_workers, config.run_dir)
+    log.info("training %s on %s -> %s", config.run.name, describe_workers(config), config.run_dir)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

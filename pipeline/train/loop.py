@@ -85,7 +85,8 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
     state.model = wrap_model(state.model, config, ctx)
     rng = RankRng(ctx.rank, ctx.world_size, device)
     rng.seed(config.train.seed)  # after the (identical) initialisation: dropout differs across ranks
-    loader = ShardStream(config.data.train, config.data, batch_size=config.per_worker_batch_size, rank=ctx.rank,
+    split = config.batch_split(ctx.world_size)  # the global batch is the same at every (elastic) world size
+    loader = ShardStream(config.data.train, config.data, batch_size=split.per_rank, rank=ctx.rank,
                          world_size=ctx.world_size, train=True, storage=storage, num_classes=config.model.num_classes)
     checkpointer = Checkpointer(config.run_dir, config, storage, ctx=ctx, train_state=state, loader=loader, rng=rng)
     # What the class ids mean, recorded in every COMMIT; the evaluator refuses eval data with other classes.
@@ -102,6 +103,7 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
         initialize_from(state, config, write_summary=ctx.rank == 0)
     start_step = state.step
     write_rank_info(config, ctx, start_step)
+    audit.forget_after(start_step)  # what an attempt that did not reach its next checkpoint wrote
 
     # Train.
     batches = iter(loader)

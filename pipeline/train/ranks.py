@@ -47,10 +47,13 @@ def barrier(ctx: WorkerContext) -> None:
 
 
 def write_rank_info(config: Config, ctx: WorkerContext, start_step: int) -> None:
-    """Where each rank runs (node, host, pid): for operators reading a run directory, and for the tests."""
+    """Where each rank runs (node, host, pid) in `<run>/workers/rank-RRRRR.json`: for operators reading a run
+    directory, and for the tests. Rank 0 also records each worker group's start in `<run>/worker_groups/
+    <milliseconds>.json` (start step, world size, batch split): the history of an elastic run's sizes."""
+    split = config.batch_split(ctx.world_size)
     info = {"rank": ctx.rank, "world_size": ctx.world_size, "local_rank": ctx.local_rank, "node_rank": ctx.node_rank,
             "host": socket.gethostname(), "pid": os.getpid(), "device": str(ctx.device), "start_step": start_step,
-            "time": time.time()}
+            "per_rank_batch": split.per_rank, "micro_batches": split.micro_batches, "time": time.time()}
     try:
         import ray
 
@@ -60,3 +63,6 @@ def write_rank_info(config: Config, ctx: WorkerContext, start_step: int) -> None
         pass
     name = f"rank-{ctx.rank:05d}.json"
     write_bytes(join_url(config.run_dir, "workers", name), json.dumps(info).encode(), config.storage)
+    if ctx.rank == 0:
+        name = f"{int(info['time'] * 1000):013d}.json"
+        write_bytes(join_url(config.run_dir, "worker_groups", name), json.dumps(info).encode(), config.storage)

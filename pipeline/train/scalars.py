@@ -95,7 +95,8 @@ class ScalarWriter:
             "step": state.step, "samples_seen": state.samples_seen, "loss": result.loss, "lr": result.lr,
             "grad_norm": result.grad_norm,
             "samples_per_s": self._window_steps * train.global_batch_size / elapsed,
-            "samples_per_s_per_worker": self._window_steps * self.config.per_worker_batch_size / elapsed,
+            "samples_per_s_per_worker": self._window_steps * loader.split.batch_size / elapsed,
+            "world_size": loader.split.world_size,  # elastic runs: how many ranks trained this window
             "data_wait_fraction": self._wait_s / elapsed, "skipped_nonfinite": state.skipped_nonfinite,
             "ignored_images": self._window_ignored,  # this rank's since the last record: padding (+ unlabeled)
             **{f"data/{k}": v for k, v in loader.metrics().items()},

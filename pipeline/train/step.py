@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.config.batching import micro_batch_count
 from pipeline.models import build_model
 from pipeline.train.ema import ModelEma, unwrap
 from pipeline.train.loss import compute_loss, loss_mask
@@ -112,15 +113,16 @@ def train_step(state: TrainState, config: Config, images: torch.Tensor, targets:
     """One optimizer step on a (per-rank) batch; `global_batch_size` advances the sample counter (default: this batch).
 
     `valid` (B,) bool marks the images that count (`Batch.valid`; default: all); the loss is their mean
-    (`pipeline.train.loss`). With `train.micro_batches` = m the batch is processed as m equal chunks whose
-    gradients accumulate (BN statistics are then per chunk, as they are per rank under DDP).
+    (`pipeline.train.loss`). The batch is processed as m equal chunks whose gradients accumulate, m being
+    `train.micro_batches`, or the fewest chunks within `train.max_micro_batch_size` (`pipeline.config.batching`);
+    BN statistics are then per chunk, as they are per rank under DDP.
 
     Under DDP the gradients are all-reduced in backward, so the non-finite decision (made on the gradient norm)
     is the same on every rank and no rank is left waiting.
     """
     model, optimizer = state.model, state.optimizer
     lr, frozen = _begin_step(state, config)
-    micro = config.train.micro_batches
+    micro = micro_batch_count(images.shape[0], config.train.micro_batches, config.train.max_micro_batch_size)
     mask = loss_mask(config.loss, targets, valid)
     counted = int(mask.sum())
     # The forward pass moves BN running statistics by itself: a step that may be skipped can put them back.
