@@ -19,7 +19,7 @@ from pipeline.storage import join_url, list_dir, read_bytes
 from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, read_checkpoint, read_commit
 from pipeline.train import launcher, loop, stopping
 from pipeline.train.failure import raise_recorded_failure, record_failure
-from pipeline.train.ranks import WorkerContext
+from pipeline.train.ranks import WorkerContext, mean_over_ranks
 from pipeline.train.step import NonFiniteError
 from pipeline.train.stopping import Preempted, StopAgreement, StopReason
 
@@ -122,6 +122,7 @@ def _agreeing_rank(rank: int, port: int, out: str) -> None:
         stops.agree(2)
     except BadDataError as error:
         outcome["step2"] = str(error)
+    outcome["mean_loss"] = mean_over_ranks(float(rank + 1), WorkerContext(rank=rank, world_size=2))
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(outcome, f)
     dist.destroy_process_group()
@@ -135,6 +136,7 @@ def test_every_rank_stops_at_the_same_step_for_one_rank_s_notice_or_bad_data(tmp
     assert [o["step1"] for o in outcomes] == [StopReason.PREEMPTED.name] * 2
     assert outcomes[1]["step2"] == "300 of 1000 samples read by rank 1 were bad"
     assert outcomes[0]["step2"] == "(reported by rank 1) 300 of 1000 samples read by rank 1 were bad"
+    assert [o["mean_loss"] for o in outcomes] == [1.5, 1.5], "the logged loss is the ranks' mean, on every rank"
 
 
 def test_bad_data_is_recorded_and_raised_again_like_a_nonfinite_stop(tmp_path):

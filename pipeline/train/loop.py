@@ -91,7 +91,7 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
     checkpointer = Checkpointer(config.run_dir, config, storage, ctx=ctx, train_state=state, loader=loader, rng=rng)
     # What the class ids mean, recorded in every COMMIT; the evaluator refuses eval data with other classes.
     classes = class_fingerprint(config.data.train, manifest, storage) if ctx.rank == 0 else None
-    scalars = ScalarWriter(config.run_dir, config, enabled=ctx.rank == 0, report=report)
+    scalars = ScalarWriter(config.run_dir, config, enabled=ctx.rank == 0, report=report, ctx=ctx)
     audit = SampleAudit(config, ctx, write_at=checkpointer.is_checkpoint_step)
 
     # Restore.

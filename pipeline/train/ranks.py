@@ -40,6 +40,16 @@ def gather_ranks(value: Any, ctx: WorkerContext) -> list:
     return values
 
 
+def mean_over_ranks(value: float, ctx: WorkerContext) -> float:
+    """The mean of every rank's `value` (collective); on the rank's device, since NCCL reduces only GPU tensors."""
+    if ctx.world_size == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32,
+                         device=ctx.device)
+    dist.all_reduce(total)
+    return float(total.item()) / ctx.world_size
+
+
 def barrier(ctx: WorkerContext) -> None:
     """Wait for every rank (collective; nothing to wait for on a single process)."""
     if ctx.world_size > 1:

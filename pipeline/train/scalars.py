@@ -36,6 +36,7 @@ from pipeline.data import ShardStream
 from pipeline.storage import is_local_url, join_url, local_path
 from pipeline.storage.mirror import DirectoryMirror
 from pipeline.tracking import Tracker, start_tracking
+from pipeline.train.ranks import WorkerContext, mean_over_ranks
 from pipeline.train.step import StepResult, TrainState
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,11 @@ TENSORBOARD_CLOSE_WAIT_S = 30.0  # the end of a run waits this long at most for 
 class ScalarWriter:
     """Builds one record per logging step and writes it (rank 0); `last` holds the latest record."""
 
-    def __init__(self, run_dir: str, config: Config, *, enabled: bool, report: Callable[[dict], None] | None) -> None:
+    def __init__(self, run_dir: str, config: Config, *, enabled: bool, report: Callable[[dict], None] | None,
+                 ctx: WorkerContext | None = None) -> None:
         self.config = config
         self.enabled = enabled
+        self.ctx = ctx or WorkerContext()
         self._report = report
         self.last: dict | None = None
         self._window_start: float | None = None  # the first wait for data opens the first window
@@ -92,7 +95,10 @@ class ScalarWriter:
         now = time.perf_counter()
         elapsed = now - self._window_start
         record = {
-            "step": state.step, "samples_seen": state.samples_seen, "loss": result.loss, "lr": result.lr,
+            # The mean of the ranks' losses (collective): the global batch's loss when their batches are full, so a
+            # curve does not change with the world size; each rank's own is the loss of its share only.
+            "step": state.step, "samples_seen": state.samples_seen, "loss": mean_over_ranks(result.loss, self.ctx),
+            "lr": result.lr,
             "grad_norm": result.grad_norm,
             "samples_per_s": self._window_steps * train.global_batch_size / elapsed,
             "samples_per_s_per_worker": self._window_steps * loader.split.batch_size / elapsed,
