@@ -2,13 +2,14 @@
 
 import io
 import json
+import logging
 import shutil
 import time
 import uuid
 
 import pytest
 import torch
-from conftest import copy_with_swapped_classes
+from conftest import copy_with_swapped_classes, restarted_after
 
 from pipeline.config import load_config
 from pipeline.storage import StorageError, exists, join_url, list_dir, read_bytes, write_bytes
@@ -288,3 +289,18 @@ def test_rank_rng_restores_its_own_state_only_with_the_same_world_size():
     expected = draws[1]
     rng.load_state_dict(states[:1])  # another world size: left as it is (seed + rank)
     assert not torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.slow  # the store stopped and started again: ~10 s
+def test_a_checkpoint_save_outlasts_an_outage_of_the_store(restartable_s3, caplog):
+    server, storage = restartable_s3
+    storage = storage.model_copy(update={"retries": 0, "outage_budget_s": 60.0})  # one call alone gives up at once
+    config = load_config("demo", [*TINY_MODEL, "model.num_classes=5", "run.storage=s3://restart/runs",
+                                  "checkpoint.background=false"])
+    saver = Checkpointer(config.run_dir, config, storage)
+    server.stop()
+    with restarted_after(server, 3.0), caplog.at_level(logging.WARNING, logger="pipeline.storage.retries"):
+        saver.save(7, build_train_state(config).state_dict())
+    assert latest_checkpoint(config.run_dir, storage).step == 7
+    waits = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert waits and all(m.startswith("checkpoint step 7: ") for m in waits), waits

@@ -11,7 +11,7 @@ from pipeline.storage.errors import StorageAuthError, StorageError
 from pipeline.storage.files import exists, list_dir, open_read, read_bytes, remove, upload_file, write_bytes
 from pipeline.storage.filesystems import filesystem
 from pipeline.storage.paths import absolute_url, is_local_url, join_url, local_path, s3_endpoint, s3_region
-from pipeline.storage.retries import retry_call, with_retries
+from pipeline.storage.retries import outlasting_outages, retry_call, with_retries
 
 __all__ = [
     "StorageAuthError",
@@ -24,6 +24,7 @@ __all__ = [
     "list_dir",
     "local_path",
     "open_read",
+    "outlasting_outages",
     "read_bytes",
     "remove",
     "retry_call",

@@ -199,3 +199,9 @@ def as_storage_error(
         within = f" over {waited_s:.1f} s" + (f", retried for up to {budget}" if budget else "")
         return StorageError(f"{what}: still failing after {attempts} attempts{within}: {cause}")
     return StorageError(f"{what}: {cause}")
+
+
+def gave_up_on_transient(exc: BaseException) -> bool:
+    """Whether `exc` is a `StorageError` raised because a transient failure (the store unreachable or overloaded)
+    outlasted its retries: the store may come back, so a whole idempotent operation may be tried again."""
+    return isinstance(exc, StorageError) and exc.__cause__ is not None and classify(exc.__cause__, None) == "transient"

@@ -27,7 +27,14 @@ from typing import TypeVar
 import tenacity
 
 from pipeline.config import StorageConfig
-from pipeline.storage.errors import StorageError, as_storage_error, classify, describe, is_storage_failure
+from pipeline.storage.errors import (
+    StorageError,
+    as_storage_error,
+    classify,
+    describe,
+    gave_up_on_transient,
+    is_storage_failure,
+)
 from pipeline.storage.paths import is_remote
 
 logger = logging.getLogger(__name__)
@@ -121,6 +128,20 @@ def with_retries(
                                waited_s=outage_log.waited_s(), budget=outage_log.budget) from exc
     outage_log.back()
     return result
+
+
+def outlasting_outages(fn: Callable[[], T], *, what: str, storage: StorageConfig | None = None) -> T:
+    """Call `fn`, an idempotent operation of several storage calls (a checkpoint's files, COMMIT last), again while
+    one of its calls gives up on a transient failure, for up to `storage.outage_budget_s`: a save in the background
+    then outlasts an outage of the store as the data path's reads do, instead of failing the run at the next one."""
+    storage = storage or StorageConfig()
+
+    def waiting(attempt: int, exc: BaseException, wait: float) -> None:
+        logger.warning("%s: %s; trying again in %.0f s (for up to %g s: storage.outage_budget_s)", what, exc, wait,
+                       storage.outage_budget_s)
+
+    return retry_call(fn, retry_if=gave_up_on_transient, wait_s=lambda n: backoff_s(MAX_BACKOFF_S, n),
+                      within_s=storage.outage_budget_s, before_retry=waiting)
 
 
 class _OutageLog:

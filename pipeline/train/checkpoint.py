@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.config import Config, StorageConfig
-from pipeline.storage import remove
+from pipeline.storage import outlasting_outages, remove
 from pipeline.storage.checkpoints import (
     CheckpointRef,
     checkpoint_url,
@@ -142,7 +142,9 @@ class Checkpointer:
     def _write(self, step: int, state: dict, loader_state: dict | None, extra: dict) -> None:
         start = time.perf_counter()
         log.info("checkpoint step %d: writing to %s", step, checkpoint_url(self.run_dir, step))
-        commit = write_checkpoint(self.run_dir, step, state, self.config, loader_state, extra, self.storage)
+        commit = outlasting_outages(  # idempotent: the files again, COMMIT last
+            lambda: write_checkpoint(self.run_dir, step, state, self.config, loader_state, extra, self.storage),
+            what=f"checkpoint step {step}", storage=self.storage)
         self.last_upload_s = time.perf_counter() - start
         log.info("checkpoint step %d published to %s (%.1f MB in %.1fs)", step, checkpoint_url(self.run_dir, step),
                  commit["state_bytes"] / 1e6, self.last_upload_s)
