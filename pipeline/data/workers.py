@@ -298,7 +298,8 @@ def start_workers(spec: WorkerSpec, start: WorkerStart, workers: int) -> tuple[I
     returned = [context.Queue() for _ in range(workers)]
     loader = DataLoader(RankStream(spec, start, returned), batch_size=None, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), multiprocessing_context=context,
-                        worker_init_fn=functools.partial(_init_worker, dict(os.environ), os.getpid()))
+                        worker_init_fn=functools.partial(_init_worker, dict(os.environ), os.getpid(),
+                                                         _logging_setup()))
     return iter(loader), returned
 
 
@@ -311,13 +312,23 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _init_worker(environment: dict[str, str], main_pid: int, worker_id: int) -> None:
-    """Give a worker this process's current environment (credentials, endpoints), as a fork would: the fork
-    server's own environment is the one it had when it started, possibly before they were set. And end it when the
-    main process is gone (`_exit_with`)."""
+def _logging_setup() -> tuple[int, str | None]:
+    """This process's root log level and format, for its workers (a fork server's child starts unconfigured)."""
+    root = logging.getLogger()
+    formatter = root.handlers[0].formatter if root.handlers else None
+    return root.getEffectiveLevel(), formatter._fmt if formatter is not None else None
+
+
+def _init_worker(environment: dict[str, str], main_pid: int, logging_setup: tuple[int, str | None],
+                 worker_id: int) -> None:
+    """Give a worker this process's current environment (credentials, endpoints) and logging (so that its INFO
+    lines, such as "storage back after", are seen), as a fork would: the fork server's own are the ones it had when
+    it started, possibly before they were set. And end it when the main process is gone (`_exit_with`)."""
     del worker_id
     os.environ.clear()
     os.environ.update(environment)
+    level, fmt = logging_setup
+    logging.basicConfig(level=level, format=fmt)
     _exit_with(main_pid)
 
 
