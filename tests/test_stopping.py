@@ -111,15 +111,15 @@ def _agreeing_rank(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     stopping.install_sigterm_handler()
     stops = StopAgreement(WorkerContext(rank=rank, world_size=2))
-    outcome = {"step0": stops.agree(0).name}
+    outcome = {"step0": stops.agree().name}
     if rank == 0:
         os.kill(os.getpid(), signal.SIGTERM)
-    outcome["step1"] = stops.agree(1).name
+    outcome["step1"] = stops.agree().name
     stopping.clear_preemption_notice()
     if rank == 1:
         stops.bad_data(BadDataError("300 of 1000 samples read by rank 1 were bad"))
     try:
-        stops.agree(2)
+        stops.agree()
     except BadDataError as error:
         outcome["step2"] = str(error)
     outcome["mean_loss"] = mean_over_ranks(float(rank + 1), WorkerContext(rank=rank, world_size=2))

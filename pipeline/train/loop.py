@@ -114,7 +114,7 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
                 inputs = next_batch(batches, config, device, stops)
             # Every rank learns of any rank's bad data (raised here) or preemption notice; a notice takes effect
             # after this step, whose batch is in hand: its checkpoint is then the last completed step.
-            preempted = stops.agree(state.step) is StopReason.PREEMPTED
+            preempted = stops.agree() is StopReason.PREEMPTED
             batch, images, targets, valid = inputs
             result = train_step(state, config, images, targets, valid,
                                 global_batch_size=config.train.global_batch_size)

@@ -109,7 +109,7 @@ class StopAgreement:
         """This rank's loader gave up; the ranks stop together at `agree()`."""
         self._bad_data = error
 
-    def agree(self, step: int) -> StopReason:
+    def agree(self) -> StopReason:
         """Every rank's requests combined; raises `BadDataError` (on every rank, with the reporting rank's message)
         when one rank's data failed. A preemption is returned: the caller checkpoints, then raises `preempted()`."""
         local = StopReason.BAD_DATA if self._bad_data else (
