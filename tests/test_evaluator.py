@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import copy_with_swapped_classes
+from conftest import copy_with_swapped_classes, restarted_after
 
 from pipeline.cluster import FORWARDED_ENV, connect_ray
 from pipeline.config import config_to_yaml, load_config
@@ -103,6 +103,22 @@ def test_watcher_reports_each_checkpoint_once_and_ignores_partial_ones(tiny_demo
         assert read_bytes(join_url(watcher.reports_dir, plot))[:4] == b"\x89PNG"
     assert len(re.findall(r'src="data:image/png;base64,', html)) == 4 and "class prior" in html
     assert (tmp_path / "demo/tensorboard/eval").is_dir()
+
+
+@pytest.mark.slow  # the store stopped and started again: ~20 s
+def test_watcher_outlasts_an_outage_of_the_store_holding_the_run(tiny_demo, tmp_path, restartable_s3, caplog):
+    server, storage = restartable_s3
+    storage = storage.model_copy(update={"retries": 0, "outage_budget_s": 60.0})  # one call alone gives up at once
+    config = _config(tiny_demo, "s3://restart/runs").model_copy(update={"storage": storage})
+    state = build_train_state(config)
+    Checkpointer(config.run_dir, config, storage).save(1, state.state_dict())
+    server.stop()
+    with restarted_after(server, 3.0), caplog.at_level(logging.WARNING, logger="pipeline.storage.retries"):
+        evaluations = CheckpointWatcher(config.run_dir, config, tensorboard=False).run(once=True)
+    assert [e.step for e in evaluations] == [1]
+    assert [r["step"] for r in read_records(join_url(config.run_dir, "reports"), storage)] == [1]
+    waits = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert waits and all(m.startswith(f"evaluating {config.run_dir}: ") for m in waits), waits
 
 
 def test_evaluation_scores_every_eval_image_once_and_matches_a_one_shot_computation(tiny_demo, tmp_path):

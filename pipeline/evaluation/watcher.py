@@ -15,6 +15,9 @@ nothing to evaluate it says why (`nothing_to_evaluate`).
 With `tracking.backend` set (the evaluator's, else the one training ran with), each evaluation's metrics go to the
 run's tracked run at its training step (`eval/map_at_100`, ..., and the baselines), with `report.html` as the file
 `reports/report.html`; the tracker is opened at the first evaluation and closed when `run` returns.
+
+A pass that fails on an unreachable store is tried again for up to `storage.outage_budget_s` (a long-running
+evaluator outlasts an outage, as training does); the shard reads of the eval data have the same budget.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pipeline.evaluation.class_weights import frequency_classes
 from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, eval_settings, evaluate_checkpoint
 from pipeline.evaluation.report import append_record, headline, read_records, write_report
 from pipeline.models.thresholds import thresholds_url, write_thresholds
-from pipeline.storage import StorageError, exists, is_local_url, join_url, list_dir, local_path
+from pipeline.storage import StorageError, exists, is_local_url, join_url, list_dir, local_path, outlasting_outages
 from pipeline.storage.checkpoints import (
     CheckpointRef,
     committed_checkpoints,
@@ -173,8 +176,10 @@ class CheckpointWatcher:
                      "run.storage)", self.run_dir)
         try:
             while True:
-                results += self._evaluate_pending(only)
-                done = {r["step"] for r in read_records(self.reports_dir, self.storage)}
+                # A pass is repeatable (what is done is read back from the report), so an outage of the store
+                # costs a wait of up to storage.outage_budget_s, not the evaluator, as for training's checkpoints.
+                done = outlasting_outages(lambda: self._poll(only, results), what=f"evaluating {self.run_dir}",
+                                          storage=self.storage)
                 if once or (until_step is not None and any(step >= until_step for step in done)):
                     return results
                 time.sleep(self.poll_seconds)
@@ -183,8 +188,12 @@ class CheckpointWatcher:
                 self._tracker.close()
                 self._tracker = None
 
-    def _evaluate_pending(self, only: str | None) -> list[Evaluation]:
-        results = []
+    def _poll(self, only: str | None, results: list[Evaluation]) -> set[int]:
+        """One pass: evaluate what is pending (appended to `results` one by one), then the steps on record."""
+        self._evaluate_pending(only, results)
+        return {r["step"] for r in read_records(self.reports_dir, self.storage)}
+
+    def _evaluate_pending(self, only: str | None, results: list[Evaluation]) -> None:
         for ref in self.pending(only):
             try:
                 results.append(self.evaluate(ref))
@@ -193,7 +202,6 @@ class CheckpointWatcher:
                     raise  # the checkpoint is there: the eval data or the store is what failed
                 self._unnamed("removed", [ref.step])  # named here already
                 log.warning("checkpoint %s vanished while being evaluated (retention?): %s", ref.url, exc)
-        return results
 
     def _classes(self, config: Config) -> tuple[list[str], np.ndarray]:
         """Class names and training frequencies for the report's plots (ids and zeros when unreadable)."""
