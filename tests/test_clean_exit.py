@@ -74,13 +74,21 @@ def survivors(processes: list[psutil.Process], within_s: float = 20.0) -> list[s
     return names
 
 
+def job_tracebacks(log: str) -> list[str]:
+    """The tracebacks in `log` other than a worker's failed start: a DataLoader worker that the fork server was
+    starting at the moment the job stopped can fail to read its start-up data from the closed pipe, and Python's
+    fork server prints that (in `multiprocessing/forkserver.py`, before any of our code runs; seen once in CI)."""
+    blocks = log.split("Traceback (most recent call last):")[1:]
+    return [block for block in blocks if "multiprocessing/forkserver.py" not in block.split("\n", 2)[1]]
+
+
 @pytest.mark.slow  # two evaluator processes started and killed: ~30-60 s
 def test_the_evaluator_killed_while_scoring_leaves_no_process_behind(scoring_run: tuple[Path, str]) -> None:
     root, evaluation = scoring_run
     code, descendants, kinds, log = evaluator_killed_while_scoring(root, evaluation, signal.SIGTERM)
     assert "forkserver" in kinds and "resource_tracker" in kinds
     assert code == 143, log  # an orderly stop, reported as a SIGTERM'd process's code
-    assert "SIGTERM received: stopping" in log and "Traceback" not in log
+    assert "SIGTERM received: stopping" in log and job_tracebacks(log) == [], log
     assert survivors(descendants) == []
 
     # SIGKILL cannot be handled: the DataLoader workers notice the main process is gone and end, then the fork
