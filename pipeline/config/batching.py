@@ -33,10 +33,6 @@ class BatchSplit:
         """Images per forward pass (BatchNorm's statistics are over this many)."""
         return self.per_rank // self.micro_batches
 
-    def describe(self) -> str:
-        return (f"{self.world_size} rank(s) x {self.per_rank} images per step, in {self.micro_batches} "
-                f"micro-batch(es) of {self.micro_batch_size}")
-
 
 def micro_batch_count(per_rank: int, micro_batches: int = 1, max_micro_batch_size: int | None = None) -> int:
     """Forward passes for a rank batch of `per_rank` images: `micro_batches`, or with `max_micro_batch_size` the

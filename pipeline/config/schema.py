@@ -342,10 +342,6 @@ class ClusterConfig(Section):
         low, high = self.num_workers if isinstance(self.num_workers, list) else (self.num_workers,) * 2
         return range(low, high + 1)
 
-    @property
-    def elastic(self) -> bool:
-        return len(self.world_sizes) > 1
-
 
 class TrackingConfig(Section):
     """Experiment tracking (`pipeline.tracking`): training's scalars and config, and the evaluator's MAP@K and
