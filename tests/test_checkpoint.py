@@ -13,7 +13,13 @@ from conftest import copy_with_swapped_classes, restarted_after
 
 from pipeline.config import load_config
 from pipeline.storage import StorageError, exists, join_url, list_dir, read_bytes, write_bytes
-from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, read_checkpoint, step_dirs
+from pipeline.storage.checkpoints import (
+    checkpoint_url,
+    committed_checkpoints,
+    latest_checkpoint,
+    read_checkpoint,
+    step_dirs,
+)
 from pipeline.train import loop
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.loop import train
@@ -228,10 +234,11 @@ def test_logged_throughput_counts_the_time_spent_logging_and_ray_hears_only_at_c
     monkeypatch.setattr(ScalarWriter, "write", slow_write)
     config = tiny_config(tiny_demo, tmp_path, "train.total_steps=6", "train.log_every=1", "checkpoint.every_steps=3",
                          "train.global_batch_size=4", "checkpoint.background=false")
-    train(config, report=reported.append)
+    train(config, report=lambda record, checkpoint: reported.append((record["step"], checkpoint)))
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["samples_per_s"] <= 4 / 0.3 for r in records[1:]), [r["samples_per_s"] for r in records]
-    assert [r["step"] for r in reported] == [3, 6]
+    # Each committed checkpoint goes to Ray once, with the report after its commit (here at once: no background).
+    assert reported == [(3, checkpoint_url(config.run_dir, 3)), (6, checkpoint_url(config.run_dir, 6))]
 
 
 def test_format_round_trip_and_deletion_unpublishes_first(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import tarfile
 import threading
 import time
@@ -186,31 +187,45 @@ def _wait_for_checkpoint(config, step: int) -> None:
     pytest.fail(f"no checkpoint at step {step} or later appeared")
 
 
-def _signal_a_worker_mid_run(config, sig: signal.Signals, after_step: int) -> tuple[dict, float]:
-    """Launch, send `sig` to rank 1's process once the checkpoint at `after_step` exists, and check that the run
-    still finished, on a new worker group; returns rank 1's worker record (pid: the victim) and when it was sent."""
+def _interrupt_a_worker_mid_run(config, after_step: int, interrupt, victim_rank: int | None = 1,
+                                frozen: bool = False) -> tuple[dict, float, dict]:
+    """Launch; once the checkpoint at `after_step` exists, `interrupt(victim)` with the worker record of
+    `victim_rank` (or, when that is None, of the first rank that is not on this driver's node); then check that the
+    run still finished, on a new worker group, with every step's samples once. Returns the victim's record (pid,
+    node), when it was interrupted, and what `launch` returned."""
+    import ray
+
     from pipeline.train.launcher import launch
 
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=launch(config)), daemon=True)
     thread.start()
     _wait_for_checkpoint(config, after_step)
-    victim = next(w for w in _workers(config.run_dir) if w["rank"] == 1)
+    workers = sorted(_workers(config.run_dir), key=lambda w: w["rank"])
+    if victim_rank is None:
+        victim = next(w for w in workers if w["node_id"] != ray.get_runtime_context().get_node_id())
+    else:
+        victim = workers[victim_rank]
     sent_at = time.time()
-    os.kill(victim["pid"], sig)  # a Ray Train worker process this test's cluster started
+    interrupt(victim)
     try:
         thread.join(timeout=400)
     finally:
         with contextlib.suppress(ProcessLookupError):  # a frozen one is never woken; ended by its own pid
-            if sig == signal.SIGSTOP:
+            if frozen:
                 os.kill(victim["pid"], signal.SIGKILL)
-    assert outcome.get("result", {}).get("step") == config.train.total_steps, f"the run did not finish after {sig!r}"
+    result = outcome.get("result", {})
+    assert result.get("step") == config.train.total_steps, f"the run did not finish after {interrupt!r}"
     assert victim["pid"] not in {w["pid"] for w in _workers(config.run_dir)}, "the worker group was not replaced"
     samples = _read_samples(config.run_dir)
     keys = samples[0] + samples[1]
     assert len(keys) == config.train.total_steps * 8 and len(set(keys)) == len(keys), \
         "every step's samples exactly once in the epoch"
-    return victim, sent_at
+    return victim, sent_at, result
+
+
+def _signal(sig: signal.Signals):
+    return lambda worker: os.kill(worker["pid"], sig)  # a Ray Train worker process this test's cluster started
 
 
 def test_killed_worker_resumes_from_last_checkpoint_and_keeps_the_loader_promise(two_node_cluster, tiny_demo_s3,
@@ -219,27 +234,62 @@ def test_killed_worker_resumes_from_last_checkpoint_and_keeps_the_loader_promise
 
     config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "fault", "train.total_steps=12",
                                  "checkpoint.every_steps=3", "checkpoint.background=false", "cluster.max_failures=2"))
-    _signal_a_worker_mid_run(config, signal.SIGKILL, after_step=3)
+    _interrupt_a_worker_mid_run(config, 3, _signal(signal.SIGKILL))
     assert all(w["start_step"] >= 3 for w in _workers(config.run_dir)), "the restart must resume from a checkpoint"
 
 
-def test_sigterm_to_a_worker_checkpoints_every_rank_and_the_restart_redoes_no_step(two_node_cluster, tiny_demo_s3,
-                                                                                   s3_prefix):
-    """A spot preemption notice: the run checkpoints where it is, restarts from there, and loses no step."""
-    from pipeline.train.launcher import prepare
-
-    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "preempt", "train.total_steps=20",
-                                 "checkpoint.every_steps=5", "checkpoint.keep_last=10", "cluster.max_failures=1"))
-    _, signalled_at = _signal_a_worker_mid_run(config, signal.SIGTERM, after_step=5)  # a spot node's first notice
+def _check_preempted_and_resumed(config, noticed_at: float, result: dict, how: str) -> None:
+    """One preemption checkpoint; the new group started exactly there (0 steps redone); Ray's last reported
+    checkpoint is the final committed one; prints notice-to-commit and notice-to-next-step times."""
     preempted = [ref for ref in committed_checkpoints(config.run_dir)
                  if read_commit(ref.url).get("stopped") == "preempted"]
-    # The notice takes effect when the worker's main thread next runs Python: some steps after the checkpoint the
-    # test waited for, at whatever step that is.
-    assert len(preempted) == 1 and 5 < preempted[0].step < 20, "one preemption checkpoint, where the ranks stopped"
-    committed_after = read_commit(preempted[0].url)["time"] - signalled_at
-    print(f"preemption checkpoint of step {preempted[0].step} committed {committed_after:.1f} s after SIGTERM")
+    assert len(preempted) == 1, "one preemption checkpoint, where the ranks stopped"
     workers = _workers(config.run_dir)
     assert {w["start_step"] for w in workers} == {preempted[0].step}, "the restart resumes where the ranks stopped"
+    assert result["ray_checkpoint"].endswith(f"/{config.run.name}/checkpoints/step-{config.train.total_steps:09d}"), \
+        "Result.checkpoint is the last committed checkpoint"
+    committed = read_commit(preempted[0].url)["time"] - noticed_at
+    resumed = min(w["time"] for w in workers) - noticed_at
+    print(f"{how}: step {preempted[0].step} committed {committed:.1f} s after the notice; the new group's first "
+          f"step {resumed:.1f} s after it")
+
+
+@pytest.mark.parametrize("victim_rank", [1, 0], ids=["non-writing-rank", "writing-rank"])
+def test_sigterm_to_a_worker_checkpoints_every_rank_and_the_restart_redoes_no_step(two_node_cluster, tiny_demo_s3,
+                                                                                   s3_prefix, victim_rank):
+    """A preemption notice by SIGTERM, to the rank that writes checkpoints or another: the run checkpoints where it
+    is, no rank leaves before the commit, the restart starts there, and it costs no failure (max_failures=0)."""
+    from pipeline.train.launcher import prepare
+
+    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, f"preempt-rank{victim_rank}", "train.total_steps=16",
+                                 "checkpoint.every_steps=4", "checkpoint.keep_last=10", "cluster.max_failures=0"))
+    _, signalled_at, result = _interrupt_a_worker_mid_run(config, 4, _signal(signal.SIGTERM), victim_rank)
+    _check_preempted_and_resumed(config, signalled_at, result, f"SIGTERM to rank {victim_rank}")
+
+
+def test_a_node_drained_through_ray_checkpoints_and_the_group_moves_to_other_capacity(two_node_cluster,
+                                                                                      tiny_demo_s3, s3_prefix):
+    """A spot reclaim as the autoscaler or KubeRay's preStop hook announces it: a Ray node drain with a deadline
+    (`ray drain-node`). The ranks learn of it through ray.train.get_preemption_info(), checkpoint, and Ray restarts
+    the group on nodes that are not draining; no failure is spent (max_failures=0). Then the node goes."""
+    from pipeline.train.launcher import prepare
+
+    spare = two_node_cluster.add_node(num_cpus=1)  # the capacity the group moves to
+    two_node_cluster.wait_for_nodes()
+    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "drained", "train.total_steps=16",
+                                 "checkpoint.every_steps=4", "checkpoint.keep_last=10", "cluster.max_failures=0",
+                                 "cluster.preemption_poll_s=1"))
+
+    def drain(worker: dict) -> None:
+        subprocess.run(["ray", "drain-node", "--address", two_node_cluster.address, "--node-id", worker["node_id"],
+                        "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
+                        "--deadline-remaining-seconds", "120"], check=True, capture_output=True)
+
+    victim, drained_at, result = _interrupt_a_worker_mid_run(config, 4, drain, victim_rank=None)
+    _check_preempted_and_resumed(config, drained_at, result, "Ray drain")
+    assert victim["node_id"] not in {w["node_id"] for w in _workers(config.run_dir)}, "moved off the draining node"
+    gone = next(node for node in [*two_node_cluster.worker_nodes, spare] if node.node_id == victim["node_id"])
+    two_node_cluster.remove_node(gone)  # the reclaim itself; the module's other tests keep two nodes
 
 
 def test_a_frozen_worker_is_declared_dead_after_the_stall_timeout_and_the_run_goes_on(two_node_cluster,
@@ -250,7 +300,7 @@ def test_a_frozen_worker_is_declared_dead_after_the_stall_timeout_and_the_run_go
 
     config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "stall", "train.total_steps=12",
                                  "checkpoint.every_steps=4", "cluster.max_failures=1", "cluster.stall_timeout_s=10"))
-    _, stopped_at = _signal_a_worker_mid_run(config, signal.SIGSTOP, after_step=4)
+    _, stopped_at, _ = _interrupt_a_worker_mid_run(config, 4, _signal(signal.SIGSTOP), frozen=True)
     detected_after = min(w["time"] for w in _workers(config.run_dir)) - stopped_at
     print(f"stalled worker replaced {detected_after:.0f} s after SIGSTOP (stall_timeout_s=10; Ray's default 600)")
 

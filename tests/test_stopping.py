@@ -1,9 +1,11 @@
 """Stopping together: a SIGTERM checkpoints the last completed step and the resume redoes nothing; one rank's bad data
 stops every rank at the same step; deterministic stops are recorded, not retried, and end a job with exit code 2."""
 
+import itertools
 import json
 import os
 import signal
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -20,8 +22,9 @@ from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoin
 from pipeline.train import launcher, loop, stopping
 from pipeline.train.failure import raise_recorded_failure, record_failure
 from pipeline.train.ranks import WorkerContext, mean_over_ranks
+from pipeline.train.ray_internals import Preempted
 from pipeline.train.step import NonFiniteError
-from pipeline.train.stopping import Preempted, StopAgreement, StopReason
+from pipeline.train.stopping import StopAgreement, StopReason
 
 
 @pytest.fixture
@@ -59,7 +62,7 @@ def test_sigterm_checkpoints_the_last_completed_step_and_the_resume_redoes_nothi
     reference = loop.train(reference_config)
 
     sigterm_after_step(monkeypatch, at_step=4)
-    with pytest.raises(Preempted, match="preempted after step 5") as caught:
+    with pytest.raises(Preempted, match=r"preempted \(SIGTERM\) after step 5") as caught:
         loop.train(config)
     assert caught.value.step == 5
     assert [ref.step for ref in committed_checkpoints(config.run_dir)] == [3, 5]
@@ -106,11 +109,15 @@ def test_sigterm_outside_training_and_a_second_one_go_to_the_previous_handler():
 
 
 def _agreeing_rank(rank: int, port: int, out: str) -> None:
-    """Three steps on 2 gloo ranks: nothing; rank 0 gets a real SIGTERM; rank 1's data fails."""
+    """Three steps on 2 gloo ranks: nothing; rank 0 gets a real SIGTERM; rank 1's data fails. Rank 0's clock asks
+    for Ray's drain notices every step, rank 1's never: both ask at the same steps (Ray's call is a barrier)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     stopping.install_sigterm_handler()
-    stops = StopAgreement(WorkerContext(rank=rank, world_size=2))
+    polls = []
+    stops = StopAgreement(WorkerContext(rank=rank, world_size=2), poll_drains=lambda: polls.append(1),
+                          poll_interval_s=0.0 if rank == 0 else 1e9)
+    stopping.DRAIN_POLL_BUDGET = 1.0  # no slowing down for a poll's cost here
     outcome = {"step0": stops.agree().name}
     if rank == 0:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -123,6 +130,7 @@ def _agreeing_rank(rank: int, port: int, out: str) -> None:
     except BadDataError as error:
         outcome["step2"] = str(error)
     outcome["mean_loss"] = mean_over_ranks(float(rank + 1), WorkerContext(rank=rank, world_size=2))
+    outcome["polls"] = len(polls)
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(outcome, f)
     dist.destroy_process_group()
@@ -137,6 +145,75 @@ def test_every_rank_stops_at_the_same_step_for_one_rank_s_notice_or_bad_data(tmp
     assert outcomes[1]["step2"] == "300 of 1000 samples read by rank 1 were bad"
     assert outcomes[0]["step2"] == "(reported by rank 1) 300 of 1000 samples read by rank 1 were bad"
     assert [o["mean_loss"] for o in outcomes] == [1.5, 1.5], "the logged loss is the ranks' mean, on every rank"
+    assert [o["polls"] for o in outcomes] == [2, 2], "every rank asks Ray at the same steps (not at the bad-data one)"
+
+
+def _drain(ranks, seconds_left):
+    return SimpleNamespace(preempted_ranks=ranks, deadline_ms=(time.time() + seconds_left) * 1000)
+
+
+def test_a_ray_drain_notice_is_polled_at_the_interval_and_becomes_a_preemption():
+    answers = [None, None, _drain([1], 30)]
+    stops = StopAgreement(WorkerContext(), poll_drains=lambda: answers.pop(0), poll_interval_s=0.0)
+    try:
+        reasons = []
+        for _ in range(3):
+            reasons.append(stops.agree())
+            time.sleep(0.01)  # a step; far longer than the poll's cost allows for (DRAIN_POLL_BUDGET)
+        assert reasons == [StopReason.NONE, StopReason.NONE, StopReason.PREEMPTED]
+        assert stops.notice.startswith("node drain of ranks [1], deadline in 3") and not answers
+        error = stops.preempted(7, "s3://b/run/checkpoints/step-000000007")
+        assert isinstance(error, Preempted) and error.step == 7 and error.preempted  # Ray: a preemption, no failure
+        assert str(error) == ("preempted (node drain of ranks [1], deadline in 30 s) after step 7: the run resumes "
+                              "from checkpoint s3://b/run/checkpoints/step-000000007")
+    finally:
+        stops.close()
+    rare = StopAgreement(WorkerContext(), poll_drains=lambda: pytest.fail("polled before its interval"),
+                         poll_interval_s=3600)
+    assert rare.agree() is StopReason.NONE
+    rare.close()
+
+
+def test_a_costly_drain_poll_is_made_less_often(monkeypatch):
+    """A poll of 20 ms may take 0.5% of the time at most: at least 4 s apart, whatever the configured interval."""
+    clock = [0.0]
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
+
+    def poll():
+        clock[0] += 0.020
+        return None
+
+    stops = StopAgreement(WorkerContext(), poll_drains=poll, poll_interval_s=1.0)
+    polled_at = []
+    for _ in range(100):  # 100 steps of 0.1 s
+        clock[0] += 0.1
+        before = clock[0]
+        stops.agree()
+        if clock[0] > before:
+            polled_at.append(round(before, 2))
+    stops.close()
+    assert 1.0 <= polled_at[0] <= 1.1, "first at the configured interval"
+    assert all(b - a >= 4.0 for a, b in itertools.pairwise(polled_at)) and len(polled_at) == 3
+
+
+def test_a_drain_notice_mid_run_checkpoints_that_step_reports_it_to_ray_and_the_resume_redoes_nothing(
+        tiny_demo, tmp_path):
+    config = tiny_config(tiny_demo, tmp_path, "train.total_steps=6", "checkpoint.every_steps=3",
+                         "cluster.preemption_poll_s=0.000001")
+    calls = []
+    answers = iter([None] * 4 + [_drain([0], 60)])  # the 5th step's agreement sees the drain
+    reports = []  # (metrics record's step, checkpoint URL)
+    with pytest.raises(Preempted, match=r"preempted \(node drain of ranks \[0\].*\) after step 5") as caught:
+        loop.train(config, report=lambda metrics, url: reports.append((metrics["step"], url)),
+                   poll_drains=lambda: calls.append(1) or next(answers))
+    assert caught.value.step == 5 and len(calls) == 5
+    assert [ref.step for ref in committed_checkpoints(config.run_dir)] == [3, 5]
+    # Ray hears of each committed checkpoint once: step 3's at step 3 (waited for only at the preemption) or not
+    # yet, the preemption's at once.
+    assert reports[-1][1] == latest_checkpoint(config.run_dir).url
+    assert [url for _, url in reports].count(latest_checkpoint(config.run_dir).url) == 1
+    resumed = loop.train(config, report=lambda metrics, url: reports.append((metrics["step"], url)))
+    assert resumed["step"] == 6 and reports[-1] == (6, latest_checkpoint(config.run_dir).url)
 
 
 def test_bad_data_is_recorded_and_raised_again_like_a_nonfinite_stop(tmp_path):
@@ -157,9 +234,10 @@ def test_train_worker_returns_normally_on_a_deterministic_stop(tmp_path, monkeyp
     context = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 2, get_local_rank=lambda: 0,
                               get_node_rank=lambda: 0)
     monkeypatch.setattr(ray.train, "get_context", lambda: context)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
 
-    def stop(config, ctx, report):
+    def stop(config, ctx, report, poll_drains):
         raise error
 
     monkeypatch.setattr(launcher, "train", stop)
@@ -175,16 +253,3 @@ def test_a_deterministic_stop_ends_a_job_with_one_line_and_exit_code_2(capsys, e
 
     assert job_main(main)([]) == EXIT_REFUSED
     assert capsys.readouterr().err.strip() == f"error: {type(error).__name__}: {error}"
-
-
-def test_preemptible_torch_config_installs_the_handler_and_bounds_collectives():
-    pytest.importorskip("ray")
-    from pipeline.train import ray_backend
-
-    config = load_config("demo", ["cluster.collective_timeout_s=120", "storage.outage_budget_s=60"])
-    torch_config = ray_backend.preemptible_torch_config(config)
-    assert torch_config.timeout_s == 120 and torch_config.backend == "gloo"
-    executed = []
-    worker_group = SimpleNamespace(execute=lambda fn: executed.append(fn))
-    torch_config.backend_cls().on_training_start(worker_group, torch_config)
-    assert executed == [ray_backend.install_preemption_handler]

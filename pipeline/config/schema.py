@@ -319,9 +319,14 @@ class ClusterConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: float = Field(1.0, ge=0.0)
-    max_failures: int = Field(3, ge=-1, description="restarts from the last checkpoint; -1 = unlimited. A "
-                              "preemption (SIGTERM) counts as one, and so does a lost node with elastic workers "
-                              "(a grow does not): on spot capacity set -1")
+    max_failures: int = Field(3, ge=-1, description="restarts from the last checkpoint after real failures (a "
+                              "crash, a lost worker or node, a stall); -1 = unlimited. Preemptions do not count")
+    max_preemptions: int = Field(-1, ge=-1, description="restarts after preemption notices (a Ray node drain or "
+                                 "SIGTERM: checkpointed, nothing redone), counted apart from max_failures "
+                                 "(Ray Train's max_preemption_failures); -1 = unlimited")
+    preemption_poll_s: PositiveFloat = Field(
+        5.0, description="how often the ranks ask Ray Train whether one of their nodes is being drained "
+        "(ray.train.get_preemption_info, a barrier), and how often Ray's watcher polls the drains")
     stall_timeout_s: PositiveFloat = Field(
         60.0, description="a worker that leaves Ray Train's health check (polled every 2 s) unanswered this long, "
         "frozen or cut off, is declared dead and the group restarts from the last checkpoint (Ray's default: 600)")

@@ -75,6 +75,8 @@ class Checkpointer:
         self.last_save_stall_s = 0.0  # time save() blocked the training loop
         self.last_upload_s = 0.0
         self.saved_step: int | None = None  # the step of the checkpoint restored or saved last
+        self.committed_step: int | None = None  # the step this writer committed last (set by the upload thread)
+        self._reported_step: int | None = None
 
     def is_checkpoint_step(self, step: int) -> bool:
         """Whether a checkpoint is saved after `step`: every `checkpoint.every_steps`, and at the last step."""
@@ -124,6 +126,15 @@ class Checkpointer:
             job()
         self.last_save_stall_s = time.perf_counter() - start
 
+    def take_unreported(self) -> str | None:
+        """The URL of the checkpoint this writer committed since the last call, if any (rank 0 only: the writer);
+        for Ray Train's report, so Ray knows every committed checkpoint once."""
+        step = self.committed_step
+        if step is None or step == self._reported_step:
+            return None
+        self._reported_step = step
+        return checkpoint_url(self.run_dir, step)
+
     def wait(self) -> None:
         """Block until the in-flight upload finishes; re-raise its error here, in the training loop."""
         if self._thread is not None:
@@ -146,6 +157,7 @@ class Checkpointer:
             lambda: write_checkpoint(self.run_dir, step, state, self.config, loader_state, extra, self.storage),
             what=f"checkpoint step {step}", storage=self.storage)
         self.last_upload_s = time.perf_counter() - start
+        self.committed_step = step
         log.info("checkpoint step %d published to %s (%.1f MB in %.1fs)", step, checkpoint_url(self.run_dir, step),
                  commit["state_bytes"] / 1e6, self.last_upload_s)
         self._apply_retention()

@@ -2,12 +2,17 @@
 
 `launch()` checks everything it can on the submitting machine first (config, manifest, class count, shards vs
 ranks x loader workers), then builds a `TorchTrainer`: `ScalingConfig` from `cluster.*`, gloo on CPUs or NCCL on
-GPUs (Ray Train sets up the process group and `ray.train.torch.get_device()`), `FailureConfig(max_failures)` so a
-lost worker or node restarts the whole group, which then resumes from the run's latest complete checkpoint.
+GPUs (Ray Train sets up the process group and `ray.train.torch.get_device()`), `FailureConfig(max_failures,
+max_preemption_failures)` so a lost worker or node restarts the whole group, which then resumes from the run's latest
+complete checkpoint. Ray Train's run directory is the run's own (`RunConfig(storage_path=run.storage,
+name=run.name)`), so every committed checkpoint is reported to Ray where it lies, without a second upload:
+`Result.checkpoint` and `ray.train.get_checkpoint()` name it. The `COMMIT` rule (`pipeline.storage.checkpoints`)
+stays the one truth: a restart resumes from the newest checkpoint with a COMMIT, and says so if Ray's differs.
 
 Faults, and how each ends:
-- A preemption notice (SIGTERM to a worker) checkpoints the last completed step and restarts the group from it
-  (`pipeline.train.stopping`); `pipeline.train.ray_backend` installs the handler on each worker's main thread.
+- A preemption notice (a Ray node drain, seen through `ray.train.get_preemption_info()`, or SIGTERM to a worker)
+  checkpoints the last completed step and restarts the group from it, counted against `cluster.max_preemptions`
+  (`pipeline.train.stopping`; the Ray hooks it needs are in `pipeline.train.ray_internals`).
 - A stalled worker (frozen, or its node unreachable) stops answering Ray Train's health check; after
   `cluster.stall_timeout_s` the controller declares it dead and restarts the group. The torch process group's own
   timeout (`cluster.collective_timeout_s`) catches a worker that is alive but stuck in a collective.
@@ -33,10 +38,7 @@ from pipeline.train.elastic import check_world_sizes, describe_workers, scaling_
 from pipeline.train.failure import DETERMINISTIC_STOPS, clear_failure, raise_recorded_failure, record_failure
 from pipeline.train.loop import train
 from pipeline.train.ranks import WorkerContext
-
-# Read by Ray Train's controller (and passed on to it from the driver's environment): how long a worker may leave
-# a health check unanswered before it is declared dead. Ray's default is 600 s.
-HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"
+from pipeline.train.ray_internals import Preempted, peer_lost
 
 log = logging.getLogger(__name__)
 
@@ -58,41 +60,77 @@ def preflight(config: Config) -> None:
         check_same_classes(trained, config.data.eval, config.storage)
 
 
-def _quiet_ray_train_reports() -> None:
-    """Ray Train V2 logs every `ray.train.report()` call with all its metrics at INFO, under a logger named after
-    its module's file; the loop's own progress line says the same in one line."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray version: its logging is left as it is
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def train_worker(raw_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker: rank and device from Ray Train's context, then the loop.
 
-    A deterministic stop is recorded, not raised: Ray Train would retry it (see `pipeline.train.failure`).
+    A deterministic stop is recorded, not raised: Ray Train would retry it (see `pipeline.train.failure`). A
+    preemption stop, and a collective that lost its peer (another rank died), are raised in one line: Ray restarts
+    the group from the latest checkpoint.
     """
     import ray.train
     import ray.train.torch
 
+    from pipeline.train.ray_internals import quiet_ray_train_logs
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _quiet_ray_train_reports()
+    quiet_ray_train_logs()
     context = ray.train.get_context()
     ctx = WorkerContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
                         local_rank=context.get_local_rank(), node_rank=context.get_node_rank(),
                         device=ray.train.torch.get_device())
     config = validate(raw_config)
+    if ctx.rank == 0:
+        _compare_with_rays_checkpoint(config, ray.train.get_checkpoint())
     try:
-        train(config, ctx, report=ray.train.report)
+        train(config, ctx, report=_ray_reporter(config), poll_drains=ray.train.get_preemption_info)
     except DETERMINISTIC_STOPS as error:  # every rank stops at the same step; none may raise, or Ray retries
         log.error("rank %d: %s", ctx.rank, error)
         if ctx.rank == 0:
             record_failure(config.run_dir, error, config.storage)
+    except Preempted as error:
+        log.warning("rank %d: %s", ctx.rank, error)
+        raise error.with_traceback(None) from None  # what Ray logs is this frame only
+    except RuntimeError as error:
+        lost = peer_lost(error)
+        if lost is None:
+            raise
+        log.warning("rank %d: %s", ctx.rank, lost)
+        raise lost from None
+
+
+def _ray_reporter(config: Config) -> Any:
+    """Ray Train's report, handing it each committed checkpoint where it lies (no upload: it is in Ray's run
+    directory, which is ours)."""
+    import ray.train
+
+    storage = _ray_storage(config)
+
+    def report(metrics: dict, checkpoint_url: str | None) -> None:
+        checkpoint = None
+        if checkpoint_url is not None:
+            inside_run = checkpoint_url.removeprefix(config.run_dir).lstrip("/")  # checkpoints/step-NNNNNNNNN
+            path = f"{storage['storage_path']}/{config.run.name}/{inside_run}"
+            checkpoint = ray.train.Checkpoint(path=path, filesystem=storage.get("storage_filesystem"))
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+
+    return report
+
+
+def _compare_with_rays_checkpoint(config: Config, reported: Any) -> None:
+    """Log when Ray's latest reported checkpoint is not the run's newest committed one (the COMMIT rule wins: a
+    checkpoint committed after Ray's last report, or one Ray reported that retention has removed since)."""
+    ours = latest_checkpoint(config.run_dir, config.storage)
+    theirs = None if reported is None else reported.path.rstrip("/").rsplit("/", 1)[-1]
+    ours_name = None if ours is None else ours.url.rsplit("/", 1)[-1]
+    if theirs != ours_name:
+        log.info("Ray Train's latest reported checkpoint is %s; the run resumes from %s, the newest with a COMMIT",
+                 theirs, ours_name)
 
 
 def _ray_storage(config: Config) -> dict[str, Any]:
-    """Ray Train's own run storage (`RunConfig.storage_path`), next to our run directory."""
+    """Ray Train's run storage (`RunConfig.storage_path`): `run.storage`, so that Ray's run directory
+    (<storage_path>/<run.name>) is the run directory and its checkpoints are Ray's without a copy."""
     storage = config.run.storage
     if storage.startswith("s3://"):
         import pyarrow.fs
@@ -104,11 +142,11 @@ def _ray_storage(config: Config) -> dict[str, Any]:
         if endpoint:
             scheme, _, host = endpoint.partition("://")
             kwargs.update(endpoint_override=host, scheme=scheme)
-        return {"storage_path": storage.removeprefix("s3://") + "/_ray",
+        return {"storage_path": storage.removeprefix("s3://").rstrip("/"),
                 "storage_filesystem": pyarrow.fs.S3FileSystem(**kwargs)}
     if not is_local_url(storage):
-        return {"storage_path": f"{storage.rstrip('/')}/_ray"}
-    return {"storage_path": os.path.abspath(os.path.join(local_path(storage), "_ray"))}
+        return {"storage_path": storage.rstrip("/")}
+    return {"storage_path": os.path.abspath(local_path(storage))}
 
 
 def prepare(config: Config) -> Config:
@@ -138,10 +176,10 @@ def launch(config: Config) -> dict[str, Any]:
     `BadDataError` naming the shards), without Ray retries. `config` must come from `prepare` (absolute paths,
     checks done).
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train.ray_backend import preemptible_torch_config
+    from pipeline.train.ray_internals import preemptible_torch_config, set_controller_environment
 
     connect_ray(config)  # forwards FORWARDED_ENV, also when the background evaluator connected first
     cluster = config.cluster
@@ -149,28 +187,32 @@ def launch(config: Config) -> dict[str, Any]:
     if cluster.use_gpu:
         resources["GPU"] = cluster.gpus_per_worker
     clear_failure(config.run_dir, config.storage)  # a record from an earlier launch is stale now
-    os.environ[HEALTH_CHECK_TIMEOUT_ENV] = str(cluster.stall_timeout_s)  # Ray Train passes it on to its controller
+    set_controller_environment(cluster.stall_timeout_s, cluster.preemption_poll_s)  # Ray forwards them
+    failures = FailureConfig(max_failures=cluster.max_failures, max_preemption_failures=cluster.max_preemptions)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config.model_dump(mode="json"),
-        torch_config=preemptible_torch_config(config),
+        torch_config=preemptible_torch_config(cluster.use_gpu, cluster.collective_timeout_s),
         scaling_config=ScalingConfig(**scaling_arguments(config), use_gpu=cluster.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=config.run.name, failure_config=FailureConfig(max_failures=cluster.max_failures),
-                             **_ray_storage(config)),
+        # Ray keeps every reported checkpoint on record and deletes none: retention is checkpoint.keep_*'s.
+        run_config=RunConfig(name=config.run.name, failure_config=failures,
+                             checkpoint_config=CheckpointConfig(num_to_keep=None), **_ray_storage(config)),
     )
     log.info("training %s on %s -> %s", config.run.name, describe_workers(config), config.run_dir)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
     raise_recorded_failure(config.run_dir, config.storage)
-    return final_metrics(config)
+    return final_metrics(config, result.checkpoint)
 
 
-def final_metrics(config: Config) -> dict[str, Any]:
-    """The last metrics record of a run, as committed with its latest checkpoint (Ray's own copy may be empty)."""
+def final_metrics(config: Config, ray_checkpoint: Any = None) -> dict[str, Any]:
+    """The last metrics record of a run, as committed with its latest checkpoint, and the checkpoint Ray Train
+    reported last (`ray_checkpoint`: the path in Ray's filesystem, None when Ray has none)."""
     ref = latest_checkpoint(config.run_dir, config.storage)
     if ref is None:
         return {}
     commit = read_commit(ref.url, config.storage)
-    return {"step": commit["step"], "samples_seen": commit["samples_seen"], **(commit.get("metrics") or {})}
+    return {"step": commit["step"], "samples_seen": commit["samples_seen"], **(commit.get("metrics") or {}),
+            "checkpoint": ref.url, "ray_checkpoint": None if ray_checkpoint is None else ray_checkpoint.path}

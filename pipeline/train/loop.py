@@ -23,14 +23,17 @@ from pipeline.train.audit import SampleAudit
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.init_from import initialize_from
 from pipeline.train.ranks import WorkerContext, write_rank_info
+from pipeline.train.ray_internals import Preempted
 from pipeline.train.rng import RankRng
 from pipeline.train.scalars import ScalarWriter
 from pipeline.train.step import build_train_state, train_step
-from pipeline.train.stopping import Preempted, StopAgreement, StopReason
+from pipeline.train.stopping import PreemptionPoll, StopAgreement, StopReason
 
 log = logging.getLogger(__name__)
 
-Reporter = Callable[[dict], None]
+# Ray Train's report on its workers: the latest metrics and the URL of a checkpoint committed since the last report
+# (None if none), so that Ray knows every committed checkpoint (`Result.checkpoint`) without uploading it again.
+Reporter = Callable[[dict, str | None], None]
 
 
 def wrap_model(model: torch.nn.Module, config: Config, ctx: WorkerContext) -> torch.nn.Module:
@@ -72,8 +75,11 @@ def _close_after_error(*closers: Callable[[], None]) -> None:
             log.exception("while stopping after an error")
 
 
-def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | None = None) -> dict:
-    """Train until `train.total_steps`, resuming from the run's latest complete checkpoint; returns final metrics."""
+def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | None = None,
+          poll_drains: PreemptionPoll | None = None) -> dict:
+    """Train until `train.total_steps`, resuming from the run's latest complete checkpoint; returns final metrics.
+
+    On a Ray Train worker, `report` is Ray's report and `poll_drains` Ray's `get_preemption_info`."""
     ctx = ctx or WorkerContext()
     storage, device = config.storage, ctx.device
     if config.data.train is None:
@@ -107,7 +113,7 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
 
     # Train.
     batches = iter(loader)
-    stops = StopAgreement(ctx)
+    stops = StopAgreement(ctx, poll_drains, config.cluster.preemption_poll_s)
     try:
         while state.step < config.train.total_steps:
             with scalars.waiting_for_data():
@@ -120,12 +126,20 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
                                 global_batch_size=config.train.global_batch_size)
             scalars.log(state, result, loader)
             audit.record(state.step, batch, write=preempted)  # written before the step's checkpoint commits
+            last = preempted or state.step == config.train.total_steps
+            if preempted and ctx.rank == 0:
+                log.warning("preemption notice (%s): checkpointing step %d, then every rank stops", stops.notice,
+                            state.step)
             extra = {"metrics": scalars.last, "class_fingerprint": classes,
                      "stopped": "preempted" if preempted else None}
             if checkpointer.maybe_save(state.step, extra=extra, now=preempted):
-                scalars.publish(state.step)  # Ray Train's report is a barrier: only as often as checkpoints
+                if last:
+                    checkpointer.wait()  # committed, so that the report below hands it to Ray
+                # Ray Train's report is a barrier: only as often as checkpoints.
+                scalars.publish(state.step, checkpointer.take_unreported())
             if preempted and state.step < config.train.total_steps:
-                checkpointer.wait()  # committed before any rank leaves
+                checkpointer.wait()  # rank 0: committed
+                stops.commit_barrier()  # no rank leaves before the commit exists: Ray ends the group at once
                 raise stops.preempted(state.step, checkpoint_url(config.run_dir, state.step))
     except BaseException as error:
         failed = not isinstance(error, Preempted)  # a preempted run goes on after the restart

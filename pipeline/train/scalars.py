@@ -47,7 +47,8 @@ TENSORBOARD_CLOSE_WAIT_S = 30.0  # the end of a run waits this long at most for 
 class ScalarWriter:
     """Builds one record per logging step and writes it (rank 0); `last` holds the latest record."""
 
-    def __init__(self, run_dir: str, config: Config, *, enabled: bool, report: Callable[[dict], None] | None,
+    def __init__(self, run_dir: str, config: Config, *, enabled: bool,
+                 report: Callable[[dict, str | None], None] | None,
                  ctx: WorkerContext | None = None) -> None:
         self.config = config
         self.enabled = enabled
@@ -124,13 +125,14 @@ class ScalarWriter:
                 self._writer.add_scalar(key, value, global_step=record["step"])
         self.tracker.log_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
 
-    def publish(self, step: int) -> None:
-        """At a checkpoint step: the latest record to Ray Train, and TensorBoard's events to the run directory.
+    def publish(self, step: int, checkpoint_url: str | None = None) -> None:
+        """At a checkpoint step: the latest record (with `checkpoint_url`, one committed since the last publish) to
+        Ray Train, and TensorBoard's events to the run directory.
 
         Every rank must call this equally often (Ray's report is a barrier). The TensorBoard upload runs in the
         background: a failed one is never worth a lost run or a delayed step (see the module doc)."""
         if self._report is not None and self.last is not None:
-            self._report(self.last)
+            self._report(self.last, checkpoint_url)
         self.flush()
 
     def flush(self) -> None:
