@@ -85,8 +85,10 @@ def make_jpeg(photo: np.ndarray, size: tuple[int, int], rng: random.Random) -> b
     return out.getvalue()
 
 
-def write_dataset(prefix: str, size: tuple[int, int], count: int, shards: int, photos: list[np.ndarray]) -> float:
-    """Shards written with the project's ShardWriter; returns the mean JPEG size in bytes."""
+def write_dataset(prefix: str, size: tuple[int, int], count: int, shards: int, photos: list[np.ndarray],
+                  distinct: int | None = None) -> float:
+    """Shards written with the project's ShardWriter; returns the mean JPEG size in bytes. With `distinct`, only
+    that many JPEGs are encoded and the rest repeat them: decoding costs the same, writing many images far less."""
     from pipeline.config import ShardsConfig
     from pipeline.data.manifest import ClassInfo
     from pipeline.data.shard_build import Sample
@@ -96,7 +98,9 @@ def write_dataset(prefix: str, size: tuple[int, int], count: int, shards: int, p
     samples = []
     for n in range(count):
         labels = sorted(rng.sample(range(100), rng.randint(1, 5)))
-        samples.append(Sample(key=f"img{n:06d}", labels=labels, image=make_jpeg(photos[n % len(photos)], size, rng)))
+        reuse = distinct is not None and n >= distinct
+        image = samples[n % distinct].image if reuse else make_jpeg(photos[n % len(photos)], size, rng)
+        samples.append(Sample(key=f"img{n:06d}", labels=labels, image=image))
     options = ShardsConfig(samples_per_shard=-(-count // shards), max_image_side=max(size), workers=1, progress=False)
     ShardWriter(prefix, [ClassInfo(i, f"c{i}") for i in range(100)], options=options).write(samples)
     return float(np.mean([len(s.image) for s in samples]))

@@ -46,6 +46,7 @@ from pipeline.evaluation.evaluator import evaluate_checkpoint
 from pipeline.models import build_model
 from pipeline.storage.checkpoints import committed_checkpoints
 from pipeline.train.loop import train
+from pipeline.train.ranks import WorkerContext
 
 PAPER_STYLE = ["optimizer.epsilon=1.0", "data.augment.random_resized_crop=true", "data.augment.min_area=0.08",
                "data.augment.eval_crop_fraction=0.875"]
@@ -53,8 +54,14 @@ PAPER_STYLE = ["optimizer.epsilon=1.0", "data.augment.random_resized_crop=true",
 
 # -- the pipeline -------------------------------------------------------------------------------------------------
 
-def run_pipeline(config: Config, eval_every: int) -> dict:
-    """Train with the project's loop in this process, then evaluate every checkpoint with its evaluator."""
+class TimeCapReached(Exception):
+    """Raised at a checkpoint past `run_pipeline`'s time cap: training stops there, its checkpoints are evaluated."""
+
+
+def run_pipeline(config: Config, eval_every: int, ctx: WorkerContext | None = None,
+                 time_cap_s: float | None = None) -> dict:
+    """Train with the project's loop in this process (on `ctx`'s device), then evaluate every checkpoint with its
+    evaluator. With `time_cap_s`, training stops at the first checkpoint after that many seconds ("capped")."""
     run = tempfile.mkdtemp(prefix="learning-")
     raw = config.model_dump(mode="json")
     raw["run"].update(storage=run, name="pipeline")
@@ -63,10 +70,16 @@ def run_pipeline(config: Config, eval_every: int) -> dict:
     times: dict[int, float] = {}
     start = time.perf_counter()
 
-    def on_report(record: dict) -> None:  # called at checkpoint steps
+    def on_report(record: dict) -> None:  # called at checkpoint steps, once the checkpoint is committed
         times[record["step"]] = time.perf_counter() - start
+        if time_cap_s is not None and times[record["step"]] > time_cap_s and record["step"] < config.train.total_steps:
+            raise TimeCapReached(f"stopped after step {record['step']}: past the {time_cap_s:.0f} s cap")
 
-    train(config, report=on_report)
+    capped = None
+    try:
+        train(config, ctx, report=on_report)
+    except TimeCapReached as error:
+        capped = str(error)
     wall = time.perf_counter() - start
     points = []
     for ref in committed_checkpoints(config.run_dir, None):
@@ -75,7 +88,7 @@ def run_pipeline(config: Config, eval_every: int) -> dict:
         points.append({"step": ref.step, "seconds": times.get(ref.step, wall), "map": scalars["map@100"],
                        "image_map": scalars["image_map@100"]})
     return {"points": points, "loss": _logged_losses(f"{config.run_dir}/tensorboard"), "wall_s": wall,
-            "baselines": evaluation.baselines}
+            "baselines": evaluation.baselines, "capped": capped}
 
 
 def _logged_losses(tensorboard_dir: str) -> list[tuple[int, float]]:

@@ -56,11 +56,14 @@ def class_probabilities(num_classes: int) -> torch.Tensor:
     return p.float()
 
 
-def make_batch(start: int, size: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows [start, start + size) of the synthetic set, reproducible whatever the batching."""
-    generator = torch.Generator().manual_seed(SEED * 1_000_003 + start)
-    targets = torch.rand(size, num_classes, generator=generator) < class_probabilities(num_classes)
-    scores = torch.randn(size, num_classes, generator=generator)
+def make_batch(start: int, size: int, num_classes: int,
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [start, start + size) of the synthetic set, reproducible whatever the batching; drawn on `device`
+    (a device's generator draws other numbers than the CPU's, from the same distribution)."""
+    generator = torch.Generator(device).manual_seed(SEED * 1_000_003 + start)
+    probabilities = class_probabilities(num_classes).to(device)
+    targets = torch.rand(size, num_classes, generator=generator, device=device) < probabilities
+    scores = torch.randn(size, num_classes, generator=generator, device=device)
     scores += SIGNAL * targets
     return scores, targets
 
