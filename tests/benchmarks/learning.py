@@ -70,7 +70,7 @@ def run_pipeline(config: Config, eval_every: int, ctx: WorkerContext | None = No
     times: dict[int, float] = {}
     start = time.perf_counter()
 
-    def on_report(record: dict) -> None:  # called at checkpoint steps, once the checkpoint is committed
+    def on_report(record: dict, checkpoint: str | None) -> None:  # at checkpoint steps (Ray Train's report)
         times[record["step"]] = time.perf_counter() - start
         if time_cap_s is not None and times[record["step"]] > time_cap_s and record["step"] < config.train.total_steps:
             raise TimeCapReached(f"stopped after step {record['step']}: past the {time_cap_s:.0f} s cap")
