@@ -6,7 +6,11 @@ through `connect_ray`: the environment settings every node needs are forwarded h
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 
 from pipeline.config import Config
 
@@ -25,4 +29,18 @@ def connect_ray(config: Config) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    ray.init(address=config.cluster.address, runtime_env={"env_vars": env} if env else None)
+    with keeping_the_sigterm_handler():
+        ray.init(address=config.cluster.address, runtime_env={"env_vars": env} if env else None)
+
+
+@contextlib.contextmanager
+def keeping_the_sigterm_handler() -> Iterator[None]:
+    """`ray.init` replaces the process's SIGTERM handler with Ray's (which exits at once, after a C++ stack dump);
+    a job's own (`pipeline.cli`: unwind in order, exit code 143) goes back in place after it."""
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if on_main else None
+    try:
+        yield
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)

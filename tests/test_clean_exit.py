@@ -96,3 +96,41 @@ def test_the_evaluator_killed_while_scoring_leaves_no_process_behind(scoring_run
     code, descendants, _, log = evaluator_killed_while_scoring(root, evaluation, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert survivors(descendants) == []
+
+
+JOB_ON_RAY = """
+import sys, time
+from pipeline.cli import job_main
+from pipeline.cluster import connect_ray
+from pipeline.config import load_config
+
+@job_main
+def main(argv):
+    connect_ray(load_config("demo", ["cluster.num_workers=1"]))  # a new local Ray, as a job with no cluster gets
+    print("connected", flush=True)
+    time.sleep(120)
+    return 0
+
+sys.exit(main([]))
+"""
+
+
+@pytest.mark.slow  # starts a local Ray: ~10 s
+def test_a_job_connected_to_ray_still_stops_in_order_on_sigterm(tmp_path):
+    """`ray.init` installs Ray's SIGTERM handler (exit at once, after a C++ stack dump, as `ray job stop` showed);
+    the job's own comes back after it: one line, exit code 143."""
+    job = subprocess.Popen([sys.executable, "-c", JOB_ON_RAY], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        before = []
+        while (line := job.stdout.readline()) and line.strip() != "connected":
+            before.append(line)
+        assert line, "".join(before)
+        job.send_signal(signal.SIGTERM)
+        output, _ = job.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            job.kill()
+    assert job.returncode == 143, output
+    assert "SIGTERM received: stopping" in output
+    assert "SIGTERM received at time" not in output and "Traceback" not in output, output
