@@ -49,6 +49,38 @@ def test_bad_config_and_impossible_launches_are_refused_before_any_cluster_work(
         assert message in run.stderr and "Traceback" not in run.stderr
 
 
+def test_init_weights_that_do_not_fit_the_model_are_refused_before_any_worker_starts(tiny_demo, tmp_path):
+    """Full-width weights (the paper's model, as Keras and timm files are) and a checkpoint of another width, each
+    given to the tiny model: one line naming the first mismatching tensor and both shapes, exit 2, no Ray (the
+    address is a dead port), instead of Ray retrying the workers' error 3 times."""
+    import torch
+    from test_init_from import timm_layout_state
+
+    from pipeline.config import load_config
+    from pipeline.train.checkpoint import Checkpointer
+    from pipeline.train.step import build_train_state
+
+    full_width = tmp_path / "legacy_xception.pth"
+    torch.save(timm_layout_state(tiny_demo.num_classes), full_width)
+    data = [f"data.train={tiny_demo.train}", f"data.eval={tiny_demo.eval}",
+            f"model.num_classes={tiny_demo.num_classes}", "model.middle_blocks=1", "data.image_size=71",
+            "checkpoint.background=false"]
+    wider = load_config("demo", [*data, "model.width_multiplier=0.5", f"run.storage={tmp_path / 'runs'}",
+                                 "run.name=wider"])
+    Checkpointer(wider.run_dir, wider).save(1, build_train_state(wider).state_dict())
+    env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:9"}
+    for source, there in [(full_width, (32, 3, 3, 3)), (wider.run_dir, (16, 3, 3, 3))]:
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, str(ROOT / "jobs/train_multilabel.py"), *data,
+                              "model.width_multiplier=0.125", f"run.storage={tmp_path / 'runs'}", "run.name=tiny",
+                              f"model.init_from={source}"], capture_output=True, text=True, env=env)
+        took = time.monotonic() - started
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ValueError: model.init_from="), run.stderr
+        assert f"tensor 'entry_flow.conv1.weight' has shape {there} there, (8, 3, 3, 3) in this model" in run.stderr
+        print(f"refused in {took:.1f} s: {run.stderr.strip()}")
+
+
 def test_ray_job_submit_runs_the_training_job(tiny_demo, tmp_path):
     ray_bin = Path(sys.executable).with_name("ray")
     port, dashboard = _free_port(), _free_port()
