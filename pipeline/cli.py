@@ -23,6 +23,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from pipeline.cluster import keep_fault_lines_whole
 from pipeline.storage import StorageError
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -82,6 +83,7 @@ def job_main(main: JobMain) -> JobMain:
     @functools.wraps(main)
     def run(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        keep_fault_lines_whole()  # before Ray is imported: the driver prints every worker's outage lines at once
         try:
             with stop_in_order_on_sigterm():
                 return main(argv)
