@@ -141,37 +141,45 @@ def with_retries(
 def outlasting_outages(fn: Callable[[], T], *, what: str, storage: StorageConfig | None = None) -> T:
     """Call `fn`, an idempotent operation of several storage calls (a checkpoint's files, COMMIT last), again while
     one of its calls gives up on a transient failure, for up to `storage.outage_budget_s`: a save in the background
-    then outlasts an outage of the store as the data path's reads do, instead of failing the run at the next one."""
+    then outlasts an outage of the store as the data path's reads do, instead of failing the run at the next one.
+    Its calls share one outage (`_Operation`): one waiting line at the first failure, one recovery line at the
+    first call that succeeds after it, timed from that first failure."""
     storage = storage or StorageConfig()
     outer = _operation.get()
-    operation = outer or _Operation()  # an operation inside another is part of the outer one's outage
+    operation = outer or _Operation(what)  # an operation inside another is part of the outer one's outage
 
     def waiting(attempt: int, exc: BaseException, wait: float) -> None:
-        operation.attempts = attempt
-        if operation.since is None:  # its call gave up without a retry of its own (storage.retries=0)
-            operation.since = time.monotonic()
+        operation.failed()  # a call that gave up without retries of its own (storage.retries=0) opens it here
         logger.warning("%s: %s; trying again in %.0f s (for up to %g s: storage.outage_budget_s)", what, exc, wait,
                        storage.outage_budget_s)
 
     token = _operation.set(operation)
     try:
-        result = retry_call(fn, retry_if=gave_up_on_transient, wait_s=lambda n: backoff_s(MAX_BACKOFF_S, n),
-                            within_s=storage.outage_budget_s, before_retry=waiting)
+        return retry_call(fn, retry_if=gave_up_on_transient, wait_s=lambda n: backoff_s(MAX_BACKOFF_S, n),
+                          within_s=storage.outage_budget_s, before_retry=waiting)
     finally:
         _operation.reset(token)
-    if outer is None and operation.since is not None:
-        logger.info("storage back after %.1f s (%s, %d attempts)", time.monotonic() - operation.since, what,
-                    operation.attempts + 1)
-    return result
 
 
 @dataclass
 class _Operation:
-    """The outage of an operation that `outlasting_outages` repeats: when its first call failed, and how often the
-    whole operation failed."""
+    """The outage of an operation that `outlasting_outages` repeats, from the first failure of any of its calls
+    (`since`) to the first call that succeeds after it."""
 
+    what: str
     since: float | None = None
-    attempts: int = 0
+
+    def failed(self) -> bool:
+        """Note a failure; True if it opens the outage (the caller logs the waiting line)."""
+        if self.since is not None:
+            return False
+        self.since = time.monotonic()
+        return True
+
+    def succeeded(self, call: str) -> None:
+        if self.since is not None:
+            logger.info("storage back after %.1f s (%s; %s)", time.monotonic() - self.since, self.what, call)
+            self.since = None
 
 
 # The operation the calls of this thread belong to (None: each call is on its own). A ContextVar, so a background
@@ -180,9 +188,9 @@ _operation: contextvars.ContextVar[_Operation | None] = contextvars.ContextVar("
 
 
 class _OutageLog:
-    """The two lines an outage is logged as: the first failure (WARNING) and the recovery (INFO). A call that is part
-    of an operation (`outlasting_outages`) leaves the recovery line, and after its first failure the WARNING line,
-    to the operation."""
+    """The two lines an outage is logged as: the first failure (WARNING) and the recovery (INFO). In an operation
+    (`outlasting_outages`) the outage is the operation's: only its first failure is a WARNING, and the first call
+    that succeeds after it logs the recovery."""
 
     def __init__(self, what: str, storage: StorageConfig, outage: bool) -> None:
         self.what = what
@@ -198,17 +206,17 @@ class _OutageLog:
             logger.debug("%s: attempt %d failed (%s); next in %.2f s", self.what, attempt, describe(exc), wait)
             return
         self._since = time.monotonic()
-        operation = self._operation
-        if operation is not None and operation.since is not None:  # the operation's outage is logged already
+        if self._operation is None or self._operation.failed():
+            logger.warning("storage unreachable (%s: %s): retrying for up to %s", self.what, describe(exc),
+                           self.budget)
+        else:  # the operation's outage is logged already
             logger.debug("%s: failed too (%s)", self.what, describe(exc))
-            return
-        if operation is not None:
-            operation.since = self._since
-        logger.warning("storage unreachable (%s: %s): retrying for up to %s", self.what, describe(exc), self.budget)
 
     def waited_s(self) -> float:
         return 0.0 if self._since is None else time.monotonic() - self._since
 
     def back(self) -> None:
-        if self._since is not None and self._operation is None:
+        if self._operation is not None:
+            self._operation.succeeded(self.what)
+        elif self._since is not None:
             logger.info("storage back after %.1f s (%s, %d attempts)", self.waited_s(), self.what, self.attempts + 1)
