@@ -2,7 +2,8 @@
 
 `ScalarWriter.log` counts every step into a window and, at each logging step (`train.log_every`, and the last
 step), builds the window's record: samples/s over all wall time since the previous record (writing records and
-checkpoints included), the fraction of it spent waiting for data (`waiting_for_data`), and the loader's counters.
+checkpoints included), the fraction of it spent waiting for data (`waiting_for_data`), and the loader's counters
+of the whole job (every rank's, gathered: a log line with rank 0's alone missed the other ranks' skipped samples).
 Every rank builds it (`last`; returned by the loop, committed with checkpoints); only rank 0 writes it out.
 
 Ray Train's report is a barrier that every rank must reach the same number of times and a round trip through Ray's
@@ -33,10 +34,11 @@ from collections.abc import Callable, Iterator
 
 from pipeline.config import Config
 from pipeline.data import ShardStream
+from pipeline.data.stream import job_metrics
 from pipeline.storage import is_local_url, join_url, local_path
 from pipeline.storage.mirror import DirectoryMirror
 from pipeline.tracking import Tracker, start_tracking
-from pipeline.train.ranks import WorkerContext, mean_over_ranks
+from pipeline.train.ranks import WorkerContext, gather_ranks, mean_over_ranks
 from pipeline.train.step import StepResult, TrainState
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,9 @@ class ScalarWriter:
         # checkpoints counts against the throughput it reports.
         now = time.perf_counter()
         elapsed = now - self._window_start
+        # The loader's counters and the padding of every rank (collective): the job's bad data, not rank 0's.
+        ranks = gather_ranks((loader.metrics(), self._window_ignored), self.ctx)
+        data = job_metrics([metrics for metrics, _ in ranks])
         record = {
             # The mean of the ranks' losses (collective): the global batch's loss when their batches are full, so a
             # curve does not change with the world size; each rank's own is the loss of its share only.
@@ -104,8 +109,8 @@ class ScalarWriter:
             "samples_per_s_per_worker": self._window_steps * loader.split.batch_size / elapsed,
             "world_size": loader.split.world_size,  # elastic runs: how many ranks trained this window
             "data_wait_fraction": self._wait_s / elapsed, "skipped_nonfinite": state.skipped_nonfinite,
-            "ignored_images": self._window_ignored,  # this rank's since the last record: padding (+ unlabeled)
-            **{f"data/{k}": v for k, v in loader.metrics().items()},
+            "ignored_images": sum(ignored for _, ignored in ranks),  # since the last record: padding (+ unlabeled)
+            **{f"data/{k}": v for k, v in data.items()},
         }
         self._window_start, self._window_steps, self._window_ignored, self._wait_s = now, 0, 0, 0.0
         self.write(record)
