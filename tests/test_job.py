@@ -81,6 +81,42 @@ def test_init_weights_that_do_not_fit_the_model_are_refused_before_any_worker_st
         print(f"refused in {took:.1f} s: {run.stderr.strip()}")
 
 
+def test_ctrl_c_on_the_training_job_prints_interrupted_and_exits_130(tiny_demo, tmp_path):
+    """The job run in a terminal (its own local Ray cluster) gets Ctrl-C, i.e. SIGINT to its whole process group,
+    while it trains: Ray Train aborts the run, and the job ends with the one line `interrupted`, exit code 130, no
+    traceback of its own (it exited 1 with no summary: Ray's handler exits, which `ray.get` reports as exit 1), and
+    none of its processes outlives it."""
+    import psutil
+    from test_clean_exit import survivors
+
+    command = [sys.executable, str(ROOT / "jobs/train_multilabel.py"), "--no-eval", "cluster.address=local",
+               "cluster.num_workers=1", "model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71",
+               "data.loader_workers=1", f"data.train={tiny_demo.train}", "data.eval=null",
+               f"model.num_classes={tiny_demo.num_classes}", "train.global_batch_size=8", "train.total_steps=100000",
+               "train.log_every=2", "checkpoint.every_steps=10", f"run.storage={tmp_path / 'runs'}", "run.name=ctrl-c"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        job = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "step 6/" not in err.read_text():
+            assert job.poll() is None and time.monotonic() < deadline, err.read_text()[-4000:]
+            time.sleep(0.5)
+        descendants = psutil.Process(job.pid).children(recursive=True)
+        os.killpg(job.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        code = job.wait(timeout=180)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    own = [line for line in err.read_text().splitlines() if line.strip() and "pid=" not in line]  # not a worker's
+    assert code == 130, err.read_text()[-4000:]
+    assert own[-1] == "interrupted" and not [line for line in own if "Traceback" in line], own[-30:]
+    assert "training finished" not in out.read_text()
+    assert survivors(descendants, within_s=60) == []
+
+
 def test_ray_job_submit_runs_the_training_job(tiny_demo, tmp_path):
     ray_bin = Path(sys.executable).with_name("ray")
     port, dashboard = _free_port(), _free_port()
