@@ -20,6 +20,7 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -52,9 +53,10 @@ def remove_orphaned_staging(prefix: str, tmp: str | None = None) -> list[str]:
     base = os.path.join(tmp or tempfile.gettempdir(), f"{prefix}{socket.gethostname()}-")
     removed = []
     for path in glob.glob(f"{glob.escape(base)}*-*"):
-        pid = path[len(base):].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)) or os.path.exists(os.path.join(path, KEPT_MARKER)):
+        name = re.fullmatch(r"(\d+)-[^-]+", path[len(base):])  # mkdtemp's suffix has no "-": not host "<host>-2"
+        if name is None or _alive(int(name[1])) or os.path.exists(os.path.join(path, KEPT_MARKER)):
             continue
+        pid = name[1]
         shutil.rmtree(path, ignore_errors=True)
         log.info("removed %s, left by process %s, which ended without cleaning up", path, pid)
         removed.append(path)
@@ -62,6 +64,7 @@ def remove_orphaned_staging(prefix: str, tmp: str | None = None) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (a zombie or another user's process counts: leave its files)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
