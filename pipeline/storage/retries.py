@@ -13,9 +13,10 @@ Auth, missing and other permanent failures raise at once; programming errors pro
 
 `outlasting_outages` repeats a whole operation of several calls (a checkpoint save) while one of them gives up on
 a transient failure. Its calls share one outage: the first failure of any of them is the WARNING line, and the
-operation's success is the one "storage back after N s" line, N from that first failure (each call timing only
-its own retries reported "back after 2.6 s" for a save that had failed for 34 s). On Ray, the job's driver prints
-these lines from every worker; `pipeline.cluster.keep_fault_lines_whole` keeps Ray from holding them back.
+first call that succeeds after it gives the one "storage back after N s" line, N from that first failure (each call
+timing only its own retries reported "back after 2.6 s" for a save that had failed for 34 s). On Ray, the job's
+driver prints these lines from every worker; `pipeline.cluster.keep_fault_lines_whole` keeps Ray from holding them
+back.
 
 Retry layers: botocore's own retries and s3fs's internal ones are switched off (`pipeline.storage.filesystems`), so
 every transient error surfaces here, where it is counted and logged; a stream that must survive an outage midway
