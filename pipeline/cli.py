@@ -10,7 +10,14 @@ corrupt data: a retry would fail the same way) end the job with `error: <Type>: 
 SIGTERM (`ray job stop`, Kubernetes, `kill`) raises `Terminated` in the main thread instead of ending the process
 on the spot, so `finally` blocks and context managers run: DataLoader workers are shut down and joined, the fork
 server and the resource tracker they hold then exit, staging directories are removed; the exit code is 143
-(128 + SIGTERM), as a killed process's. A second SIGTERM ends the process at once.
+(128 + SIGTERM), as a killed process's. A second SIGTERM ends the process at once. SIGINT (Ctrl-C) unwinds the same
+way (`Interrupted`) and ends the job with one line, `interrupted`, on stderr and exit code 130 (128 + SIGINT), the
+traceback at DEBUG level; a second Ctrl-C ends the process at once.
+
+While Ray Train's `fit()` runs, its own SIGINT handler replaces ours: it aborts the run (its workers stop) and
+exits, which Ray's `ray.get` reports as `SystemExit(1)`, and our SIGTERM's `Terminated` turns into the same. So the
+job notes which signals arrived, whoever handled them (`signals_seen`: the signal module's wakeup fd, written for
+every handled signal), and a job that ends by any exception after a SIGINT or SIGTERM ends as the signal says.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from pipeline.cluster import keep_fault_lines_whole
 from pipeline.storage import StorageError
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -55,6 +64,10 @@ class Terminated(SystemExit):
     """The job received SIGTERM: raised in its main thread so that it unwinds in order (exit code 143)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """The job received SIGINT (Ctrl-C): raised in its main thread so that it unwinds in order (exit code 130)."""
+
+
 def _terminate(signum: int, frame: object) -> None:
     del frame
     signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
@@ -62,34 +75,89 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated(128 + signum)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    del frame
+    signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+    raise Interrupted()
+
+
 @contextlib.contextmanager
-def stop_in_order_on_sigterm() -> Iterator[None]:
-    """While the body runs, SIGTERM raises `Terminated` in the main thread (no-op in other threads)."""
+def stop_in_order() -> Iterator[None]:
+    """While the body runs, SIGTERM raises `Terminated` and SIGINT `Interrupted` in the main thread (no-op in
+    other threads)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate),
+                signal.SIGINT: signal.signal(signal.SIGINT, _interrupt)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_seen() -> Iterator[Callable[[], set[int]]]:
+    """While the body runs, record every signal this process handles, whichever Python handler took it (Ray Train
+    installs its own SIGINT handler during `fit()`): the signal module writes each one's number to the wakeup fd.
+    Yields a function returning the numbers seen so far (empty outside the main thread, where it cannot watch)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield set
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    seen: set[int] = set()
+
+    def arrived() -> set[int]:
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(read_fd, 512):
+                seen.update(data)
+        return seen
+
+    try:
+        yield arrived
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def stopped_by_signal(exc: BaseException, arrived: set[int]) -> int | None:
+    """The exit code of a job that `exc` ended after a stop signal (printing the one line a Ctrl-C gives), or None
+    when no signal explains it."""
+    if isinstance(exc, KeyboardInterrupt) or signal.SIGINT in arrived:
+        log.debug("interrupted", exc_info=exc)
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    if isinstance(exc, Terminated) or signal.SIGTERM in arrived:
+        log.debug("terminated", exc_info=exc)
+        return 128 + signal.SIGTERM
+    return None
 
 
 def job_main(main: JobMain) -> JobMain:
     """Run a job's `main` with the shared logging set-up, the refused-input contract and the orderly stop on
-    SIGTERM (see the module doc)."""
+    SIGTERM and SIGINT (see the module doc)."""
 
     @functools.wraps(main)
     def run(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-        try:
-            with stop_in_order_on_sigterm():
-                return main(argv)
-        except Exception as exc:
-            if not isinstance(exc, refused_input()):
-                raise
-            log.debug("refused input", exc_info=True)
-            print(refusal_line(exc), file=sys.stderr)
-            return EXIT_REFUSED
+        keep_fault_lines_whole()  # before Ray is imported: the driver prints every worker's outage lines at once
+        with signals_seen() as arrived:
+            try:
+                with stop_in_order():
+                    return main(argv)
+            except BaseException as exc:
+                code = stopped_by_signal(exc, arrived())
+                if code is not None:
+                    return code
+                if not isinstance(exc, refused_input()):
+                    raise
+                log.debug("refused input", exc_info=True)
+                print(refusal_line(exc), file=sys.stderr)
+                return EXIT_REFUSED
 
     return run

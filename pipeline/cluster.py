@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,26 @@ from pipeline.config import Config
 # never from the driver's environment.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
                  "MLFLOW_TRACKING_URI", "WANDB_MODE", "WANDB_BASE_URL")
+
+
+# Worker log lines the job's console must show when they are written. Ray's driver deduplicates the lines it prints
+# from workers: a line that another worker printed in the last 5 s (compared without its words that hold digits,
+# so two ranks' "storage unreachable (read .../shard-000007.tar ...)" lines match) is held back and printed only
+# when a later line arrives after that window. During an outage nothing else is logged, so a second rank's waiting
+# line reached the console only when the store came back (108 s late) and its recovery line possibly never.
+FAULT_LINES = ("storage unreachable", "storage back after", "; trying again in ")
+DEDUP_ALLOW_ENV = "RAY_DEDUP_LOGS_ALLOW_REGEX"  # Ray's documented setting: lines matching it are never deduplicated
+
+
+def keep_fault_lines_whole() -> None:
+    """Exempt `FAULT_LINES` from Ray's log deduplication in this driver (an operator's own pattern is kept). Ray
+    reads the setting when it is imported, so jobs call this first (`pipeline.cli.job_main`)."""
+    ours = "|".join(re.escape(line) for line in FAULT_LINES)
+    current = os.environ.get(DEDUP_ALLOW_ENV)
+    if current is None or ours in current:
+        os.environ[DEDUP_ALLOW_ENV] = current or ours
+    else:
+        os.environ[DEDUP_ALLOW_ENV] = f"{current}|{ours}"
 
 
 def connect_ray(config: Config) -> None:

@@ -133,3 +133,76 @@ def test_a_truncated_shard_is_logged_with_its_url_and_where_it_broke(
     metrics = stream.metrics()
     assert metrics["skipped_truncated_shard"] == 813 and metrics["skipped_corrupt_shard"] == 1000
     assert metrics["skipped"] == 813 + 1000 + 1  # and sample 186, which arrived incomplete
+
+
+def _train_rank(rank: int, world: int, port: int, prefix: str, out: str) -> None:
+    """One rank of a 2-process gloo DDP run of the real training loop; writes its final record, its own loader's
+    counters at that record, and (rank 0) its log, to `out`.rankN.json."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.config import load_config
+    from pipeline.data import stream
+    from pipeline.train.loop import train
+    from pipeline.train.ranks import WorkerContext
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    own: dict[str, float] = {}
+    metrics = stream.ShardStream.metrics
+
+    def recorded(self: stream.ShardStream) -> dict[str, float]:
+        own.update(metrics(self))
+        return metrics(self)
+
+    stream.ShardStream.metrics = recorded  # type: ignore[method-assign]
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("pipeline.train.scalars").addHandler(handler)
+    logging.getLogger("pipeline.train.scalars").setLevel(logging.INFO)
+    config = load_config("demo", [
+        "model.width_multiplier=0.125", "model.middle_blocks=1", f"model.num_classes={NUM_CLASSES}",
+        f"data.train={prefix}", "data.eval=null", "data.image_size=71", "data.loader_workers=0",
+        "data.max_bad_fraction=0.5", f"cluster.num_workers={world}", "train.global_batch_size=8",
+        "train.total_steps=6", "train.log_every=3", f"run.storage={out}.runs", "checkpoint.background=false"])
+    final = train(config, WorkerContext(rank=rank, world_size=world))
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps({"final": final, "own": own, "lines": lines}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two training processes: ~20 s
+def test_bad_data_counts_in_the_log_and_records_are_the_whole_jobs(tmp_path: Path) -> None:
+    """Two DDP ranks (gloo, real processes) train on shards with bad images: the logged line and the record (which
+    checkpoints commit and trackers receive) count every rank's skipped samples, not rank 0's alone."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    from pipeline.data.manifest import ClassInfo, write_classes
+
+    root = tmp_path / "bad"
+    root.mkdir()
+    infos = []
+    for j, n_bad in enumerate([3, 6, 2, 9]):  # every shard 48 samples, some undecodable
+        keys = [f"b{j}{i:03d}" for i in range(48)]
+        data = _tar(keys, set(keys[::48 // n_bad][:n_bad]))
+        (root / f"shard-{j:06d}.tar").write_bytes(data)
+        infos.append(ShardInfo(f"shard-{j:06d}.tar", 48, len(data)))
+    write_manifest(str(root), Manifest(num_classes=NUM_CLASSES, shards=infos))
+    write_classes(str(root), [ClassInfo(i, f"class{i}") for i in range(NUM_CLASSES)])
+    out = str(tmp_path / "ddp")
+    mp.spawn(_train_rank, args=(2, 29500 + os.getpid() % 1000 + 7, str(root), out), nprocs=2, join=True)
+    ranks = [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in (0, 1)]
+    own = [r["own"]["skipped"] for r in ranks]
+    assert own[0] > 0 and own[1] > 0, own  # both ranks met bad samples
+    for record in (r["final"] for r in ranks):  # every rank builds the same job-wide record
+        assert record["data/skipped"] == sum(own) and record["data/skipped_bad_image"] == sum(own)
+        assert record["data/read"] == sum(r["own"]["read"] for r in ranks)
+        assert record["data/bad_fraction"] == pytest.approx(sum(own) / record["data/read"])
+        assert record["data/batches"] == sum(r["own"]["batches"] for r in ranks)
+    assert ranks[0]["lines"][-1].startswith("step 6/6 ") and ranks[0]["lines"][-1].endswith(f"skipped {sum(own):.0f}")
+    assert not ranks[1]["lines"]  # only rank 0 writes the record out

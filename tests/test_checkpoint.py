@@ -298,16 +298,28 @@ def test_rank_rng_restores_its_own_state_only_with_the_same_world_size():
     assert not torch.equal(torch.rand(3), expected)
 
 
-@pytest.mark.slow  # the store stopped and started again: ~10 s
-def test_a_checkpoint_save_outlasts_an_outage_of_the_store(restartable_s3, caplog):
+@pytest.mark.slow  # the store stopped and started again: ~10-20 s
+def test_a_checkpoint_save_outlasts_an_outage_of_the_store_and_logs_it_when_it_happens(restartable_s3, caplog):
+    """The store is down when the save starts and back ~6 s later (a restart takes ~2.5 s): the outage's first line
+    comes at once, and the one recovery line counts from the first failure, not from the last call's retries."""
     server, storage = restartable_s3
-    storage = storage.model_copy(update={"retries": 0, "outage_budget_s": 60.0})  # one call alone gives up at once
+    storage = storage.model_copy(update={"retries": 1, "outage_budget_s": 60.0})  # each call gives up quickly
     config = load_config("demo", [*TINY_MODEL, "model.num_classes=5", "run.storage=s3://restart/runs",
                                   "checkpoint.background=false"])
     saver = Checkpointer(config.run_dir, config, storage)
+    state = build_train_state(config).state_dict()
     server.stop()
-    with restarted_after(server, 3.0), caplog.at_level(logging.WARNING, logger="pipeline.storage.retries"):
-        saver.save(7, build_train_state(config).state_dict())
+    started = time.time()
+    with restarted_after(server, 3.5), caplog.at_level(logging.INFO, logger="pipeline.storage.retries"):
+        saver.save(7, state)
+    took = time.time() - started
     assert latest_checkpoint(config.run_dir, storage).step == 7
-    waits = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    lines = [r for r in caplog.records if r.name == "pipeline.storage.retries"]
+    waits = [r.getMessage() for r in lines if "trying again" in r.getMessage()]
     assert waits and all(m.startswith("checkpoint step 7: ") for m in waits), waits
+    down = [r for r in lines if r.getMessage().startswith("storage unreachable")]
+    assert len(down) == 1 and down[0].created < started + 3.5, [r.getMessage() for r in lines]  # while it was down
+    back = [r.getMessage() for r in lines if r.getMessage().startswith("storage back after")]
+    assert len(back) == 1 and back[0].split(" s (", 1)[1].startswith("checkpoint step 7; upload "), back
+    waited, failing = float(back[0].split()[3]), started + took - down[0].created  # from the first failure on
+    assert waited > 3.0 and abs(waited - failing) < 0.5, (waited, failing)

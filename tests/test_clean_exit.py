@@ -134,3 +134,15 @@ def test_a_job_connected_to_ray_still_stops_in_order_on_sigterm(tmp_path):
     assert job.returncode == 143, output
     assert "SIGTERM received: stopping" in output
     assert "SIGTERM received at time" not in output and "Traceback" not in output, output
+
+
+@pytest.mark.slow  # an evaluator process started and interrupted: ~20-30 s
+def test_ctrl_c_on_a_job_prints_interrupted_exits_130_and_leaves_no_process_behind(
+    scoring_run: tuple[Path, str],
+) -> None:
+    root, evaluation = scoring_run
+    code, descendants, _, log = evaluator_killed_while_scoring(root, evaluation, signal.SIGINT)
+    assert code == 130, log
+    # the one summary line (a loader worker the fork server was starting may print its failed start after it)
+    assert log.splitlines().count("interrupted") == 1 and job_tracebacks(log) == [], log
+    assert survivors(descendants) == []

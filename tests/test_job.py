@@ -49,6 +49,74 @@ def test_bad_config_and_impossible_launches_are_refused_before_any_cluster_work(
         assert message in run.stderr and "Traceback" not in run.stderr
 
 
+def test_init_weights_that_do_not_fit_the_model_are_refused_before_any_worker_starts(tiny_demo, tmp_path):
+    """Full-width weights (the paper's model, as Keras and timm files are) and a checkpoint of another width, each
+    given to the tiny model: one line naming the first mismatching tensor and both shapes, exit 2, no Ray (the
+    address is a dead port), instead of Ray retrying the workers' error 3 times."""
+    import torch
+    from test_init_from import timm_layout_state
+
+    from pipeline.config import load_config
+    from pipeline.train.checkpoint import Checkpointer
+    from pipeline.train.step import build_train_state
+
+    full_width = tmp_path / "legacy_xception.pth"
+    torch.save(timm_layout_state(tiny_demo.num_classes), full_width)
+    data = [f"data.train={tiny_demo.train}", f"data.eval={tiny_demo.eval}",
+            f"model.num_classes={tiny_demo.num_classes}", "model.middle_blocks=1", "data.image_size=71",
+            "checkpoint.background=false"]
+    wider = load_config("demo", [*data, "model.width_multiplier=0.5", f"run.storage={tmp_path / 'runs'}",
+                                 "run.name=wider"])
+    Checkpointer(wider.run_dir, wider).save(1, build_train_state(wider).state_dict())
+    env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:9"}
+    for source, there in [(full_width, (32, 3, 3, 3)), (wider.run_dir, (16, 3, 3, 3))]:
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, str(ROOT / "jobs/train_multilabel.py"), *data,
+                              "model.width_multiplier=0.125", f"run.storage={tmp_path / 'runs'}", "run.name=tiny",
+                              f"model.init_from={source}"], capture_output=True, text=True, env=env)
+        took = time.monotonic() - started
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ValueError: model.init_from="), run.stderr
+        assert f"tensor 'entry_flow.conv1.weight' has shape {there} there, (8, 3, 3, 3) in this model" in run.stderr
+        print(f"refused in {took:.1f} s: {run.stderr.strip()}")
+
+
+def test_ctrl_c_on_the_training_job_prints_interrupted_and_exits_130(tiny_demo, tmp_path):
+    """The job run in a terminal (its own local Ray cluster) gets Ctrl-C, i.e. SIGINT to its whole process group,
+    while it trains: Ray Train aborts the run, and the job ends with the one line `interrupted`, exit code 130, no
+    traceback of its own (it exited 1 with no summary: Ray's handler exits, which `ray.get` reports as exit 1), and
+    none of its processes outlives it."""
+    import psutil
+    from test_clean_exit import survivors
+
+    command = [sys.executable, str(ROOT / "jobs/train_multilabel.py"), "--no-eval", "cluster.address=local",
+               "cluster.num_workers=1", "model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71",
+               "data.loader_workers=1", f"data.train={tiny_demo.train}", "data.eval=null",
+               f"model.num_classes={tiny_demo.num_classes}", "train.global_batch_size=8", "train.total_steps=100000",
+               "train.log_every=2", "checkpoint.every_steps=10", f"run.storage={tmp_path / 'runs'}", "run.name=ctrl-c"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        job = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "step 6/" not in err.read_text():
+            assert job.poll() is None and time.monotonic() < deadline, err.read_text()[-4000:]
+            time.sleep(0.5)
+        descendants = psutil.Process(job.pid).children(recursive=True)
+        os.killpg(job.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        code = job.wait(timeout=180)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    own = [line for line in err.read_text().splitlines() if line.strip() and "pid=" not in line]  # not a worker's
+    assert code == 130, err.read_text()[-4000:]
+    assert own[-1] == "interrupted" and not [line for line in own if "Traceback" in line], own[-30:]
+    assert "training finished" not in out.read_text()
+    assert survivors(descendants, within_s=60) == []
+
+
 def test_ray_job_submit_runs_the_training_job(tiny_demo, tmp_path):
     ray_bin = Path(sys.executable).with_name("ray")
     port, dashboard = _free_port(), _free_port()

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -12,6 +19,7 @@ import pytest
 from pipeline.config import Config, StorageConfig, load_config
 from pipeline.storage import join_url, list_dir, read_bytes
 from pipeline.storage.local_s3 import LocalS3
+from pipeline.storage.mirror import KEPT_MARKER
 from pipeline.train.scalars import ScalarWriter
 
 MIRROR_LOGGER = "pipeline.storage.mirror"
@@ -97,3 +105,92 @@ def test_tensorboard_uploads_never_wait_for_an_unreachable_store(
     assert lines[2][1].endswith("again after 2 failed attempt(s)")
     assert not os.path.exists(staging)
     assert uploaded_steps(config.run_dir, tmp_path) == [10, 20, 30, 40]
+
+
+# Rank 0 of a run on object storage, as a Ray worker runs it: SIGTERM is a preemption notice (the handler
+# `pipeline.train.ray_backend` installs), the loop trains until it is stopped.
+_TRAINER = """
+import json, logging, sys
+from pipeline.config import load_config
+from pipeline.train.loop import train
+from pipeline.train.stopping import install_sigterm_handler
+
+logging.basicConfig(level=logging.INFO)
+install_sigterm_handler()
+train(load_config("demo", json.loads(sys.argv[1])))
+"""
+
+
+def _trainer_stopped_by(sig: signal.Signals, tiny_demo, run_storage: str, tmp: Path) -> tuple[int, list[Path], str]:
+    """Start `_TRAINER` with its own TMPDIR, send `sig` once it has trained a few steps with its staging directory
+    open; its exit code, its staging directories before the signal, and its log."""
+    overrides = ["model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71",
+                 "data.loader_workers=0", f"data.train={tiny_demo.train}", "data.eval=null",
+                 f"model.num_classes={tiny_demo.num_classes}", "train.global_batch_size=8", "train.log_every=1",
+                 "train.total_steps=100000", "checkpoint.every_steps=3", "checkpoint.background=false",
+                 f"run.storage={run_storage}", f"run.name={sig.name}"]
+    log = tmp / f"{sig.name}.log"
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(log, "w") as out:
+        job = subprocess.Popen([sys.executable, "-c", _TRAINER, json.dumps(overrides)], env=env, stdout=out,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while "step 4/" not in log.read_text():
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        staging = list(tmp.glob(f"tensorboard-{socket.gethostname()}-{job.pid}-*"))
+        job.send_signal(sig)
+        code = job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    return code, staging, log.read_text()
+
+
+@pytest.mark.slow  # three training processes on the local S3, each signalled: ~60 s
+def test_staging_directories_are_removed_however_rank_0_ends(local_s3: LocalS3, tiny_demo, tmp_path: Path) -> None:
+    """A preemption notice (SIGTERM) and Ctrl-C (SIGINT) unwind the loop, which removes its staging directory; a
+    killed process (kill -9: also how Ray ends a frozen worker or a group it gives up) cannot, so the next writer on
+    the host removes it, leaving a live process's and a deliberately kept one alone."""
+    run_storage = f"s3://test/{uuid.uuid4().hex}"
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        code, staging, log = _trainer_stopped_by(sig, tiny_demo, run_storage, tmp_path)
+        assert len(staging) == 1 and code != -signal.SIGKILL, log[-3000:]
+        assert not staging[0].exists(), f"{sig.name}: {staging[0]} left behind\n{log[-3000:]}"
+
+    code, staging, log = _trainer_stopped_by(signal.SIGKILL, tiny_demo, run_storage, tmp_path)
+    assert code == -signal.SIGKILL and len(staging) == 1 and staging[0].is_dir(), log[-3000:]
+    live = Path(tempfile.mkdtemp(prefix=f"tensorboard-{socket.gethostname()}-{os.getpid()}-", dir=tmp_path))
+    kept = tmp_path / f"tensorboard-{socket.gethostname()}-{staging[0].name.split('-')[-2]}-kept"
+    kept.mkdir()
+    (kept / KEPT_MARKER).write_text("not all uploaded")
+    config = run_config(run_storage)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(tmp_path))  # the next writer on this host, with the killed one's TMPDIR
+        writer = ScalarWriter(config.run_dir, config, enabled=True, report=None)
+    assert not staging[0].exists() and live.is_dir() and kept.is_dir()
+    writer.close()
+    assert sorted(tmp_path.glob("tensorboard-*")) == sorted([live, kept])
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_staging_directory(
+    local_s3: LocalS3, tiny_demo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """init_from weights of another width, given to the loop directly (no preflight): it raises before the first
+    step, and the staging directory, opened before it, used to stay."""
+    import torch
+
+    from pipeline.models import build_model
+    from pipeline.train.loop import train
+
+    wide = load_config("demo", ["model.width_multiplier=0.5", f"model.num_classes={tiny_demo.num_classes}"])
+    torch.save(build_model(wide).state_dict(), tmp_path / "wide.pth")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = load_config("demo", ["model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71",
+                                  "data.loader_workers=0", f"data.train={tiny_demo.train}", "data.eval=null",
+                                  f"model.num_classes={tiny_demo.num_classes}", f"run.storage=s3://test/{uuid.uuid4()}",
+                                  f"model.init_from=timm:{tmp_path / 'wide.pth'}"])
+    with pytest.raises(ValueError, match="has shape"):
+        train(config)
+    assert list(tmp_path.glob("tensorboard-*")) == []

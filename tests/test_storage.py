@@ -566,3 +566,75 @@ def test_local_s3_script_has_authentication_on_with_a_secret_not_in_ps(tmp_path:
     assert stored_credentials(tmp_path / "s3") == (exports["AWS_ACCESS_KEY_ID"], secret)
     assert LocalS3(tmp_path / "s3").env()["AWS_SECRET_ACCESS_KEY"] == secret
     assert LocalS3(tmp_path / "other").env()["AWS_SECRET_ACCESS_KEY"] not in (secret, "")
+
+
+# A job's driver on a local Ray cluster with two readers (separate worker processes, like two ranks' loaders); it
+# starts both reads when told, then says DONE. Run through `job_main`, as every job is.
+_OUTAGE_DRIVER = '''
+import json, logging, sys
+from pipeline.cli import LOG_FORMAT, job_main
+
+@job_main
+def main(argv):
+    import ray
+    from pipeline.config import StorageConfig
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+
+    @ray.remote(num_cpus=1)
+    class Reader:
+        def read(self, url, storage):
+            from pipeline.storage import open_read
+            logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+            with open_read(url, StorageConfig(**storage), reopen=True) as stream:
+                return len(stream.read())
+
+    readers = [Reader.remote() for _ in range(2)]
+    ray.get([r.__ray_ready__.remote() for r in readers])
+    print("READY", flush=True)
+    sys.stdin.readline()
+    url, storage = sys.argv[1], json.loads(sys.argv[2])
+    print("DONE", ray.get([r.read.remote(url, storage) for r in readers]), flush=True)
+    return 0
+
+sys.exit(main())
+'''
+
+
+@pytest.mark.slow  # a local Ray cluster and a 12 s outage: ~40 s
+def test_every_ray_workers_outage_lines_reach_the_console_when_they_happen(
+    restartable_s3: tuple[LocalS3, StorageConfig], tmp_path: Path
+) -> None:
+    """Two Ray workers read while the store is stopped and started again 12 s later: the job's console shows each
+    worker's waiting line while the store is down and each one's recovery line, measured from its first failure.
+    Ray's driver held the second worker's identical-looking line back until the store came back (108 s late in an
+    operator trial) and could drop its recovery line."""
+    server, storage = restartable_s3
+    url = "s3://restart/shard-000007.tar"
+    write_bytes(url, b"x" * 1000, storage)
+    script = tmp_path / "driver.py"
+    script.write_text(_OUTAGE_DRIVER)
+    storage = storage.model_copy(update={"outage_budget_s": 120.0, "retry_backoff_s": 0.25})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_USAGE_STATS_ENABLED": "0"}
+    driver = subprocess.Popen([sys.executable, str(script), url, storage.model_dump_json()], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.time(), line) for line in driver.stderr), daemon=True)
+    reader.start()
+    try:
+        assert driver.stdout.readline().strip() == "READY", "".join(line for _, line in lines)[-3000:]
+        server.stop()
+        stopped = time.time()
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        with restarted_after(server, 12.0):
+            done = driver.stdout.readline()
+        assert done.startswith("DONE [1000, 1000]"), "".join(line for _, line in lines)[-3000:]
+    finally:
+        driver.stdin.close()
+        driver.wait(timeout=120)
+        reader.join(timeout=10)
+    down = [(at - stopped, line) for at, line in lines if "storage unreachable (open s3://restart/shard" in line]
+    back = [line for _, line in lines if "storage back after" in line]
+    print("waiting lines at", [f"+{at:.1f} s" for at, _ in down], "after the stop;", back)
+    assert len(down) == 2 and all(at < 12.0 for at, _ in down), down  # both while the store was down
+    assert len(back) == 2 and all(float(line.split("storage back after ")[1].split()[0]) > 12.0 for line in back), back

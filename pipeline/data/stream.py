@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pipeline.config import DataConfig, StorageConfig
@@ -305,6 +305,7 @@ class ShardStream:
             "samples_per_s": stats["samples"] / elapsed if elapsed > 0 else 0.0,
             "data_wait_s": stats["data_wait_s"],
             "data_wait_fraction": stats["data_wait_s"] / elapsed if elapsed > 0 else 0.0,
+            "read": bad + stats["good"],
             "skipped": float(bad), "bad_fraction": bad / (bad + stats["good"]) if bad + stats["good"] else 0.0,
             "refilled": stats["refilled"], "padded": stats["padded"], "dropped_epoch_end": stats["dropped_epoch_end"],
             "cache_hits": stats["cache_hits"], "cache_misses": stats["cache_misses"],
@@ -312,3 +313,25 @@ class ShardStream:
         for reason, n in sorted(self._bad.items()):
             out[f"skipped_{reason}"] = float(n)
         return {k: float(v) for k, v in out.items()}
+
+
+# `ShardStream.metrics()` entries that are not counts, and how the job's value follows from the ranks' values.
+_JOB_EPOCH, _JOB_MEANS = "epoch", ("data_wait_s", "data_wait_fraction")
+
+
+def job_metrics(ranks: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The whole job's loader metrics from every rank's `metrics()`: counts and throughput added up (a skip reason
+    one rank never met counts 0 there), waiting averaged over ranks (they wait side by side), the epoch the furthest
+    rank's, and the bad fraction that of the summed counts (not the mean of the ranks' fractions)."""
+    job: dict[str, float] = {}
+    for metrics in ranks:
+        for key, value in metrics.items():
+            job[key] = job.get(key, 0.0) + value
+    if _JOB_EPOCH in job:
+        job[_JOB_EPOCH] = max(metrics.get(_JOB_EPOCH, 0.0) for metrics in ranks)
+    for key in _JOB_MEANS:
+        if key in job:
+            job[key] /= len(ranks)
+    if "bad_fraction" in job:
+        job["bad_fraction"] = job["skipped"] / job["read"] if job.get("read") else 0.0
+    return job

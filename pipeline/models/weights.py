@@ -21,6 +21,7 @@ import io
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -69,9 +70,12 @@ def absolute_init_source(spec: str) -> str:
     return f"{source.kind}:{absolute_url(source.url)}"
 
 
-def check_init_source(spec: str, storage: StorageConfig | None = None) -> None:
+def check_init_source(spec: str, storage: StorageConfig | None = None, *, fits: Mapping[str, Tensor] | None = None,
+                      weights: Literal["ema", "raw"] = "ema") -> None:
     """Refuse a source that is not there (before a launch): a file that does not exist, a run without a complete
-    checkpoint."""
+    checkpoint. With `fits` (a model's state dict, on the meta device is enough: only shapes are compared) also one
+    whose tensors would not load into that model, with `load_into`'s rule: found at a launch, the mismatch is one
+    line before any worker starts; found by the workers, Ray Train would retry it as if it were a crash."""
     source = parse_init_source(spec)
     if source.kind == "run":
         if find_checkpoint(source.url, storage) is None:
@@ -79,6 +83,8 @@ def check_init_source(spec: str, storage: StorageConfig | None = None) -> None:
                                     "directory with one under checkpoints/")
     elif not exists(source.url, storage):
         raise FileNotFoundError(f"model.init_from={spec}: no such {source.kind} weights file")
+    if fits is not None:
+        _check_backbone(fits, read_init_weights(spec, storage, weights).state, spec)
 
 
 @dataclass
@@ -341,7 +347,7 @@ def _head_fits(own: dict[str, Tensor], state: dict[str, Tensor]) -> tuple[bool, 
     return True, "loaded"
 
 
-def _check_backbone(own: dict[str, Tensor], state: dict[str, Tensor], where: str) -> None:
+def _check_backbone(own: Mapping[str, Tensor], state: Mapping[str, Tensor], where: str) -> None:
     """Every backbone tensor of this model is in `state` with its shape; else a ValueError naming the first one."""
     missing = []
     for name, target in own.items():

@@ -6,13 +6,24 @@ current files, with a short retry of its own (`SIDE_RETRIES`), newest data winni
 makes one more pass afterwards, never a queue of stale copies). While the store is down the first failure is logged
 once as a WARNING, later ones at DEBUG, and the next request (or `close`) tries again with the then newest files;
 a success after failures is logged once. `close(wait_s)` makes a final pass and waits at most `wait_s` seconds for
-it; then it removes the local directory if it owns it and everything is uploaded, else says where the files are.
+it; then it removes the local directory if it owns it and everything is uploaded, else says where the files are and
+marks the directory kept (`KEPT_MARKER`).
+
+Staging directories (`staging_directory`) carry their host and process id in their name, because a process that
+is killed (kill -9, Ray ending a frozen or preempted worker, a Ctrl-C that takes the workers down) runs no cleanup:
+each new one first removes those of this host whose process has ended, unless they were kept on purpose.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
+import os
+import re
 import shutil
+import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,6 +36,42 @@ from pipeline.storage.paths import join_url
 log = logging.getLogger(__name__)
 
 SIDE_RETRIES = 1  # attempts after the first per file and pass: a side upload waits for the next pass, not for the store
+KEPT_MARKER = "KEPT"  # in a staging directory `close` left on purpose (its files did not all go up): not swept
+
+
+def staging_directory(prefix: str) -> str:
+    """A new local directory `<TMPDIR>/<prefix><host>-<pid>-<random>` for files to upload, after removing the
+    ones of this host that an ended process left (`remove_orphaned_staging`)."""
+    remove_orphaned_staging(prefix)
+    return tempfile.mkdtemp(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-")
+
+
+def remove_orphaned_staging(prefix: str, tmp: str | None = None) -> list[str]:
+    """Remove the staging directories `<tmp>/<prefix><this host>-<pid>-*` whose process has ended and that were not
+    kept on purpose; returns them. Other hosts' directories (a shared temp directory) and a live process's are
+    left alone; a reused pid keeps a directory until that process ends too."""
+    base = os.path.join(tmp or tempfile.gettempdir(), f"{prefix}{socket.gethostname()}-")
+    removed = []
+    for path in glob.glob(f"{glob.escape(base)}*-*"):
+        name = re.fullmatch(r"(\d+)-[^-]+", path[len(base):])  # mkdtemp's suffix has no "-": not host "<host>-2"
+        if name is None or _alive(int(name[1])) or os.path.exists(os.path.join(path, KEPT_MARKER)):
+            continue
+        pid = name[1]
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by process %s, which ended without cleaning up", path, pid)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (a zombie or another user's process counts: leave its files)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class DirectoryMirror:
@@ -87,6 +134,9 @@ class DirectoryMirror:
                         self.local_dir)
         elif self.owns_dir:
             shutil.rmtree(self.local_dir, ignore_errors=True)
+        if not uploaded and self.owns_dir:
+            with contextlib.suppress(OSError):
+                Path(self.local_dir, KEPT_MARKER).write_text(f"not all uploaded to {self.remote}\n")
         return uploaded
 
     def _serve(self) -> None:

@@ -7,9 +7,16 @@ of two budgets: `storage.retries` attempts after the first for one-off calls (st
 wrong endpoint is reported within ~10 s), or `storage.outage_budget_s` seconds for reads on the data path
 (`outage=True`: shard streams of training and the evaluator), which ride out an outage of the store. Either way
 an outage is logged as two lines: one WARNING at the first failure ("storage unreachable (...): retrying for up to
-..."), one INFO when a retry succeeds ("storage back after N s"); the attempts between are DEBUG. After the budget a
-`StorageError` names the operation, the attempts, the time and the setting. Auth, missing and other permanent
-failures raise at once; programming errors propagate unchanged.
+..."), one INFO when a retry succeeds ("storage back after N s", N counted from that first failure); the attempts
+between are DEBUG. After the budget a `StorageError` names the operation, the attempts, the time and the setting.
+Auth, missing and other permanent failures raise at once; programming errors propagate unchanged.
+
+`outlasting_outages` repeats a whole operation of several calls (a checkpoint save) while one of them gives up on
+a transient failure. Its calls share one outage: the first failure of any of them is the WARNING line, and the
+first call that succeeds after it gives the one "storage back after N s" line, N from that first failure (each call
+timing only its own retries reported "back after 2.6 s" for a save that had failed for 34 s). On Ray, the job's
+driver prints these lines from every worker; `pipeline.cluster.keep_fault_lines_whole` keeps Ray from holding them
+back.
 
 Retry layers: botocore's own retries and s3fs's internal ones are switched off (`pipeline.storage.filesystems`), so
 every transient error surfaces here, where it is counted and logged; a stream that must survive an outage midway
@@ -18,10 +25,12 @@ re-opens at its offset (`pipeline.storage.streams`).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import tenacity
@@ -133,19 +142,56 @@ def with_retries(
 def outlasting_outages(fn: Callable[[], T], *, what: str, storage: StorageConfig | None = None) -> T:
     """Call `fn`, an idempotent operation of several storage calls (a checkpoint's files, COMMIT last), again while
     one of its calls gives up on a transient failure, for up to `storage.outage_budget_s`: a save in the background
-    then outlasts an outage of the store as the data path's reads do, instead of failing the run at the next one."""
+    then outlasts an outage of the store as the data path's reads do, instead of failing the run at the next one.
+    Its calls share one outage (`_Operation`): one waiting line at the first failure, one recovery line at the
+    first call that succeeds after it, timed from that first failure."""
     storage = storage or StorageConfig()
+    outer = _operation.get()
+    operation = outer or _Operation(what)  # an operation inside another is part of the outer one's outage
 
     def waiting(attempt: int, exc: BaseException, wait: float) -> None:
+        operation.failed()  # a call that gave up without retries of its own (storage.retries=0) opens it here
         logger.warning("%s: %s; trying again in %.0f s (for up to %g s: storage.outage_budget_s)", what, exc, wait,
                        storage.outage_budget_s)
 
-    return retry_call(fn, retry_if=gave_up_on_transient, wait_s=lambda n: backoff_s(MAX_BACKOFF_S, n),
-                      within_s=storage.outage_budget_s, before_retry=waiting)
+    token = _operation.set(operation)
+    try:
+        return retry_call(fn, retry_if=gave_up_on_transient, wait_s=lambda n: backoff_s(MAX_BACKOFF_S, n),
+                          within_s=storage.outage_budget_s, before_retry=waiting)
+    finally:
+        _operation.reset(token)
+
+
+@dataclass
+class _Operation:
+    """The outage of an operation that `outlasting_outages` repeats, from the first failure of any of its calls
+    (`since`) to the first call that succeeds after it."""
+
+    what: str
+    since: float | None = None
+
+    def failed(self) -> bool:
+        """Note a failure; True if it opens the outage (the caller logs the waiting line)."""
+        if self.since is not None:
+            return False
+        self.since = time.monotonic()
+        return True
+
+    def succeeded(self, call: str) -> None:
+        if self.since is not None:
+            logger.info("storage back after %.1f s (%s; %s)", time.monotonic() - self.since, self.what, call)
+            self.since = None
+
+
+# The operation the calls of this thread belong to (None: each call is on its own). A ContextVar, so a background
+# save and a training thread's reads keep theirs apart.
+_operation: contextvars.ContextVar[_Operation | None] = contextvars.ContextVar("storage_operation", default=None)
 
 
 class _OutageLog:
-    """The two lines an outage is logged as: the first failure (WARNING) and the recovery (INFO)."""
+    """The two lines an outage is logged as: the first failure (WARNING) and the recovery (INFO). In an operation
+    (`outlasting_outages`) the outage is the operation's: only its first failure is a WARNING, and the first call
+    that succeeds after it logs the recovery."""
 
     def __init__(self, what: str, storage: StorageConfig, outage: bool) -> None:
         self.what = what
@@ -153,19 +199,25 @@ class _OutageLog:
                        else f"{storage.retries} more attempts (storage.retries)")
         self.attempts = 0
         self._since: float | None = None
+        self._operation = _operation.get()
 
     def retrying(self, attempt: int, exc: BaseException, wait: float) -> None:
         self.attempts = attempt
-        if self._since is None:
-            self._since = time.monotonic()
+        if self._since is not None:
+            logger.debug("%s: attempt %d failed (%s); next in %.2f s", self.what, attempt, describe(exc), wait)
+            return
+        self._since = time.monotonic()
+        if self._operation is None or self._operation.failed():
             logger.warning("storage unreachable (%s: %s): retrying for up to %s", self.what, describe(exc),
                            self.budget)
-        else:
-            logger.debug("%s: attempt %d failed (%s); next in %.2f s", self.what, attempt, describe(exc), wait)
+        else:  # the operation's outage is logged already
+            logger.debug("%s: failed too (%s)", self.what, describe(exc))
 
     def waited_s(self) -> float:
         return 0.0 if self._since is None else time.monotonic() - self._since
 
     def back(self) -> None:
-        if self._since is not None:
+        if self._operation is not None:
+            self._operation.succeeded(self.what)
+        elif self._since is not None:
             logger.info("storage back after %.1f s (%s, %d attempts)", self.waited_s(), self.what, self.attempts + 1)

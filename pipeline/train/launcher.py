@@ -26,10 +26,13 @@ import logging
 import os
 from typing import Any
 
+import torch
+
 from pipeline.cluster import connect_ray
 from pipeline.config import Config, validate
 from pipeline.data import read_manifest
 from pipeline.data.manifest import check_same_classes, class_fingerprint
+from pipeline.models import build_model
 from pipeline.models.weights import absolute_init_source, check_init_source
 from pipeline.storage import absolute_url, is_local_url, local_path, s3_endpoint, s3_region
 from pipeline.storage.checkpoints import latest_checkpoint, read_commit
@@ -53,7 +56,11 @@ def preflight(config: Config) -> None:
                          f"has {manifest.num_classes} classes; set model.num_classes={manifest.num_classes}")
     check_world_sizes(config, manifest)  # shards and batch at every size an elastic range allows
     if config.model.init_from and latest_checkpoint(config.run_dir, config.storage) is None:
-        check_init_source(config.model.init_from, config.storage)  # a resumed run does not read it
+        # A resumed run does not read it. Every tensor it would load is compared with the model's own, built on the
+        # meta device (shapes only, no memory).
+        with torch.device("meta"):
+            fits = build_model(config).state_dict()
+        check_init_source(config.model.init_from, config.storage, fits=fits, weights=config.model.init_weights)
     require_backend(config.tracking)  # the tracking package, here rather than on the workers
     trained = class_fingerprint(config.data.train, manifest, config.storage)  # rank 0 reads it too (every COMMIT)
     if config.data.eval is not None:  # now, not when the evaluator meets it hours into the run

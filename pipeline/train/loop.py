@@ -97,7 +97,6 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
     checkpointer = Checkpointer(config.run_dir, config, storage, ctx=ctx, train_state=state, loader=loader, rng=rng)
     # What the class ids mean, recorded in every COMMIT; the evaluator refuses eval data with other classes.
     classes = class_fingerprint(config.data.train, manifest, storage) if ctx.rank == 0 else None
-    scalars = ScalarWriter(config.run_dir, config, enabled=ctx.rank == 0, report=report, ctx=ctx)
     audit = SampleAudit(config, ctx, write_at=checkpointer.is_checkpoint_step)
 
     # Restore.
@@ -113,6 +112,9 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
 
     # Train.
     batches = iter(loader)
+    # Opened last, just before the `try` that closes it on every way out: its staging directory and tracked run
+    # outlive a failed restore or init_from otherwise.
+    scalars = ScalarWriter(config.run_dir, config, enabled=ctx.rank == 0, report=report, ctx=ctx)
     stops = StopAgreement(ctx, poll_drains, config.cluster.preemption_poll_s)
     try:
         while state.step < config.train.total_steps:

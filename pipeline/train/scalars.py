@@ -2,20 +2,22 @@
 
 `ScalarWriter.log` counts every step into a window and, at each logging step (`train.log_every`, and the last
 step), builds the window's record: samples/s over all wall time since the previous record (writing records and
-checkpoints included), the fraction of it spent waiting for data (`waiting_for_data`), and the loader's counters.
+checkpoints included), the fraction of it spent waiting for data (`waiting_for_data`), and the loader's counters
+of the whole job (every rank's, gathered: a log line with rank 0's alone missed the other ranks' skipped samples).
 Every rank builds it (`last`; returned by the loop, committed with checkpoints); only rank 0 writes it out.
 
 Ray Train's report is a barrier that every rank must reach the same number of times and a round trip through Ray's
 controller, so the loop publishes the latest record to Ray only at checkpoint steps (`publish`): logging every 10
 steps must not slow training. The console and TensorBoard carry the full curve. TensorBoard event files go straight
 into `<run>/tensorboard/` when the run directory is local; for object storage they are written to a local staging
-directory (`/tmp/tensorboard-*`) and uploaded whole (TensorBoard cannot append to S3 objects) by a background
-thread (`pipeline.storage.mirror`): `flush()` asks for an upload and returns at once, so a slow or unreachable store
-never delays a step; a failed upload is logged once and the next one sends the newest events. The loop publishes at
-every checkpoint and closes on the way out of a failed run too, so a run's curves are visible while it trains and
-survive a failure (a killed process keeps them up to its last checkpoint). `close()` waits at most
-`TENSORBOARD_CLOSE_WAIT_S` for the last upload, then removes the staging directory (kept, and named in a warning,
-if the last upload failed).
+directory (`/tmp/tensorboard-<host>-<pid>-*`) and uploaded whole (TensorBoard cannot append to S3 objects) by a
+background thread (`pipeline.storage.mirror`): `flush()` asks for an upload and returns at once, so a slow or
+unreachable store never delays a step; a failed upload is logged once and the next one sends the newest events. The
+loop publishes at every checkpoint and closes on the way out of a failed run too (an exception, a preemption,
+SIGINT), so a run's curves are visible while it trains and survive a failure (a killed process keeps them up to its
+last checkpoint). `close()` waits at most `TENSORBOARD_CLOSE_WAIT_S` for the last upload, then removes the staging
+directory (kept, and named in a warning, if the last upload failed). A killed process's directory is removed by the
+next writer started on that host (`pipeline.storage.mirror.staging_directory`).
 
 With `tracking.backend` set, rank 0 also sends the config and every record to the tracked run (`pipeline.tracking`:
 queued for a background thread, so a slow or unreachable tracking server never delays a step), and closing marks
@@ -27,20 +29,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 
 from pipeline.config import Config
 from pipeline.data import ShardStream
+from pipeline.data.stream import job_metrics
 from pipeline.storage import is_local_url, join_url, local_path
-from pipeline.storage.mirror import DirectoryMirror
+from pipeline.storage.mirror import DirectoryMirror, staging_directory
 from pipeline.tracking import Tracker, start_tracking
-from pipeline.train.ranks import WorkerContext, mean_over_ranks
+from pipeline.train.ranks import WorkerContext, gather_ranks, mean_over_ranks
 from pipeline.train.step import StepResult, TrainState
 
 log = logging.getLogger(__name__)
 
+STAGING_PREFIX = "tensorboard-"  # /tmp/tensorboard-<host>-<pid>-*: TensorBoard's events of a run on object storage
 TENSORBOARD_CLOSE_WAIT_S = 30.0  # the end of a run waits this long at most for the last TensorBoard upload
 
 
@@ -68,7 +71,7 @@ class ScalarWriter:
             if is_local_url(run_dir):
                 local = os.path.join(local_path(run_dir), "tensorboard")
             else:
-                local = tempfile.mkdtemp(prefix="tensorboard-")
+                local = staging_directory(STAGING_PREFIX)
                 self.uploads = DirectoryMirror(local, join_url(run_dir, "tensorboard"), config.storage,
                                                what="TensorBoard events", pattern="events.*", owns_dir=True)
             self._writer = SummaryWriter(local)
@@ -95,6 +98,9 @@ class ScalarWriter:
         # checkpoints counts against the throughput it reports.
         now = time.perf_counter()
         elapsed = now - self._window_start
+        # The loader's counters and the padding of every rank (collective): the job's bad data, not rank 0's.
+        ranks = gather_ranks((loader.metrics(), self._window_ignored), self.ctx)
+        data = job_metrics([metrics for metrics, _ in ranks])
         record = {
             # The mean of the ranks' losses (collective): the global batch's loss when their batches are full, so a
             # curve does not change with the world size; each rank's own is the loss of its share only.
@@ -105,8 +111,8 @@ class ScalarWriter:
             "samples_per_s_per_worker": self._window_steps * loader.split.batch_size / elapsed,
             "world_size": loader.split.world_size,  # elastic runs: how many ranks trained this window
             "data_wait_fraction": self._wait_s / elapsed, "skipped_nonfinite": state.skipped_nonfinite,
-            "ignored_images": self._window_ignored,  # this rank's since the last record: padding (+ unlabeled)
-            **{f"data/{k}": v for k, v in loader.metrics().items()},
+            "ignored_images": sum(ignored for _, ignored in ranks),  # since the last record: padding (+ unlabeled)
+            **{f"data/{k}": v for k, v in data.items()},
         }
         self._window_start, self._window_steps, self._window_ignored, self._wait_s = now, 0, 0, 0.0
         self.write(record)
