@@ -177,22 +177,23 @@ def test_two_node_ray_training_streams_from_s3_checkpoints_and_reports(two_node_
     assert not {owner[k] for k in samples[0]} & {owner[k] for k in samples[1]}
 
 
-def _wait_for_checkpoint(config, step: int) -> None:
+def _wait_for_checkpoint(config, step: int, not_from: set[int] = frozenset()) -> None:
+    """Until a checkpoint at `step` or later exists and no worker of pid `not_from` (an earlier group) is on record."""
     deadline = time.time() + 240
     while time.time() < deadline:
         ref = latest_checkpoint(config.run_dir)
-        if ref is not None and ref.step >= step:
+        if ref is not None and ref.step >= step and not not_from & {w["pid"] for w in _workers(config.run_dir)}:
             return
         time.sleep(0.5)
     pytest.fail(f"no checkpoint at step {step} or later appeared")
 
 
-def _interrupt_a_worker_mid_run(config, after_step: int, interrupt, victim_rank: int | None = 1,
-                                frozen: bool = False) -> tuple[dict, float, dict]:
-    """Launch; once the checkpoint at `after_step` exists, `interrupt(victim)` with the worker record of
-    `victim_rank` (or, when that is None, of the first rank that is not on this driver's node); then check that the
-    run still finished, on a new worker group, with every step's samples once. Returns the victim's record (pid,
-    node), when it was interrupted, and what `launch` returned."""
+def _interrupt_workers_mid_run(config, interrupts, frozen: bool = False) -> tuple[list[dict], list[float], dict]:
+    """Launch; for each `(after_step, victim_rank, interrupt)` in turn, once a checkpoint at `after_step` or later
+    exists (written by a worker group that started after the previous interrupt), call `interrupt(victim)` with the
+    worker record of `victim_rank` (None: the first rank not on this driver's node); then check that the run
+    finished, each time on a new worker group, with every step's samples once. Returns the victims' records (pid,
+    node), when each was interrupted, and what `launch` returned."""
     import ray
 
     from pipeline.train.launcher import launch
@@ -200,28 +201,30 @@ def _interrupt_a_worker_mid_run(config, after_step: int, interrupt, victim_rank:
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=launch(config)), daemon=True)
     thread.start()
-    _wait_for_checkpoint(config, after_step)
-    workers = sorted(_workers(config.run_dir), key=lambda w: w["rank"])
-    if victim_rank is None:
-        victim = next(w for w in workers if w["node_id"] != ray.get_runtime_context().get_node_id())
-    else:
-        victim = workers[victim_rank]
-    sent_at = time.time()
-    interrupt(victim)
+    victims, times = [], []
     try:
+        for after_step, victim_rank, interrupt in interrupts:
+            _wait_for_checkpoint(config, after_step, not_from={v["pid"] for v in victims})
+            workers = sorted(_workers(config.run_dir), key=lambda w: w["rank"])
+            if victim_rank is None:
+                victims.append(next(w for w in workers if w["node_id"] != ray.get_runtime_context().get_node_id()))
+            else:
+                victims.append(workers[victim_rank])
+            times.append(time.time())
+            interrupt(victims[-1])
         thread.join(timeout=400)
     finally:
         with contextlib.suppress(ProcessLookupError):  # a frozen one is never woken; ended by its own pid
             if frozen:
-                os.kill(victim["pid"], signal.SIGKILL)
+                os.kill(victims[-1]["pid"], signal.SIGKILL)
     result = outcome.get("result", {})
-    assert result.get("step") == config.train.total_steps, f"the run did not finish after {interrupt!r}"
-    assert victim["pid"] not in {w["pid"] for w in _workers(config.run_dir)}, "the worker group was not replaced"
+    assert result.get("step") == config.train.total_steps, f"the run did not finish after {interrupts!r}"
+    assert not {v["pid"] for v in victims} & {w["pid"] for w in _workers(config.run_dir)}, "no new worker group"
     samples = _read_samples(config.run_dir)
     keys = samples[0] + samples[1]
     assert len(keys) == config.train.total_steps * 8 and len(set(keys)) == len(keys), \
         "every step's samples exactly once in the epoch"
-    return victim, sent_at, result
+    return victims, times, result
 
 
 def _signal(sig: signal.Signals):
@@ -234,37 +237,39 @@ def test_killed_worker_resumes_from_last_checkpoint_and_keeps_the_loader_promise
 
     config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "fault", "train.total_steps=12",
                                  "checkpoint.every_steps=3", "checkpoint.background=false", "cluster.max_failures=2"))
-    _interrupt_a_worker_mid_run(config, 3, _signal(signal.SIGKILL))
+    _interrupt_workers_mid_run(config, [(3, 1, _signal(signal.SIGKILL))])
     assert all(w["start_step"] >= 3 for w in _workers(config.run_dir)), "the restart must resume from a checkpoint"
 
 
-def _check_preempted_and_resumed(config, noticed_at: float, result: dict, how: str) -> None:
-    """One preemption checkpoint; the new group started exactly there (0 steps redone); Ray's last reported
-    checkpoint is the final committed one; prints notice-to-commit and notice-to-next-step times."""
+def _check_preempted_and_resumed(config, noticed_at: list[float], result: dict, how: list[str]) -> None:
+    """One preemption checkpoint per notice; each new group started exactly there (0 steps redone); Ray's last
+    reported checkpoint is the final committed one; prints notice-to-commit and notice-to-next-step times."""
     preempted = [ref for ref in committed_checkpoints(config.run_dir)
                  if read_commit(ref.url).get("stopped") == "preempted"]
-    assert len(preempted) == 1, "one preemption checkpoint, where the ranks stopped"
-    workers = _workers(config.run_dir)
-    assert {w["start_step"] for w in workers} == {preempted[0].step}, "the restart resumes where the ranks stopped"
+    assert len(preempted) == len(noticed_at), "one preemption checkpoint per notice, where the ranks stopped"
+    groups = [json.loads(read_bytes(url)) for url in list_dir(join_url(config.run_dir, "worker_groups"))]
+    assert [g["start_step"] for g in groups] == [0, *(ref.step for ref in preempted)], \
+        "each restart resumes where the ranks stopped"
     assert result["ray_checkpoint"].endswith(f"/{config.run.name}/checkpoints/step-{config.train.total_steps:09d}"), \
         "Result.checkpoint is the last committed checkpoint"
-    committed = read_commit(preempted[0].url)["time"] - noticed_at
-    resumed = min(w["time"] for w in workers) - noticed_at
-    print(f"{how}: step {preempted[0].step} committed {committed:.1f} s after the notice; the new group's first "
-          f"step {resumed:.1f} s after it")
+    for ref, sent, group, what in zip(preempted, noticed_at, groups[1:], how, strict=True):
+        committed = read_commit(ref.url)["time"] - sent
+        print(f"{what}: step {ref.step} committed {committed:.1f} s after the notice; the new group's first step "
+              f"{group['time'] - sent:.1f} s after it")
 
 
-@pytest.mark.parametrize("victim_rank", [1, 0], ids=["non-writing-rank", "writing-rank"])
-def test_sigterm_to_a_worker_checkpoints_every_rank_and_the_restart_redoes_no_step(two_node_cluster, tiny_demo_s3,
-                                                                                   s3_prefix, victim_rank):
-    """A preemption notice by SIGTERM, to the rank that writes checkpoints or another: the run checkpoints where it
-    is, no rank leaves before the commit, the restart starts there, and it costs no failure (max_failures=0)."""
+def test_sigterm_to_either_rank_checkpoints_every_rank_and_the_restarts_redo_no_step(two_node_cluster,
+                                                                                     tiny_demo_s3, s3_prefix):
+    """Two preemption notices by SIGTERM in one run: to the rank that does not write checkpoints, then (to the new
+    group) to the one that does. Each time the run checkpoints where it is, no rank leaves before the commit, the
+    restart starts there, and it costs no failure (max_failures=0)."""
     from pipeline.train.launcher import prepare
 
-    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, f"preempt-rank{victim_rank}", "train.total_steps=16",
-                                 "checkpoint.every_steps=4", "checkpoint.keep_last=10", "cluster.max_failures=0"))
-    _, signalled_at, result = _interrupt_a_worker_mid_run(config, 4, _signal(signal.SIGTERM), victim_rank)
-    _check_preempted_and_resumed(config, signalled_at, result, f"SIGTERM to rank {victim_rank}")
+    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "preempted-twice", "train.total_steps=32",
+                                 "checkpoint.every_steps=4", "checkpoint.keep_last=20", "cluster.max_failures=0"))
+    sigterm = _signal(signal.SIGTERM)
+    _, sent, result = _interrupt_workers_mid_run(config, [(4, 1, sigterm), (4, 0, sigterm)])
+    _check_preempted_and_resumed(config, sent, result, ["SIGTERM to rank 1", "SIGTERM to rank 0"])
 
 
 def test_a_node_drained_through_ray_checkpoints_and_the_group_moves_to_other_capacity(two_node_cluster,
@@ -285,8 +290,8 @@ def test_a_node_drained_through_ray_checkpoints_and_the_group_moves_to_other_cap
                         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
                         "--deadline-remaining-seconds", "120"], check=True, capture_output=True)
 
-    victim, drained_at, result = _interrupt_a_worker_mid_run(config, 4, drain, victim_rank=None)
-    _check_preempted_and_resumed(config, drained_at, result, "Ray drain")
+    (victim,), drained_at, result = _interrupt_workers_mid_run(config, [(4, None, drain)])
+    _check_preempted_and_resumed(config, drained_at, result, ["Ray drain"])
     assert victim["node_id"] not in {w["node_id"] for w in _workers(config.run_dir)}, "moved off the draining node"
     gone = next(node for node in [*two_node_cluster.worker_nodes, spare] if node.node_id == victim["node_id"])
     two_node_cluster.remove_node(gone)  # the reclaim itself; the module's other tests keep two nodes
@@ -300,7 +305,7 @@ def test_a_frozen_worker_is_declared_dead_after_the_stall_timeout_and_the_run_go
 
     config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "stall", "train.total_steps=12",
                                  "checkpoint.every_steps=4", "cluster.max_failures=1", "cluster.stall_timeout_s=10"))
-    _, stopped_at, _ = _interrupt_a_worker_mid_run(config, 4, _signal(signal.SIGSTOP), frozen=True)
+    _, (stopped_at,), _ = _interrupt_workers_mid_run(config, [(4, 1, _signal(signal.SIGSTOP))], frozen=True)
     detected_after = min(w["time"] for w in _workers(config.run_dir)) - stopped_at
     print(f"stalled worker replaced {detected_after:.0f} s after SIGSTOP (stall_timeout_s=10; Ray's default 600)")
 

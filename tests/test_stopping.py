@@ -103,6 +103,12 @@ def test_sigterm_outside_training_and_a_second_one_go_to_the_previous_handler():
         stopping.clear_preemption_notice()
         os.kill(os.getpid(), signal.SIGTERM)  # the loop is over: Ray ending the worker group is no notice
         assert not stopping.preemption_noticed() and previous_calls == [signal.SIGTERM] * 3
+        with stopping.accepting_notices():  # a Ray worker's whole training function: its start-up too
+            os.kill(os.getpid(), signal.SIGTERM)  # while it restores, before the loop's agreement exists
+            assert stopping.preemption_noticed() and previous_calls == [signal.SIGTERM] * 3
+            stops = StopAgreement(WorkerContext())
+            assert stops.agree() is StopReason.PREEMPTED, "the first step acts on it"
+            stops.close()
     finally:
         signal.signal(signal.SIGTERM, original)
         stopping.clear_preemption_notice()

@@ -42,6 +42,7 @@ from pipeline.train.failure import DETERMINISTIC_STOPS, clear_failure, raise_rec
 from pipeline.train.loop import train
 from pipeline.train.ranks import WorkerContext
 from pipeline.train.ray_internals import Preempted, peer_lost
+from pipeline.train.stopping import accepting_notices
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ def train_worker(raw_config: dict[str, Any]) -> None:
     if ctx.rank == 0:
         _compare_with_rays_checkpoint(config, ray.train.get_checkpoint())
     try:
-        train(config, ctx, report=_ray_reporter(config), poll_drains=ray.train.get_preemption_info)
+        with accepting_notices():  # from the start: a notice during the restart of a group is one too
+            train(config, ctx, report=_ray_reporter(config), poll_drains=ray.train.get_preemption_info)
     except DETERMINISTIC_STOPS as error:  # every rank stops at the same step; none may raise, or Ray retries
         log.error("rank %d: %s", ctx.rank, error)
         if ctx.rank == 0:

@@ -29,12 +29,13 @@ called directly in a single process leaves signals alone.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -81,6 +82,17 @@ def install_sigterm_handler() -> bool:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     return True
+
+
+@contextlib.contextmanager
+def accepting_notices() -> Iterator[None]:
+    """SIGTERM is a preemption notice from here on, a worker's start-up (restore, init_from, the loader) included:
+    the first step's agreement acts on a notice that came before it (one step, its checkpoint, stop)."""
+    _training.set()
+    try:
+        yield
+    finally:
+        _training.clear()
 
 
 def preemption_noticed() -> bool:
