@@ -30,6 +30,7 @@ from pipeline.config import config_argument_parser, load_config
 from pipeline.data.demo.shards import write_demo_shards
 from pipeline.data.manifest import read_vocabulary
 from pipeline.data.shard_writer import write_folder_shards
+from pipeline.storage import require_bucket
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -63,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
     options, storage = config.shards, config.storage
+    require_bucket(args.out, storage)  # a typo in the bucket is refused, not created
     vocabulary = read_vocabulary(args.vocab, storage) if args.vocab else None
     if args.demo:
         report = write_demo_shards(args.demo, args.split, args.count, args.seed, args.out, vocabulary=vocabulary,

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from pipeline.data.manifest import ClassInfo, classes_from_tsv, classes_to_tsv, 
 from pipeline.data.shard_build import Sample
 from pipeline.data.shard_sizing import planned_shard_bytes, record_bytes, tar_bytes
 from pipeline.data.shard_writer import ShardWriteError, ShardWriter, write_folder_shards
-from pipeline.storage import open_read
+from pipeline.storage import filesystem, open_read, require_bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 64 * 1024  # the smallest shard target allowed: several shards from a few dozen small images
@@ -465,3 +466,23 @@ def test_cli_folder_and_demo_end_to_end(folder: Path, tmp_path: Path, capsys: py
     assert "none.csv" in capsys.readouterr().err
     assert main(["--demo", "tiny", "--count", "5", "--out", str(tmp_path / "y"), "shards.jpeg_quality=0"]) == 2
     assert "shards.jpeg_quality" in capsys.readouterr().err  # settings are the config's, checked before any work
+
+
+def test_an_output_bucket_that_does_not_exist_is_refused_unless_asked_to_create_it(
+        local_s3, capsys: pytest.CaptureFixture) -> None:
+    """SeaweedFS creates a bucket on the first write into it: a typo in --out's bucket would make a new one."""
+    main = runpy.run_path(str(ROOT / "jobs" / "make_shards.py"))["main"]
+    bucket = f"tset-{uuid.uuid4().hex[:8]}"  # "test" mistyped
+    out = f"s3://{bucket}/mine/train"
+    args = ["--demo", "tiny", "--count", "3", "--image-size", "64", "--out", out, "shards.workers=1",
+            "shards.progress=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: StorageError: {out}: bucket '{bucket}' does not exist at {local_s3.endpoint_url}; check the " \
+           "URL for a typo, or add storage.create_bucket=true to create it\n" in err and "Traceback" not in err
+    fs, _ = filesystem(out)
+    with pytest.raises(FileNotFoundError):
+        fs.call_s3("head_bucket", Bucket=bucket)  # nothing was created
+    assert main([*args, "storage.create_bucket=true"]) == 0
+    assert read_manifest(out).num_samples == 3
+    require_bucket("/nonexistent/dir/x")  # local paths are not buckets: nothing to check
