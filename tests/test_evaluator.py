@@ -61,8 +61,18 @@ def test_eval_data_with_other_classes_is_refused(tiny_demo, tmp_path):
     url = join_url(config.run_dir, "checkpoints", step_dir_name(1))
     assert evaluate_checkpoint(url, config).result.num_images == 80  # the eval set shares the training classes
     swapped = copy_with_swapped_classes(tiny_demo.eval, tmp_path / "swapped-eval")  # ids mean other classes
-    with pytest.raises(ValueError, match=r"eval data's classes .* are not the model's .* --vocab "):
+    with pytest.raises(ValueError, match=r"eval data's classes .* are not the model's .*: the same 115 ids, but "
+                       r"other names or another order\. .* --vocab "):
         evaluate_checkpoint(url, _config(tiny_demo, tmp_path, f"data.eval={swapped}"))
+    seven = tmp_path / "seven-eval"  # an evaluation set labelled with 7 classes of its own
+    shutil.copytree(tiny_demo.eval, seven)
+    manifest = json.loads((seven / "manifest.json").read_text())
+    (seven / "manifest.json").write_text(json.dumps({**manifest, "num_classes": 7}))
+    write_classes(str(seven), read_classes(tiny_demo.eval, read_manifest(tiny_demo.eval))[:7])
+    with pytest.raises(ValueError, match=rf"\({seven}/classes.tsv, 7 classes\) are not the model's \(.*, 115 "
+                       rf"classes\): class counts differ: 7 vs 115\. An evaluation set must use the training set's "
+                       rf"classes .*--vocab {tiny_demo.train}/classes.tsv"):
+        evaluate_checkpoint(url, _config(tiny_demo, tmp_path, f"data.eval={seven}"))
 
 
 def test_watcher_stops_on_missing_eval_data_instead_of_skipping_the_checkpoint(tiny_demo, tmp_path):
