@@ -233,9 +233,17 @@ class CheckpointWatcher:
         self._tracker.log_artifact(report_url, "reports/report.html")
 
 
+# Fields of a map100.jsonl line that say what was evaluated and how, not what was measured.
+_NOT_MEASURED = frozenset({"step", "samples_seen", "checkpoint", "time", "baselines", *eval_settings(Config())})
+
+
 def eval_scalars(evaluation: Evaluation) -> dict[str, float]:
-    """`eval/<metric>` for every scalar of the result, `eval/<prior|random>_baseline/<metric>` for its baselines."""
-    scalars = {f"eval/{name}": value for name, value in evaluation.result.scalars().items()}
+    """`eval/<name>` for every number the evaluation's `map100.jsonl` line records (MAP@K and its companions, the
+    mean F1 at the decision thresholds, the time it took), `eval/<prior|random>_baseline/<metric>` for its baselines.
+    Derived from the line itself, so a metric the evaluator records is never missing from TensorBoard or the tracked
+    run (`threshold_mean_f1` was, while it was listed by hand)."""
+    scalars = {f"eval/{name}": float(value) for name, value in evaluation.record().items()
+               if name not in _NOT_MEASURED and isinstance(value, int | float) and not isinstance(value, bool)}
     for baseline, scores in (evaluation.baselines or {}).items():
         scalars.update({f"eval/{baseline}_baseline/{name}": value for name, value in scores.items()})
     return scalars
