@@ -102,8 +102,10 @@ def test_watcher_reports_each_checkpoint_once_and_ignores_partial_ones(tiny_demo
     for record in records:
         thresholds = read_thresholds(thresholds_url(config.run_dir, record["step"]))
         assert thresholds.step == record["step"] and thresholds.classes == names
-        assert record["threshold_mean_f1"] == pytest.approx(
+        assert record["threshold_mean_f1_in_sample"] == pytest.approx(
             np.mean([f for f, p in zip(thresholds.f1, thresholds.positives, strict=True) if p > 0]))
+        assert record["threshold_mean_f1"] == pytest.approx(  # held out: fitted on one half, scored on the other
+            np.mean([f for f, p in zip(thresholds.held_out_f1, thresholds.positives, strict=True) if p > 0]))
     # A restarted evaluator finds nothing new to do.
     assert CheckpointWatcher(config.run_dir).run(once=True) == []
     assert len(read_records(watcher.reports_dir)) == 2
@@ -138,17 +140,18 @@ def test_evaluation_scores_every_eval_image_once_and_matches_a_one_shot_computat
     evaluation = evaluate_checkpoint(url)
     model = load_weights(url, config, torch.device("cpu"))
     loader = ShardStream(tiny_demo.eval, config.data, batch_size=16, rank=0, world_size=1, train=False)
-    scores, targets = [], []
+    scores, targets, ids = [], [], []
     with torch.inference_mode():
         for batch in loader:
             pixels, target = to_device(batch, "cpu", tiny_demo.num_classes)
             scores.append(model(preprocess_input(pixels))[batch.valid])
             targets.append(target[batch.valid])
+            ids.append(batch.sample_ids[batch.valid])
     reference = evaluate_map_at_k(torch.cat(scores), torch.cat(targets))
     assert evaluation.result.num_images == 80 == reference.num_images
     assert abs(evaluation.result.map_at_k - reference.map_at_k) < 1e-6
     counts = ThresholdCounts(tiny_demo.num_classes, config.eval.threshold_min_positives)
-    counts.add(torch.cat(scores), torch.cat(targets))
+    counts.add(torch.cat(scores), torch.cat(targets), torch.cat(ids))
     assert evaluation.thresholds == counts.fit() and sum(evaluation.thresholds.positives) > 80
     record = evaluation.record()
     assert json.loads(json.dumps(record))["step"] == 1
