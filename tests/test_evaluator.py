@@ -6,6 +6,8 @@ import logging
 import re
 import shutil
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -73,6 +75,33 @@ def test_eval_data_with_other_classes_is_refused(tiny_demo, tmp_path):
                        rf"classes\): class counts differ: 7 vs 115\. An evaluation set must use the training set's "
                        rf"classes .*--vocab {tiny_demo.train}/classes.tsv"):
         evaluate_checkpoint(url, _config(tiny_demo, tmp_path, f"data.eval={seven}"))
+
+
+def test_the_watching_evaluator_ends_after_the_final_checkpoint_of_a_finished_run(tiny_demo, tmp_path, caplog):
+    """Started as the README's journey step 5 says (no --once, no --until-step), it ends by itself: after the
+    checkpoint at train.total_steps, not before."""
+    config = _config(tiny_demo, tmp_path, "train.total_steps=2", "eval.poll_seconds=0.2")
+    state = build_train_state(config)
+    saver = Checkpointer(config.run_dir, config)
+    saver.save(1, state.state_dict())
+    watcher = CheckpointWatcher(config.run_dir, config, tensorboard=False)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.extend(watcher.run()), daemon=True)
+    with caplog.at_level(logging.INFO, logger="pipeline.evaluation.watcher"):
+        thread.start()
+        deadline = time.monotonic() + 180
+        while not read_records(watcher.reports_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # several more polls: step 1 is not the end
+        assert thread.is_alive() and "finished" not in caplog.text
+        saver.save(2, state.state_dict())  # the run's last step
+        thread.join(timeout=180)
+    assert not thread.is_alive(), "the evaluator kept watching a finished run"
+    assert [e.step for e in results] == [1, 2]
+    assert (f"{config.run_dir} finished: its final checkpoint (step 2 = train.total_steps) is evaluated; the "
+            "evaluator stops") in caplog.text
+    assert CheckpointWatcher(config.run_dir, config).run() == []  # started after the end: it ends at once
+    assert watcher.finished_at({1}) is None and watcher.finished_at({1, 2}) == 2
 
 
 def test_watcher_stops_on_missing_eval_data_instead_of_skipping_the_checkpoint(tiny_demo, tmp_path):

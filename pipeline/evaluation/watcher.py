@@ -5,7 +5,9 @@ With each line it writes the checkpoint's per-class decision thresholds (`report
 
 Idempotent and resumable by construction: the set of evaluated steps is read back from `reports/map100.jsonl`
 before each poll, so a restarted evaluator skips what is done; only committed checkpoints (COMMIT marker present)
-are ever listed, so partial ones are never read. One evaluator per run is expected (the report is rewritten, not
+are ever listed, so partial ones are never read. It ends by itself once the run's final checkpoint (at the
+`train.total_steps` saved with it) is evaluated, saying so, or with `until_step` once that step is. One evaluator
+per run is expected (the report is rewritten, not
 appended to: see `append_record`). Steps already reported with other eval settings are not evaluated again, with a
 warning. An evaluator that lags behind training can lose checkpoints to retention: those deleted before it got to
 them (inferred from the newest checkpoint's `checkpoint.every_steps`), or while it read them, are named in a
@@ -169,7 +171,8 @@ class CheckpointWatcher:
         return evaluation
 
     def run(self, once: bool = False, until_step: int | None = None, only: str | None = None) -> list[Evaluation]:
-        """Poll until stopped (or, with `once`, a single pass; with `until_step`, until that step is evaluated)."""
+        """Poll until the run's final checkpoint is evaluated (`finished_at`), or, with `until_step`, until a step at
+        or after it is; with `once`, a single pass. A watcher that ran until stopped by hand outlived every run."""
         results: list[Evaluation] = []
         if not once and not exists(self.run_dir, self.storage):
             log.info("waiting for checkpoints of %s: nothing there yet (if training is running, check run.name and "
@@ -182,11 +185,25 @@ class CheckpointWatcher:
                                           storage=self.storage)
                 if once or (until_step is not None and any(step >= until_step for step in done)):
                     return results
+                if until_step is None and (final := self.finished_at(done)) is not None:
+                    log.info("%s finished: its final checkpoint (step %d = train.total_steps) is evaluated; the "
+                             "evaluator stops (to follow a run resumed with more steps, start it with --until-step N)",
+                             self.run_dir, final)
+                    return results
                 time.sleep(self.poll_seconds)
         finally:
             if self._tracker is not None:
                 self._tracker.close()
                 self._tracker = None
+
+    def finished_at(self, done: set[int]) -> int | None:
+        """The final step of a finished run once its checkpoint is in `done`, else None. Training's last checkpoint
+        is at `train.total_steps` of the config saved with it (the COMMIT rule: only committed ones are listed);
+        `pending` read the newest one's config this pass."""
+        if self._schedule is None:
+            return None
+        step, saved = self._schedule
+        return step if step >= saved.train.total_steps and step in done else None
 
     def _poll(self, only: str | None, results: list[Evaluation]) -> set[int]:
         """One pass: evaluate what is pending (appended to `results` one by one), then the steps on record."""
