@@ -94,14 +94,14 @@ def stop_fork_server() -> None:
     pid = getattr(server, "_forkserver_pid", None)
     if pid is None or not hasattr(server, "_stop"):
         return
-    for child in [*_children(pid), pid]:
+    for child in [*child_pids(pid), pid]:
         with contextlib.suppress(OSError):
             os.kill(child, signal.SIGKILL)
     with contextlib.suppress(OSError):
         server._stop()
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """The PIDs whose parent is `pid`, from /proc (none where there is no /proc)."""
     found = []
     with contextlib.suppress(OSError):

@@ -22,6 +22,7 @@ import pytest
 from conftest import restarted_after
 from fsspec import AbstractFileSystem
 
+from pipeline.cli import child_pids
 from pipeline.config import StorageConfig
 from pipeline.storage import (
     StorageAuthError,
@@ -525,19 +526,6 @@ def test_local_s3_script_without_seaweedfs_says_what_to_install_in_one_line(tmp_
     assert not (tmp_path / "s3").exists()
 
 
-def _children(pid: int) -> list[int]:
-    """PIDs whose parent is `pid` (from /proc/*/stat)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def test_local_s3_script_has_authentication_on_with_a_secret_not_in_ps(tmp_path: Path) -> None:
     import botocore.session
     from botocore.exceptions import ClientError
@@ -554,7 +542,7 @@ def test_local_s3_script_has_authentication_on_with_a_secret_not_in_ps(tmp_path:
         exports = dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
         secret = exports["AWS_SECRET_ACCESS_KEY"]
         assert len(secret) >= 32 and exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
-        weed = [p for p in _children(script.pid) if b"weed" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        weed = [p for p in child_pids(script.pid) if b"weed" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(weed) == 1
         for pid in (script.pid, weed[0]):  # what `ps` shows: neither command line holds the secret
             assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
