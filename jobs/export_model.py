@@ -37,7 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
     from pipeline.inference.export import export_model
+    from pipeline.storage import require_bucket
 
+    if args.out:  # by default the package goes into the run directory, whose bucket exists
+        require_bucket(args.out, config.storage)
     result = export_model(args.checkpoint or config.run_dir, config, out=args.out)
     programs = result.metadata["programs"]
     checks = "; ".join(f"{fmt}: max |logit - eager| {r['max_abs_logit_difference']:.1e}, {r['export_seconds']} s"

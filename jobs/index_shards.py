@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit 
 from pipeline.cli import job_main
 from pipeline.config import config_argument_parser, load_config
 from pipeline.data.adopt import index_shards
+from pipeline.storage import require_bucket
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -40,6 +41,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
+    if args.out:  # beside the shards, the bucket exists
+        require_bucket(args.out, config.storage)
     report = index_shards(args.shards, args.out, config.index, config.storage)
     print(report.summary())
     return 0

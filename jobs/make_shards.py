@@ -6,8 +6,10 @@
     python jobs/make_shards.py --demo tiny --split train --count 2000 --seed 0 --out ./data/demo/train
 
 Re-running the same command resumes: published shards are kept, missing ones written, the manifest written last.
-A prefix written with other settings is refused; shards.overwrite=true replaces it. At least shards.min_shards
-shards are cut when the data allows, and the summary names the cluster sizes (ranks x loader workers) they support.
+A prefix written with other settings or from other inputs (another --images folder or labels file) is refused;
+shards.overwrite=true replaces it (shards of a run that found none of its images are rewritten without it).
+shards.min_shards shards are cut when no shard gets under shards.min_shard_mb, and the summary names the cluster
+sizes (ranks x loader workers) they support.
 How shards are cut and images normalised are the `shards.*` settings (e.g. shards.max_shard_mb=64
 shards.workers=8); storage is `storage.*` (credentials from the standard places: environment, AWS profile,
 instance role; storage.endpoint_url=... or AWS_ENDPOINT_URL for S3-compatible servers). Formats and rules:
@@ -28,6 +30,7 @@ from pipeline.config import config_argument_parser, load_config
 from pipeline.data.demo.shards import write_demo_shards
 from pipeline.data.manifest import read_vocabulary
 from pipeline.data.shard_writer import write_folder_shards
+from pipeline.storage import require_bucket
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -61,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
     options, storage = config.shards, config.storage
+    require_bucket(args.out, storage)  # a typo in the bucket is refused, not created
     vocabulary = read_vocabulary(args.vocab, storage) if args.vocab else None
     if args.demo:
         report = write_demo_shards(args.demo, args.split, args.count, args.seed, args.out, vocabulary=vocabulary,

@@ -30,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = config_argument_parser(__doc__).parse_args(argv)
     config = load_config(args.config, args.overrides)
     from pipeline.inference.predict import run_prediction
+    from pipeline.storage import require_bucket
 
+    if config.predict.output:
+        require_bucket(config.predict.output, config.storage)
     summary = run_prediction(config)
     print(f"{summary['images']} images predicted into {config.predict.output} ({summary['failed']} failed, listed "
           f"in {summary['failures']})")

@@ -34,8 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)  # validated before any cluster resource is requested
     from pipeline.evaluation.background import start_background_evaluator
     from pipeline.evaluation.watcher import evaluate_latest
+    from pipeline.storage import require_bucket
     from pipeline.train.launcher import launch, prepare
 
+    require_bucket(config.run.storage, config.storage)  # a typo in run.storage's bucket is refused, not created
     # The demo dataset when data.demo stands in for data.train; data vs config vs cluster checks (refused: exit 2).
     config = prepare(config)
     background = start_background_evaluator(config) if config.eval.with_training else None

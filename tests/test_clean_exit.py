@@ -62,6 +62,17 @@ def evaluator_killed_while_scoring(root: Path, evaluation: str,
     return code, descendants, kinds, log.read_text()
 
 
+def running_fork_processes(processes: list[psutil.Process]) -> list[int]:
+    """The PIDs of `processes` started from the fork server (the server itself and its workers: their command line
+    names forkserver) that still run (a zombie has ended)."""
+    running = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "forkserver" in " ".join(process.cmdline()) and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process.pid)
+    return running
+
+
 def survivors(processes: list[psutil.Process], within_s: float = 20.0) -> list[str]:
     """Those of `processes` still running after `within_s` seconds (then killed, so no test leaves them behind)."""
     gone, alive = psutil.wait_procs(processes, timeout=within_s)
@@ -88,6 +99,9 @@ def test_the_evaluator_killed_while_scoring_leaves_no_process_behind(scoring_run
     code, descendants, kinds, log = evaluator_killed_while_scoring(root, evaluation, signal.SIGTERM)
     assert "forkserver" in kinds and "resource_tracker" in kinds
     assert code == 143, log  # an orderly stop, reported as a SIGTERM'd process's code
+    # When the job has exited its fork server has too (ended and reaped by the job): it outlived the job as an orphan
+    # for 0.5 s here, ~8 s on a loaded machine. Its workers were shut down before, in the unwinding.
+    assert running_fork_processes(descendants) == []
     assert "SIGTERM received: stopping" in log and job_tracebacks(log) == [], log
     assert survivors(descendants) == []
 

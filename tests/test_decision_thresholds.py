@@ -50,7 +50,7 @@ def test_binned_thresholds_match_the_exact_max_f1() -> None:
     logits, targets = synthetic(3000, 12, seed=0)
     counts = ThresholdCounts(12, min_positives=1)
     for chunk in range(0, 3000, 256):  # streamed in batches
-        counts.add(logits[chunk:chunk + 256], targets[chunk:chunk + 256])
+        counts.add(logits[chunk:chunk + 256], targets[chunk:chunk + 256], torch.arange(3000)[chunk:chunk + 256])
     fit = counts.fit()
     probabilities = torch.sigmoid(logits).numpy()
     labels = targets.numpy().astype(np.int64)
@@ -74,7 +74,7 @@ def test_scores_on_bin_edges_give_the_exact_optimum_and_threshold() -> None:
     logits = EDGES[index]  # every score is an edge: no approximation is left
     targets = (torch.rand(2000, 3, generator=g) < torch.sigmoid(logits)).float()
     counts = ThresholdCounts(3, min_positives=1)
-    counts.add(logits, targets)
+    counts.add(logits, targets, torch.arange(2000))
     fit = counts.fit()
     for c in range(3):
         probabilities, labels = torch.sigmoid(logits[:, c]).numpy(), targets[:, c].numpy()
@@ -86,10 +86,11 @@ def test_rare_classes_get_the_pooled_global_threshold_and_shares_merge_exactly()
     targets[:, 0] = 0.0
     targets[:3, 0] = 1.0  # class 0: 3 positives, below min_positives
     whole = ThresholdCounts(6, min_positives=5)
-    whole.add(logits, targets)
+    ids = torch.arange(1200)
+    whole.add(logits, targets, ids)
     first, second = ThresholdCounts(6, min_positives=5), ThresholdCounts(6, min_positives=5)
-    first.add(logits[:500], targets[:500])
-    second.add(logits[500:], targets[500:])
+    first.add(logits[:500], targets[:500], ids[:500])
+    second.add(logits[500:], targets[500:], ids[500:])
     merged = ThresholdCounts.from_state_dict(first.state_dict())
     merged.merge(second.state_dict())
     assert torch.equal(merged.counts, whole.counts)
@@ -107,5 +108,45 @@ def test_refusals_name_the_problem() -> None:
     with pytest.raises(ValueError, match="min_positives must be at least 1"):
         ThresholdCounts(3, min_positives=0)
     with pytest.raises(ValueError, match=r"must both be \(rows, 3\)"):
-        ThresholdCounts(3, min_positives=1).add(torch.zeros(2, 4), torch.zeros(2, 4))
+        ThresholdCounts(3, min_positives=1).add(torch.zeros(2, 4), torch.zeros(2, 4), torch.arange(2))
+    with pytest.raises(ValueError, match=r"one image id per row \(ids \(3,\)\)"):
+        ThresholdCounts(3, min_positives=1).add(torch.zeros(2, 3), torch.zeros(2, 3), torch.arange(3))
     assert fit_thresholds(torch.zeros(2, 2, BINS, dtype=torch.int32), 1).mean_f1() is None  # no positives at all
+
+
+def test_the_reported_f1_is_held_out_each_half_scored_by_thresholds_fitted_on_the_other() -> None:
+    """threshold_mean_f1 is what thresholds do on images they were not fitted on: two halves by a hash of the image
+    id, each half's binned thresholds (the fit tested above) scored exactly on the other half, counts pooled."""
+    logits, targets = synthetic(4000, 8, seed=3)
+    ids = torch.arange(10_000, 14_000)  # dataset-wide ids, not row numbers
+    counts = ThresholdCounts(8, min_positives=5)
+    counts.add(logits, targets, ids)
+    fit = counts.fit()
+    assert fit.thresholds == fit_thresholds(counts.counts.sum(0), 5).thresholds  # prediction's: every image
+    half = ((ids.numpy().astype(np.int64) * 2654435761) % 2**32) >> 31  # Knuth's hash, written out again
+    assert 0.45 < half.mean() < 0.55
+    probabilities, labels = torch.sigmoid(logits).numpy(), targets.numpy().astype(np.int64)
+    true_pos, false_pos, positives = np.zeros(8), np.zeros(8), np.zeros(8)
+    for fitted_on in (0, 1):
+        part = ThresholdCounts(8, min_positives=5)
+        part.add(logits[half == fitted_on], targets[half == fitted_on], ids[half == fitted_on])
+        thresholds = np.array(fit_thresholds(part.counts.sum(0), 5).thresholds)
+        scored = half != fitted_on
+        predicted = probabilities[scored] >= thresholds
+        true_pos += (predicted & (labels[scored] == 1)).sum(0)
+        false_pos += (predicted & (labels[scored] == 0)).sum(0)
+        positives += labels[scored].sum(0)
+    assert fit.held_out_f1 == pytest.approx((2 * true_pos / (true_pos + false_pos + positives)).tolist(), abs=1e-9)
+    assert fit.mean_held_out_f1() == pytest.approx(np.mean(fit.held_out_f1))
+
+
+def test_in_sample_f1_is_optimistic_where_scores_say_nothing() -> None:
+    """Scores independent of the labels: the in-sample max F1 finds a threshold that fits noise, the held-out F1
+    does not keep it."""
+    g = torch.Generator().manual_seed(4)
+    targets = (torch.rand(1000, 20, generator=g) < 0.05).float()
+    logits = torch.randn(1000, 20, generator=g)
+    counts = ThresholdCounts(20, min_positives=5)
+    counts.add(logits, targets, torch.arange(1000))
+    fit = counts.fit()
+    assert fit.mean_f1() > fit.mean_held_out_f1() + 0.02

@@ -6,6 +6,8 @@ import logging
 import re
 import shutil
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -61,8 +63,45 @@ def test_eval_data_with_other_classes_is_refused(tiny_demo, tmp_path):
     url = join_url(config.run_dir, "checkpoints", step_dir_name(1))
     assert evaluate_checkpoint(url, config).result.num_images == 80  # the eval set shares the training classes
     swapped = copy_with_swapped_classes(tiny_demo.eval, tmp_path / "swapped-eval")  # ids mean other classes
-    with pytest.raises(ValueError, match=r"eval data's classes .* are not the model's .* --vocab "):
+    with pytest.raises(ValueError, match=r"eval data's classes .* are not the model's .*: the same 115 ids, but "
+                       r"other names or another order\. .* --vocab "):
         evaluate_checkpoint(url, _config(tiny_demo, tmp_path, f"data.eval={swapped}"))
+    seven = tmp_path / "seven-eval"  # an evaluation set labelled with 7 classes of its own
+    shutil.copytree(tiny_demo.eval, seven)
+    manifest = json.loads((seven / "manifest.json").read_text())
+    (seven / "manifest.json").write_text(json.dumps({**manifest, "num_classes": 7}))
+    write_classes(str(seven), read_classes(tiny_demo.eval, read_manifest(tiny_demo.eval))[:7])
+    with pytest.raises(ValueError, match=rf"\({seven}/classes.tsv, 7 classes\) are not the model's \(.*, 115 "
+                       rf"classes\): class counts differ: 7 vs 115\. An evaluation set must use the training set's "
+                       rf"classes .*--vocab {tiny_demo.train}/classes.tsv"):
+        evaluate_checkpoint(url, _config(tiny_demo, tmp_path, f"data.eval={seven}"))
+
+
+def test_the_watching_evaluator_ends_after_the_final_checkpoint_of_a_finished_run(tiny_demo, tmp_path, caplog):
+    """Started as the README's journey step 5 says (no --once, no --until-step), it ends by itself: after the
+    checkpoint at train.total_steps, not before."""
+    config = _config(tiny_demo, tmp_path, "train.total_steps=2", "eval.poll_seconds=0.2")
+    state = build_train_state(config)
+    saver = Checkpointer(config.run_dir, config)
+    saver.save(1, state.state_dict())
+    watcher = CheckpointWatcher(config.run_dir, config, tensorboard=False)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.extend(watcher.run()), daemon=True)
+    with caplog.at_level(logging.INFO, logger="pipeline.evaluation.watcher"):
+        thread.start()
+        deadline = time.monotonic() + 180
+        while not read_records(watcher.reports_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # several more polls: step 1 is not the end
+        assert thread.is_alive() and "finished" not in caplog.text
+        saver.save(2, state.state_dict())  # the run's last step
+        thread.join(timeout=180)
+    assert not thread.is_alive(), "the evaluator kept watching a finished run"
+    assert [e.step for e in results] == [1, 2]
+    assert (f"{config.run_dir} finished: its final checkpoint (step 2 = train.total_steps) is evaluated; the "
+            "evaluator stops") in caplog.text
+    assert CheckpointWatcher(config.run_dir, config).run() == []  # started after the end: it ends at once
+    assert watcher.finished_at({1}) is None and watcher.finished_at({1, 2}) == 2
 
 
 def test_watcher_stops_on_missing_eval_data_instead_of_skipping_the_checkpoint(tiny_demo, tmp_path):
@@ -92,8 +131,10 @@ def test_watcher_reports_each_checkpoint_once_and_ignores_partial_ones(tiny_demo
     for record in records:
         thresholds = read_thresholds(thresholds_url(config.run_dir, record["step"]))
         assert thresholds.step == record["step"] and thresholds.classes == names
-        assert record["threshold_mean_f1"] == pytest.approx(
+        assert record["threshold_mean_f1_in_sample"] == pytest.approx(
             np.mean([f for f, p in zip(thresholds.f1, thresholds.positives, strict=True) if p > 0]))
+        assert record["threshold_mean_f1"] == pytest.approx(  # held out: fitted on one half, scored on the other
+            np.mean([f for f, p in zip(thresholds.held_out_f1, thresholds.positives, strict=True) if p > 0]))
     # A restarted evaluator finds nothing new to do.
     assert CheckpointWatcher(config.run_dir).run(once=True) == []
     assert len(read_records(watcher.reports_dir)) == 2
@@ -128,17 +169,18 @@ def test_evaluation_scores_every_eval_image_once_and_matches_a_one_shot_computat
     evaluation = evaluate_checkpoint(url)
     model = load_weights(url, config, torch.device("cpu"))
     loader = ShardStream(tiny_demo.eval, config.data, batch_size=16, rank=0, world_size=1, train=False)
-    scores, targets = [], []
+    scores, targets, ids = [], [], []
     with torch.inference_mode():
         for batch in loader:
             pixels, target = to_device(batch, "cpu", tiny_demo.num_classes)
             scores.append(model(preprocess_input(pixels))[batch.valid])
             targets.append(target[batch.valid])
+            ids.append(batch.sample_ids[batch.valid])
     reference = evaluate_map_at_k(torch.cat(scores), torch.cat(targets))
     assert evaluation.result.num_images == 80 == reference.num_images
     assert abs(evaluation.result.map_at_k - reference.map_at_k) < 1e-6
     counts = ThresholdCounts(tiny_demo.num_classes, config.eval.threshold_min_positives)
-    counts.add(torch.cat(scores), torch.cat(targets))
+    counts.add(torch.cat(scores), torch.cat(targets), torch.cat(ids))
     assert evaluation.thresholds == counts.fit() and sum(evaluation.thresholds.positives) > 80
     record = evaluation.record()
     assert json.loads(json.dumps(record))["step"] == 1

@@ -9,6 +9,7 @@ imported by `pipeline.models.weights`, and must give Keras' activations after ev
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ["KERAS_BACKEND"] = "torch"  # before keras is imported, here and in anything it imports
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from pipeline.models import Xception
-from pipeline.models.weights import keras_layer_map, load_into, read_keras_weights
+from pipeline.models.weights import keras_layer_map, load_into, parse_init_source, read_keras_weights
 
 keras = pytest.importorskip("keras")
 h5py = pytest.importorskip("h5py")
@@ -89,6 +90,22 @@ def test_both_keras_layouts_import_to_the_same_state(weight_files, keras_model):
     # every Keras layer with weights has its place in the map
     assert {layer.name for layer in keras_model.layers if layer.weights and not layer.name.startswith(
         ("conv2d", "batch_normalization"))} <= set(keras_layer_map())
+
+
+def test_the_readme_ways_to_save_from_keras_3_are_read(keras_model, weight_files, tmp_path):
+    """Keras 3 refuses `save_weights("x.h5")`; the two calls the README gives instead give files we read."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    calls = ['model.save_weights("xception.weights.h5")', 'model.save("xception.h5")']
+    assert all(call in readme for call in calls)
+    with pytest.raises(ValueError, match=r"must end in `\.weights\.h5`"):
+        keras_model.save_weights(str(tmp_path / "xception.h5"))
+    keras_model.save_weights(str(tmp_path / "xception.weights.h5"))
+    keras_model.save(str(tmp_path / "xception.h5"))
+    legacy = read_keras_weights(weight_files["legacy"])
+    for name in ("xception.weights.h5", "xception.h5"):
+        assert parse_init_source(str(tmp_path / name)).kind == "keras"
+        read = read_keras_weights(str(tmp_path / name))
+        assert read.keys() == legacy.keys() and all(torch.equal(read[k], legacy[k]) for k in legacy), name
 
 
 @pytest.mark.parametrize("size", [299, 128])

@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.config import PredictConfig, load_config
 from pipeline.data import ShardStream, read_manifest, to_device
 from pipeline.data.manifest import class_fingerprint, read_classes
 from pipeline.inference.export import export_model
 from pipeline.inference.inputs import input_kind, list_images, plan_parts, read_part, read_url_list
 from pipeline.inference.model_source import load_predictor
 from pipeline.inference.output import OUTPUT_SCHEMA
-from pipeline.inference.predict import run_prediction
+from pipeline.inference.predict import _check_cpus, run_prediction, stalls
 from pipeline.models import preprocess_input
 from pipeline.models.thresholds import ClassThresholds, thresholds_url, write_thresholds
 from pipeline.train.checkpoint import Checkpointer
@@ -210,8 +210,21 @@ def test_folder_and_url_list_bad_images_are_rows_and_a_rerun_skips_finished_part
                        use_ray=False)
 
 
+def test_the_stall_warning_fires_only_when_a_task_cannot_fit_beside_the_replicas(caplog):
+    """The defaults on 2 cores never stalled: reading and decoding take turns beside the replica."""
+    defaults = PredictConfig()
+    with caplog.at_level(logging.WARNING):
+        _check_cpus(defaults, 2.0)  # 1 replica x 1 CPU, then a decode task of 1 CPU or a read task of 0.25
+        assert caplog.text == ""
+        _check_cpus(defaults.model_copy(update={"concurrency": 2}), 2.0)  # two replicas hold both cores
+    assert ("predict.concurrency=2 x predict.num_cpus=1 hold 2 CPUs for the whole run and a read or decode task "
+            "needs 1 beside them (predict.decode_cpus=1), but the cluster has 2 CPUs now: unless it scales up, "
+            "prediction stalls") in caplog.text
+    assert stalls(defaults, 1.5) and not stalls(defaults.model_copy(update={"decode_cpus": 0.5}), 1.5)
+
+
 @pytest.mark.slow
-def test_prediction_job_on_ray_data_over_shards_and_a_folder(tiny_demo, tmp_path):
+def test_prediction_job_on_ray_data_over_shards_and_a_folder(tiny_demo, tmp_path, caplog):
     """jobs/predict.py through Ray Data (2 replicas) gives the same rows as the in-process stages."""
     import importlib.util
 
@@ -240,6 +253,11 @@ def test_prediction_job_on_ray_data_over_shards_and_a_folder(tiny_demo, tmp_path
                 for a, b in zip(ray_rows, local_rows, strict=True):
                     assert a["top_classes"] == b["top_classes"] and a["error"] == b["error"]
                     assert a["top_scores"] == pytest.approx(b["top_scores"], abs=1e-5)
+        with caplog.at_level(logging.WARNING):  # the predict.* defaults on these 2 CPUs: no stall, and no warning
+            assert job.main(["--config", "demo", *common[:3], f"predict.input={tiny_demo.eval}",
+                             f"predict.output={tmp_path}/ray-defaults"]) == 0
+        assert "stalls" not in caplog.text
+        assert json.loads((tmp_path / "ray-defaults" / "summary.json").read_text())["images"] == 80
     finally:
         ray.shutdown()
     summary = json.loads((tmp_path / "ray-folder" / "summary.json").read_text())

@@ -7,9 +7,11 @@ import io
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import tarfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,9 @@ from pipeline.data.images import BadImageError, prepare_image
 from pipeline.data.labels import LabelsFileError, read_labels_file
 from pipeline.data.manifest import ClassInfo, classes_from_tsv, classes_to_tsv, read_classes, read_manifest
 from pipeline.data.shard_build import Sample
+from pipeline.data.shard_sizing import planned_shard_bytes, record_bytes, tar_bytes
 from pipeline.data.shard_writer import ShardWriteError, ShardWriter, write_folder_shards
-from pipeline.storage import open_read
+from pipeline.storage import filesystem, open_read, require_bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 64 * 1024  # the smallest shard target allowed: several shards from a few dozen small images
@@ -252,6 +255,36 @@ def test_resume_rewrites_only_missing_shard_and_output_is_deterministic(folder: 
                             options=ShardsConfig(max_shard_mb=MAX_MB, jpeg_quality=70, workers=1, progress=False))
 
 
+def test_a_first_run_against_the_wrong_folder_does_not_decide_the_rerun(folder: Path, tmp_path: Path) -> None:
+    """The same labels file read against another folder gives the same keys: the folder and the labels file's
+    content are what identify a shard's inputs, so shards that recorded every input as missing are rewritten, and
+    good shards from another folder are refused unless shards.overwrite=true, which rewrites them all."""
+    labels, out = str(folder / "labels.csv"), tmp_path / "mine"
+    options = ShardsConfig(max_shard_mb=MAX_MB, workers=1, progress=False)
+    with pytest.raises(ShardWriteError, match=r"none of the 37 inputs could be used \(first: .*file not found\)"):
+        write_folder_shards(str(tmp_path / "fotos"), labels, str(out), options=options)  # a typo in --images
+    assert list(out.glob("shard-*.json")) and not (out / "manifest.json").exists()
+    report = write_folder_shards(str(folder), labels, str(out), options=options)  # the right folder
+    assert report.samples == 35 and report.skipped_shards == [] and len(report.bad) == 2
+    clean = tmp_path / "clean"
+    write_folder_shards(str(folder), labels, str(clean), options=options)
+    assert _files(out) == _files(clean)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    with pytest.raises(ShardWriteError, match=rf"shard-000000.json: this shard was written from other inputs "
+                       rf"\(images {folder}, labels_sha256 .*\) than this run's \(images {copy},.*overwrite=true"):
+        write_folder_shards(str(copy), labels, str(out), options=options)
+    assert _files(out) == _files(clean)  # refused before anything was touched
+    report = write_folder_shards(str(copy), labels, str(out), options=options.model_copy(update={"overwrite": True}))
+    assert report.skipped_shards == [] and report.written_shards == list(range(len(report.shards)))
+    assert read_manifest(str(out)).num_samples == 35
+
+    (copy / "labels.csv").write_text((folder / "labels.csv").read_text().replace(",p0\n", ",p100\n"))
+    with pytest.raises(ShardWriteError, match="other inputs"):  # the same folder, another labels file's content
+        write_folder_shards(str(copy), str(copy / "labels.csv"), str(out), options=options)
+
+
 def test_interrupted_source_leaves_only_complete_shards_and_resumes(tmp_path: Path) -> None:
     images = [(f"s{i:03d}", _encode(_photo(200 + i, 64, 48)), [i % 3]) for i in range(12)]
     classes = [ClassInfo(i, f"c{i}") for i in range(3)]
@@ -357,6 +390,23 @@ def test_min_shards_splits_a_small_dataset_above_the_floor(photos: list, tmp_pat
     assert len(read_manifest(str(whole)).shards) == 1 and "target_bytes" not in _sidecars(whole)[0]
 
 
+def test_the_readme_states_the_shard_count_rule_the_writer_plans_by() -> None:
+    """Journey step 2's sentence, with the defaults' numbers: 32 shards between 32 x 4 MiB and 32 x 256 MiB, about
+    one per 4 MiB below (3,000 JPEGs of 28 KB: 22, as the greedy plan cuts them), not "at least 32"."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    defaults = ShardsConfig()
+    low, high = defaults.min_shards * defaults.min_shard_mb, defaults.min_shards * defaults.max_shard_mb / 1024
+    assert f"a dataset of {low:.0f} MiB to {high:.0f} GiB makes {defaults.min_shards} shards" in readme
+    assert f"about one shard per {defaults.min_shard_mb:.0f} MiB" in readme and "at least 32 shards" not in readme
+    records = [record_bytes(28_000, 40)] * 3000
+    target, shards, size = planned_shard_bytes(sum(records), defaults), 1, 0
+    for record in records:  # the writer's greedy cut (`ShardWriter._next_group`)
+        if size and tar_bytes(size + record) > target:
+            shards, size = shards + 1, 0
+        size += record
+    assert target == defaults.min_shard_bytes and "3,000 JPEGs of 28 KB make 22" in readme and shards == 22
+
+
 def test_overwrite_replaces_a_prefix_of_other_settings_manifest_last(photos: list, tmp_path: Path) -> None:
     classes = [ClassInfo(i, f"c{i}") for i in range(3)]
     items = photos[:12]
@@ -416,3 +466,23 @@ def test_cli_folder_and_demo_end_to_end(folder: Path, tmp_path: Path, capsys: py
     assert "none.csv" in capsys.readouterr().err
     assert main(["--demo", "tiny", "--count", "5", "--out", str(tmp_path / "y"), "shards.jpeg_quality=0"]) == 2
     assert "shards.jpeg_quality" in capsys.readouterr().err  # settings are the config's, checked before any work
+
+
+def test_an_output_bucket_that_does_not_exist_is_refused_unless_asked_to_create_it(
+        local_s3, capsys: pytest.CaptureFixture) -> None:
+    """SeaweedFS creates a bucket on the first write into it: a typo in --out's bucket would make a new one."""
+    main = runpy.run_path(str(ROOT / "jobs" / "make_shards.py"))["main"]
+    bucket = f"tset-{uuid.uuid4().hex[:8]}"  # "test" mistyped
+    out = f"s3://{bucket}/mine/train"
+    args = ["--demo", "tiny", "--count", "3", "--image-size", "64", "--out", out, "shards.workers=1",
+            "shards.progress=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: StorageError: {out}: bucket '{bucket}' does not exist at {local_s3.endpoint_url}; check the " \
+           "URL for a typo, or add storage.create_bucket=true to create it\n" in err and "Traceback" not in err
+    fs, _ = filesystem(out)
+    with pytest.raises(FileNotFoundError):
+        fs.call_s3("head_bucket", Bucket=bucket)  # nothing was created
+    assert main([*args, "storage.create_bucket=true"]) == 0
+    assert read_manifest(out).num_samples == 3
+    require_bucket("/nonexistent/dir/x")  # local paths are not buckets: nothing to check

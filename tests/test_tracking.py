@@ -24,7 +24,7 @@ from pipeline.config import load_config
 from pipeline.evaluation.report import read_records
 from pipeline.evaluation.watcher import CheckpointWatcher
 from pipeline.storage import join_url, read_bytes
-from pipeline.tracking import TRACKING_FILE, Tracker, TrackingUnavailable, read_run_file, start_tracking
+from pipeline.tracking import TRACKING_FILE, Tracker, TrackingUnavailable, metric_name, read_run_file, start_tracking
 from pipeline.tracking.tracker import MAX_PENDING, BackgroundTracker
 from pipeline.train.loop import train
 
@@ -241,6 +241,13 @@ def test_wandb_offline_runs_hold_config_training_scalars_evaluation_and_report_u
     assert series(evaluator, "eval/map_at_100") == {r["step"]: pytest.approx(r["map@100"]) for r in records}
     assert series(evaluator, "eval/image_map_at_100") == {r["step"]: pytest.approx(r["image_map@100"])
                                                           for r in records}
+    # Every number of each map100.jsonl line is in the tracked run at its step (threshold_mean_f1 was not).
+    assert series(evaluator, "eval/threshold_mean_f1") == {r["step"]: pytest.approx(r["threshold_mean_f1"])
+                                                           for r in records}
+    for record in records:
+        measured = {name for name, value in record.items() if isinstance(value, float)} - {"time"}
+        row = next(row for row in evaluator["history"] if row["step"] == record["step"] and "eval/map_at_100" in row)
+        assert {metric_name(f"eval/{name}") for name in measured} <= set(row), measured
     assert "reports/report.html" in evaluator["files"]
     saved = folders[1] / "files" / "reports" / "report.html"
     assert saved.read_bytes() == read_bytes(join_url(first.run_dir, "reports", "report.html"))

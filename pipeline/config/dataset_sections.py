@@ -46,9 +46,10 @@ class ShardsConfig(Section):
                                 "process")
     tmp_dir: str | None = Field(None, description="local directory for shards being built; None = the system's")
     progress: bool = Field(True, description="a progress bar on stderr")
-    overwrite: bool = Field(False, description="replace a dataset written at the prefix with other settings: its "
-                            "manifest is removed first, its shards rewritten, the new manifest written last "
-                            "(without it such a prefix is refused, to keep re-runs resumable)")
+    overwrite: bool = Field(False, description="replace a dataset written at the prefix with other settings or "
+                            "from other inputs (images folder, labels file): its manifest is removed first, its "
+                            "shards rewritten, the new manifest written last (without it such a prefix is refused, "
+                            "to keep re-runs resumable)")
 
     @property
     def max_shard_bytes(self) -> int:

@@ -121,6 +121,10 @@ class StorageConfig(Section):
     region: str | None = None
     profile: str | None = Field(None, description="AWS profile name from ~/.aws/credentials")
     anonymous: bool = False
+    create_bucket: bool = Field(
+        False, description="an S3 output URL (make_shards/index_shards --out, run.storage, predict.output, export "
+        "--out) whose bucket does not exist is refused, naming it, since S3-compatible stores such as SeaweedFS "
+        "create a bucket on the first write into it (a typo would make a new one); true creates it instead")
     retries: int = Field(5, ge=0, description="attempts after the first on transient errors (connection refused, "
                          "timeouts, HTTP 5xx/429) for one-off calls: start-up reads, listings, writes; with the "
                          "backoff about 10 s, so a wrong endpoint is reported quickly")

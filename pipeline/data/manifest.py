@@ -187,11 +187,16 @@ def check_same_classes(trained: dict[str, Any] | None, eval_prefix: str, storage
     if trained is None:
         return
     found = class_fingerprint(eval_prefix, read_manifest(eval_prefix, storage), storage)
-    if found["sha256"] != trained["sha256"]:
-        raise ValueError(
-            f"the eval data's classes ({found['classes']}, {found['num_classes']} classes) are not the model's "
-            f"({trained['classes']}, {trained['num_classes']} classes): same ids, other names or order. Write the "
-            f"eval shards with --vocab {trained['classes']}")
+    if found["sha256"] == trained["sha256"]:
+        return
+    ours, theirs = found["num_classes"], trained["num_classes"]
+    what = (f"class counts differ: {ours} vs {theirs}" if ours != theirs else
+            f"the same {ours} ids, but other names or another order")
+    raise ValueError(
+        f"the eval data's classes ({found['classes']}, {ours} classes) are not the model's ({trained['classes']}, "
+        f"{theirs} classes): {what}. An evaluation set must use the training set's classes (ids and names; classes "
+        f"without images there are fine): write its shards with jobs/make_shards.py --vocab {trained['classes']} "
+        f"(jobs/index_shards.py: index.classes={trained['classes']} index.frequencies=classes_file)")
 
 
 def write_classes(prefix: str, classes: list[ClassInfo], storage: StorageConfig | None = None) -> None:

@@ -5,7 +5,8 @@ Output under the dataset prefix (the manifest and classes file: `pipeline.data.m
 - `shard-000000.tar`, ...: per sample `KEY.jpg` (an RGB JPEG) and `KEY.json` (`{"labels": [class ids], ...meta}`),
   written with `webdataset.TarWriter` (members sorted, mtime 0, so the same input gives byte-identical tars);
 - `shard-000000.json`, ...: a sidecar per shard (input range, sample count, bytes, bad inputs, label counts,
-  the settings' fingerprint), written after its tar; a shard is *published* when both exist and agree.
+  the settings' fingerprint, what identifies the input), written after its tar; a shard is *published* when both
+  exist and agree.
 
 `write_shard` runs in the writer's worker processes: it builds the tar in a local temp file and publishes it
 atomically with `upload_file`, so a crashed writer leaves no partial shard visible.
@@ -97,6 +98,7 @@ class ShardTask:
     options: ShardsConfig
     storage: StorageConfig | None
     target_bytes: int | None = None  # the shard size planned for this dataset when min_shards lowered it
+    inputs: dict[str, Any] | None = None  # what identifies the input (`ShardWriter.inputs`), recorded in the sidecar
 
 
 _tick: Callable[[int], None] = lambda n: None  # noqa: E731  (set per process: progress of samples processed)
@@ -166,7 +168,8 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     sidecar = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "shard": name, "index": task.index,
                "start": task.start, "items": len(task.samples), "first_key": task.samples[0].key,
                "final": task.final, "samples": samples, "bytes": size if samples else 0,
-               "settings": task.settings, "reencoded": dict(sorted(reencoded.items())), "bad": bad,
+               "settings": task.settings, "inputs": task.inputs, "reencoded": dict(sorted(reencoded.items())),
+               "bad": bad,
                "label_counts": {str(k): v for k, v in sorted(label_counts.items())}}
     if task.target_bytes is not None:
         sidecar["target_bytes"] = task.target_bytes

@@ -45,7 +45,7 @@ def cluster_sizes_line(shards: list[ShardInfo]) -> str:
     line = (f"trains on at most cluster.num_workers x data.loader_workers = {sizes} (each rank's loader worker "
             "needs its own shard)")
     if len(shards) < 32:
-        line += ("; for more, write more, smaller shards (shards.min_shards, shards.max_shard_mb; "
+        line += ("; for more, write more, smaller shards (a lower shards.min_shard_mb, or shards.max_shard_mb; "
                  "shards.overwrite=true to replace these)")
     return line
 

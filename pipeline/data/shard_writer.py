@@ -11,8 +11,10 @@ Shard boundaries are planned in input order, greedily, by each sample's estimate
 (`planned_shard_bytes`; recorded in the sidecars as `target_bytes`, which a resumed run reuses). The plan depends
 only on the input and the settings, which makes output deterministic and runs resumable: a re-run skips every
 published shard (checking that its sidecar matches the plan) and writes only the missing ones. A prefix holding
-shards of other settings is refused, unless `shards.overwrite`: then its manifest is removed first, those shards
-are rewritten, files beyond the new set removed, and the new manifest written last. Worker processes each build
+shards of other settings, or from other inputs (`ShardWriter`'s `inputs`: a folder's URL and labels file), is
+refused, unless `shards.overwrite`: then its manifest is removed first, those shards are rewritten, files beyond
+the new set removed, and the new manifest written last. A shard from other inputs that holds no sample (a first
+run against the wrong folder: every input "file not found") is rewritten without it. Worker processes each build
 whole shards (`write_shard`). classes.tsv and then manifest.json are written from the sidecars once every shard is
 published, so readers that see a manifest see complete shards.
 """
@@ -53,7 +55,7 @@ from pipeline.data.shard_build import (
 )
 from pipeline.data.shard_report import RejectedInput, ShardReport
 from pipeline.data.shard_sizing import estimate_record, estimate_records, planned_shard_bytes, tar_bytes
-from pipeline.storage import StorageError, filesystem, join_url, read_bytes, remove, with_retries
+from pipeline.storage import StorageError, absolute_url, filesystem, join_url, read_bytes, remove, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +115,18 @@ class ShardWriter:
     `count_frequencies=True` (a training split) writes classes.tsv with train_frequency = the number of written
     samples carrying each class; `False` (an eval split given the training vocabulary) copies `classes` as they are,
     frequencies and weights included, so both splits share ids and weights.
+
+    `inputs` says what the samples are (for a folder: its URL and the labels file's digest), recorded in every
+    sidecar: the keys alone do not tell, since the same labels file read against another folder gives the same
+    keys. A published shard from other inputs is refused unless `shards.overwrite`, or rewritten when it holds no
+    sample (every input was missing or bad: a first run against the wrong folder must not decide a re-run's
+    outcome). None: unknown (an iterator of the caller's), not checked.
     """
 
     def __init__(self, out: str, classes: Sequence[ClassInfo], *, count_frequencies: bool = True,
                  labels: Literal["sparse", "dense"] = "sparse", attribution: str = "",
                  extra: dict[str, Any] | None = None, options: ShardsConfig | None = None,
-                 storage: StorageConfig | None = None) -> None:
+                 storage: StorageConfig | None = None, inputs: dict[str, Any] | None = None) -> None:
         if not classes or [c.id for c in classes] != list(range(len(classes))):
             raise ValueError("classes must be non-empty with ids 0..len-1 in order")
         if labels not in ("sparse", "dense"):
@@ -131,6 +139,7 @@ class ShardWriter:
         self.extra = dict(extra or {})
         self.options = options or ShardsConfig()
         self.storage = storage
+        self.inputs = json.loads(json.dumps(inputs)) if inputs is not None else None  # as a sidecar reads back
         fingerprint = json.dumps({"writer": output_settings(self.options), "version": SIDECAR_VERSION,
                                   "classes": [c.name for c in self.classes]}, sort_keys=True)
         self.settings = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
@@ -157,33 +166,57 @@ class ShardWriter:
         published: dict[int, dict[str, Any]] = {}
         replaced: list[int] = []
         for index, text in zip(indices, texts, strict=True):
-            url = join_url(self.out, sidecar_name(index))
-            try:
-                side = json.loads(text)
-                ok = side.get("format") == SIDECAR_FORMAT and side.get("index") == index
-            except (json.JSONDecodeError, AttributeError):
-                ok = False
-            if not ok:
-                logger.warning("%s is not a shard sidecar of this writer; its shard will be rewritten", url)
+            side = self._sidecar(index, text)
+            if side is None:
                 continue
-            if side.get("version") != SIDECAR_VERSION or side.get("settings") != self.settings:
-                if self.options.overwrite:
-                    replaced.append(index)
-                    continue
-                raise ShardWriteError(
-                    f"{url}: this shard was written with other settings or another class vocabulary "
-                    f"(sidecar settings {side.get('settings')!r}, this run {self.settings!r}; this run: "
-                    f"{output_settings(self.options)}); write to a new prefix, or add shards.overwrite=true to "
-                    "replace the dataset there (its manifest is removed first, the new one written last)")
-            if side["samples"] == 0 or sizes.get(shard_name(index)) == side["bytes"]:
+            if self._replace(index, side):
+                replaced.append(index)
+            elif side["samples"] == 0 or sizes.get(shard_name(index)) == side["bytes"]:
                 published[index] = side
         return published, sorted(sizes), replaced
 
+    def _sidecar(self, index: int, text: bytes) -> dict[str, Any] | None:
+        """The sidecar of shard `index`, or None (logged: the shard is rewritten) when it is not one of ours."""
+        try:
+            side = json.loads(text)
+            if side.get("format") == SIDECAR_FORMAT and side.get("index") == index:
+                return side
+        except (json.JSONDecodeError, AttributeError):
+            pass
+        logger.warning("%s is not a shard sidecar of this writer; its shard will be rewritten",
+                       join_url(self.out, sidecar_name(index)))
+        return None
+
+    def _replace(self, index: int, side: dict[str, Any]) -> bool:
+        """Whether published shard `index` is to be rewritten: written with other settings or from other inputs,
+        with `overwrite`; from other inputs with no sample in it. Raises when it is to be kept neither way."""
+        url = join_url(self.out, sidecar_name(index))
+        if side.get("version") != SIDECAR_VERSION or side.get("settings") != self.settings:
+            if self.options.overwrite:
+                return True
+            raise ShardWriteError(
+                f"{url}: this shard was written with other settings or another class vocabulary "
+                f"(sidecar settings {side.get('settings')!r}, this run {self.settings!r}; this run: "
+                f"{output_settings(self.options)}); write to a new prefix, or add shards.overwrite=true to "
+                "replace the dataset there (its manifest is removed first, the new one written last)")
+        recorded = side.get("inputs")  # None: written before inputs were recorded, or by a caller who gave none
+        if recorded is None or self.inputs is None or recorded == self.inputs:
+            return False
+        if self.options.overwrite or side["samples"] == 0:
+            logger.warning("%s was written from other inputs (%s; this run: %s)%s: rewriting it", url,
+                           _describe_inputs(recorded), _describe_inputs(self.inputs),
+                           " and holds no sample" if side["samples"] == 0 else "; shards.overwrite=true")
+            return True
+        raise ShardWriteError(
+            f"{url}: this shard was written from other inputs ({_describe_inputs(recorded)}) than this run's "
+            f"({_describe_inputs(self.inputs)}); write to a new prefix, or add shards.overwrite=true to replace the "
+            "dataset there")
+
     def _remove_manifest(self, replaced: list[int]) -> None:
         """`overwrite`: hide the old dataset before any of its shards is replaced (readers need a manifest)."""
-        logger.warning("%s: replacing the dataset written there with other settings (shards.overwrite=true; %d "
-                       "shards to rewrite, starting with %s): its manifest is removed now, the new one is written "
-                       "when every shard is", self.out, len(replaced), shard_name(replaced[0]))
+        logger.warning("%s: replacing shards written there with other settings or from other inputs (%d shards to "
+                       "rewrite, starting with %s): its manifest is removed now, the new one is written when every "
+                       "shard is", self.out, len(replaced), shard_name(replaced[0]))
         remove(join_url(self.out, MANIFEST_FILE), self.storage)
 
     def _target_bytes(self, published: dict[int, dict[str, Any]], total_records: int) -> int | None:
@@ -240,7 +273,7 @@ class ShardWriter:
                 return
             yield ShardTask(index=index, start=position, samples=group, final=final, out=self.out,
                             settings=self.settings, options=self.options, storage=self.storage,
-                            target_bytes=self.target_bytes)
+                            target_bytes=self.target_bytes, inputs=self.inputs)
             position += len(group)
             index += 1
 
@@ -336,7 +369,7 @@ class ShardWriter:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        return self._finish(published, results, names, began)
+        return self._finish(published, results, names, began, replacing=bool(replaced))
 
     def _run(self, fn: Callable[[], dict[str, Any]], task: ShardTask) -> dict[str, Any]:
         try:
@@ -381,7 +414,7 @@ class ShardWriter:
         return [(p, s) for p, s in items if not covered[p]]
 
     def _finish(self, published: dict[int, dict[str, Any]], results: dict[int, dict[str, Any]], names: list[str],
-                began: float) -> ShardReport:
+                began: float, replacing: bool = False) -> ShardReport:
         sidecars = {**published, **results}
         count = 0
         while count in sidecars and (count == 0 or not sidecars[count - 1]["final"]):
@@ -393,7 +426,7 @@ class ShardWriter:
             raise ShardWriteError(f"{self.out}: the input ended before {shard_name(count)} although earlier shards "
                                   "said more would follow; write to a new prefix")
         stale = [n for n in names if (m := SHARD_FILE_RE.match(n)) and int(m.group(1)) >= count]
-        if stale and self.options.overwrite:
+        if stale and (self.options.overwrite or replacing):  # files of what this run replaces
             logger.info("%s: removing %d files of the replaced dataset beyond its new %d shards", self.out,
                         len(stale), count)
             for name in stale:
@@ -429,6 +462,18 @@ class ShardWriter:
                            seconds=time.monotonic() - began)
 
 
+def _describe_inputs(inputs: dict[str, Any]) -> str:
+    """`inputs` as a message names them: `key value` pairs, a digest shortened."""
+    return ", ".join(f"{key} {str(value)[:12] if key.endswith('sha256') else value}" for key, value in inputs.items())
+
+
+def folder_inputs(images: str, labels_file: str, storage: StorageConfig | None = None) -> dict[str, str]:
+    """What identifies a folder source (`ShardWriter`'s `inputs`): the images folder as an absolute URL, and the
+    labels file's content (its sha256), wherever that file lies."""
+    digest = hashlib.sha256(read_bytes(labels_file, storage)).hexdigest()
+    return {"images": absolute_url(images).rstrip("/"), "labels_sha256": digest}
+
+
 def write_folder_shards(images: str, labels_file: str, out: str, *, vocabulary: Sequence[ClassInfo] | None = None,
                         labels: Literal["sparse", "dense"] = "sparse", attribution: str = "",
                         options: ShardsConfig | None = None, storage: StorageConfig | None = None) -> ShardReport:
@@ -445,6 +490,6 @@ def write_folder_shards(images: str, labels_file: str, out: str, *, vocabulary: 
     samples = folder_samples(images, records, classes, source=labels_file)
     writer = ShardWriter(out, classes, count_frequencies=vocabulary is None, labels=labels, attribution=attribution,
                          extra={"source": {"images": images, "labels_file": labels_file}},
-                         options=options, storage=storage)
+                         options=options, storage=storage, inputs=folder_inputs(images, labels_file, storage))
     return writer.write(samples)
 

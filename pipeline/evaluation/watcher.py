@@ -5,7 +5,9 @@ With each line it writes the checkpoint's per-class decision thresholds (`report
 
 Idempotent and resumable by construction: the set of evaluated steps is read back from `reports/map100.jsonl`
 before each poll, so a restarted evaluator skips what is done; only committed checkpoints (COMMIT marker present)
-are ever listed, so partial ones are never read. One evaluator per run is expected (the report is rewritten, not
+are ever listed, so partial ones are never read. It ends by itself once the run's final checkpoint (at the
+`train.total_steps` saved with it) is evaluated, saying so, or with `until_step` once that step is. One evaluator
+per run is expected (the report is rewritten, not
 appended to: see `append_record`). Steps already reported with other eval settings are not evaluated again, with a
 warning. An evaluator that lags behind training can lose checkpoints to retention: those deleted before it got to
 them (inferred from the newest checkpoint's `checkpoint.every_steps`), or while it read them, are named in a
@@ -169,7 +171,8 @@ class CheckpointWatcher:
         return evaluation
 
     def run(self, once: bool = False, until_step: int | None = None, only: str | None = None) -> list[Evaluation]:
-        """Poll until stopped (or, with `once`, a single pass; with `until_step`, until that step is evaluated)."""
+        """Poll until the run's final checkpoint is evaluated (`finished_at`), or, with `until_step`, until a step at
+        or after it is; with `once`, a single pass. A watcher that ran until stopped by hand outlived every run."""
         results: list[Evaluation] = []
         if not once and not exists(self.run_dir, self.storage):
             log.info("waiting for checkpoints of %s: nothing there yet (if training is running, check run.name and "
@@ -182,11 +185,25 @@ class CheckpointWatcher:
                                           storage=self.storage)
                 if once or (until_step is not None and any(step >= until_step for step in done)):
                     return results
+                if until_step is None and (final := self.finished_at(done)) is not None:
+                    log.info("%s finished: its final checkpoint (step %d = train.total_steps) is evaluated; the "
+                             "evaluator stops (to follow a run resumed with more steps, start it with --until-step N)",
+                             self.run_dir, final)
+                    return results
                 time.sleep(self.poll_seconds)
         finally:
             if self._tracker is not None:
                 self._tracker.close()
                 self._tracker = None
+
+    def finished_at(self, done: set[int]) -> int | None:
+        """The final step of a finished run once its checkpoint is in `done`, else None. Training's last checkpoint
+        is at `train.total_steps` of the config saved with it (the COMMIT rule: only committed ones are listed);
+        `pending` read the newest one's config this pass."""
+        if self._schedule is None:
+            return None
+        step, saved = self._schedule
+        return step if step >= saved.train.total_steps and step in done else None
 
     def _poll(self, only: str | None, results: list[Evaluation]) -> set[int]:
         """One pass: evaluate what is pending (appended to `results` one by one), then the steps on record."""
@@ -233,9 +250,17 @@ class CheckpointWatcher:
         self._tracker.log_artifact(report_url, "reports/report.html")
 
 
+# Fields of a map100.jsonl line that say what was evaluated and how, not what was measured.
+_NOT_MEASURED = frozenset({"step", "samples_seen", "checkpoint", "time", "baselines", *eval_settings(Config())})
+
+
 def eval_scalars(evaluation: Evaluation) -> dict[str, float]:
-    """`eval/<metric>` for every scalar of the result, `eval/<prior|random>_baseline/<metric>` for its baselines."""
-    scalars = {f"eval/{name}": value for name, value in evaluation.result.scalars().items()}
+    """`eval/<name>` for every number the evaluation's `map100.jsonl` line records (MAP@K and its companions, the
+    mean F1 at the decision thresholds, the time it took), `eval/<prior|random>_baseline/<metric>` for its baselines.
+    Derived from the line itself, so a metric the evaluator records is never missing from TensorBoard or the tracked
+    run (`threshold_mean_f1` was, while it was listed by hand)."""
+    scalars = {f"eval/{name}": float(value) for name, value in evaluation.record().items()
+               if name not in _NOT_MEASURED and isinstance(value, int | float) and not isinstance(value, bool)}
     for baseline, scores in (evaluation.baselines or {}).items():
         scalars.update({f"eval/{baseline}_baseline/{name}": value for name, value in scores.items()})
     return scalars

@@ -177,15 +177,28 @@ def ray_results(parts: list[dict], predictor: Predictor, settings: PredictConfig
     yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
+def cpu_needs(settings: PredictConfig) -> tuple[float, float]:
+    """(CPUs the replicas hold for the whole run, CPUs the larger of a read and a decode task needs beside them)."""
+    return settings.concurrency * settings.num_cpus, max(READ_CPUS, settings.decode_cpus)
+
+
+def stalls(settings: PredictConfig, cluster_cpus: float) -> bool:
+    """Whether the pipeline can never progress on `cluster_cpus` CPUs: the replicas hold their CPUs for the whole
+    run, so a read or decode task that does not fit in what they leave never starts. Reading and decoding need not
+    run at the same time (their tasks take turns), so only the larger of the two must fit: the defaults, one replica
+    of 1 CPU beside decode tasks of 1 CPU, run on 2 cores (warning when all three did not fit at once was wrong)."""
+    return sum(cpu_needs(settings)) > cluster_cpus
+
+
 def _check_cpus(settings: PredictConfig, cluster_cpus: float) -> None:
-    """Warn when the replicas leave no CPU for reading and decoding: the pipeline would wait for CPUs that an
-    autoscaling cluster may add, and otherwise never gets."""
-    needed = settings.concurrency * settings.num_cpus + READ_CPUS + settings.decode_cpus
-    if needed > cluster_cpus:
-        log.warning("predict.concurrency=%d x predict.num_cpus=%g + a read task (%g) + a decode task "
-                    "(predict.decode_cpus=%g) need %g CPUs, the cluster has %g now: unless it scales up, prediction "
-                    "stalls; lower predict.concurrency, predict.num_cpus or predict.decode_cpus", settings.concurrency,
-                    settings.num_cpus, READ_CPUS, settings.decode_cpus, needed, cluster_cpus)
+    """Warn when the pipeline `stalls` as the cluster is now: it waits for CPUs that an autoscaling cluster may add
+    and a fixed one never gets."""
+    if stalls(settings, cluster_cpus):
+        replicas, task = cpu_needs(settings)
+        log.warning("predict.concurrency=%d x predict.num_cpus=%g hold %g CPUs for the whole run and a read or decode "
+                    "task needs %g beside them (predict.decode_cpus=%g), but the cluster has %g CPUs now: unless it "
+                    "scales up, prediction stalls; lower predict.concurrency, predict.num_cpus or predict.decode_cpus",
+                    settings.concurrency, settings.num_cpus, replicas, task, settings.decode_cpus, cluster_cpus)
 
 
 def local_results(parts: list[dict], predictor: Predictor, settings: PredictConfig,

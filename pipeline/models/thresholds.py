@@ -9,10 +9,12 @@ File (JSON, `thresholds.json`-like; written with `write_thresholds`, read with `
 
     {"format": "xception-pipeline-thresholds", "version": 1, "step": 600, "method": "max_f1",
      "min_positives": 5, "global_threshold": 0.31, "classes": ["cat", ...], "thresholds": [0.42, ...],
-     "positives": [17, ...], "f1": [0.8, ...]}
+     "positives": [17, ...], "f1": [0.8, ...], "held_out_f1": [0.74, ...]}
 
 `thresholds[c]` is the threshold class `c` uses (already the global one where `positives[c] < min_positives`);
-`f1[c]` is the eval-set F1 at it.
+`f1[c]` is the eval-set F1 at it, in-sample (on the images it was fitted on, so optimistic); `held_out_f1[c]` is
+the F1 of thresholds fitted on one half of the eval images and scored on the other (`pipeline.evaluation.thresholds`),
+the estimate of what it does on new images (files written before it was recorded have none).
 """
 
 from __future__ import annotations
@@ -46,13 +48,16 @@ class ClassThresholds:
     step: int | None = None
     method: str = "max_f1"
     positives: list[int] = field(default_factory=list)
-    f1: list[float] = field(default_factory=list)
+    f1: list[float] = field(default_factory=list)  # in-sample
+    held_out_f1: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.classes)
-        if len(self.thresholds) != n or any(len(v) not in (0, n) for v in (self.positives, self.f1)):
+        lists = (self.positives, self.f1, self.held_out_f1)
+        if len(self.thresholds) != n or any(len(v) not in (0, n) for v in lists):
             raise ThresholdsError(f"{n} classes but {len(self.thresholds)} thresholds, {len(self.positives)} "
-                                  f"positive counts and {len(self.f1)} F1 values")
+                                  f"positive counts, {len(self.f1)} F1 values and {len(self.held_out_f1)} held-out "
+                                  "F1 values")
         bad = [v for v in [*self.thresholds, self.global_threshold] if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
         if bad:
             raise ThresholdsError(f"thresholds are probabilities in [0, 1]; got {bad[:3]}")

@@ -8,7 +8,16 @@ local runs and tests is `pipeline.storage.local_s3` (not imported here: importin
 """
 
 from pipeline.storage.errors import StorageAuthError, StorageError
-from pipeline.storage.files import exists, list_dir, open_read, read_bytes, remove, upload_file, write_bytes
+from pipeline.storage.files import (
+    exists,
+    list_dir,
+    open_read,
+    read_bytes,
+    remove,
+    require_bucket,
+    upload_file,
+    write_bytes,
+)
 from pipeline.storage.filesystems import filesystem
 from pipeline.storage.paths import absolute_url, is_local_url, join_url, local_path, s3_endpoint, s3_region
 from pipeline.storage.retries import outlasting_outages, retry_call, with_retries
@@ -27,6 +36,7 @@ __all__ = [
     "outlasting_outages",
     "read_bytes",
     "remove",
+    "require_bucket",
     "retry_call",
     "s3_endpoint",
     "s3_region",

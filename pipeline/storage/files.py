@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import posixpath
 import re
@@ -21,10 +22,13 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import StorageConfig
+from pipeline.storage.errors import StorageError
 from pipeline.storage.filesystems import filesystem
-from pipeline.storage.paths import S3_PROTOCOLS, join_url, url_protocol
+from pipeline.storage.paths import S3_PROTOCOLS, join_url, s3_endpoint, url_protocol
 from pipeline.storage.retries import with_retries
 from pipeline.storage.streams import ReopeningReader
+
+log = logging.getLogger(__name__)
 
 _TEMP_SUFFIX = ".partial"
 _TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}" + re.escape(_TEMP_SUFFIX) + "$")
@@ -154,6 +158,43 @@ def upload_file(local_path: str, url: str, storage: StorageConfig | None = None)
 def _copy(source: BinaryIO, target: BinaryIO, chunk: int = 8 << 20) -> None:
     while block := source.read(chunk):
         target.write(block)
+
+
+def require_bucket(url: str, storage: StorageConfig | None = None) -> None:
+    """Refuse an output `url` on S3 whose bucket does not exist (StorageError naming the bucket), or create it when
+    `storage.create_bucket` asks to. A job checks its outputs before writing anything.
+
+    Why: S3-compatible stores such as SeaweedFS create a bucket on the first write into it, so a typo in the bucket
+    would quietly write a new bucket (AWS S3 refuses such a write, but only once the work is done). A bucket that
+    exists but may not be checked (403: no s3:ListBucket) is taken as there: the writes will tell. Other protocols
+    have no such trap and are not checked.
+    """
+    protocol = url_protocol(url)
+    if protocol not in S3_PROTOCOLS:
+        return
+    storage = storage or StorageConfig()
+    fs, path = filesystem(url, storage)
+    bucket = path.split("/", 1)[0]
+
+    def there() -> bool:
+        try:
+            fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    if with_retries(there, what=f"check bucket {bucket!r} of {url}", storage=storage, protocol=protocol):
+        return
+    where = s3_endpoint(storage) or "AWS"
+    if not storage.create_bucket:
+        raise StorageError(f"{url}: bucket {bucket!r} does not exist at {where}; check the URL for a typo, or add "
+                           "storage.create_bucket=true to create it")
+    with_retries(lambda: fs.mkdir(bucket), what=f"create bucket {bucket!r} at {where}", storage=storage,
+                 protocol=protocol)
+    fs.invalidate_cache()
+    log.info("created bucket %r at %s (storage.create_bucket=true)", bucket, where)
 
 
 # ------------------------------------------------------------------------------------------------------ removing

