@@ -40,9 +40,10 @@ def test_train_worker_records_a_nonfinite_stop_instead_of_raising(tmp_path, monk
     context = SimpleNamespace(get_world_rank=lambda: rank, get_world_size=lambda: 2, get_local_rank=lambda: rank,
                               get_node_rank=lambda: 0)
     monkeypatch.setattr(ray.train, "get_context", lambda: context)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
 
-    def nan_at_step_5(config, ctx, report):
+    def nan_at_step_5(config, ctx, report, poll_drains):
         raise NonFiniteError("non-finite loss or gradients at step 5", step=5)
 
     monkeypatch.setattr(launcher, "train", nan_at_step_5)

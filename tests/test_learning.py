@@ -50,10 +50,13 @@ def train_and_evaluate(data: tuple[str, str, int], tmp_path, overrides: list[str
     return evaluation.result.scalars(), evaluation.baselines
 
 
-# Measured on 2 cores (2026-12-01), per class / per image: the demo preset 29.0% / 65.7% (3.3x the prior's 8.7%,
-# 11.9 points above its 53.8%); the demo preset as it was before (lr 0.005, epsilon 1.0, step decay, Inception
-# crops) 20.7% / 58.4% (2.4x, +4.6); the paper-style control below 15.1% / 54.9% (1.7x, +1.1).
-TIMES_PRIOR, POINTS_ABOVE_PRIOR = 2.8, 0.08
+# Measured on 2 cores, per class / per image: the demo preset 29.0% / 65.7% (3.3x the prior's 8.7%, 11.9 points
+# above its 53.8%) on an AMD EPYC (2026-12-01), 25.8% / 60.2% (3.0x, +6.4) on an Intel Xeon with AMX (2026-12-06;
+# the same code gives that on both commits tried: bf16 kernels differ between the CPUs, and CI gets either); the
+# demo preset as it was before (lr 0.005, epsilon 1.0, step decay, Inception crops) 20.7% / 58.4% (2.4x, +4.6);
+# the paper-style control below 15.1% / 54.9% (1.7x, +1.1). The bars sit between the control and the lower of the
+# two machines.
+TIMES_PRIOR, POINTS_ABOVE_PRIOR = 2.8, 0.05
 
 
 def test_demo_settings_learn_far_beyond_the_class_prior(emoji, tmp_path):

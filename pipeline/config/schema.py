@@ -331,6 +331,9 @@ class ClusterConfig(Section):
     preemption_poll_s: PositiveFloat = Field(
         5.0, description="how often the ranks ask Ray Train whether one of their nodes is being drained "
         "(ray.train.get_preemption_info, a barrier), and how often Ray's watcher polls the drains")
+    preemption_poll_budget: float = Field(
+        0.005, gt=0.0, le=1.0, description="the most of the training time those polls may take (0.005: 0.5%); "
+        "where a poll costs more than preemption_poll_s allows, the ranks poll less often")
     stall_timeout_s: PositiveFloat = Field(
         60.0, description="a worker that leaves Ray Train's health check (polled every 2 s) unanswered this long, "
         "frozen or cut off, is declared dead and the group restarts from the last checkpoint (Ray's default: 600)")

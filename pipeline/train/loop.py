@@ -115,7 +115,8 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
     # Opened last, just before the `try` that closes it on every way out: its staging directory and tracked run
     # outlive a failed restore or init_from otherwise.
     scalars = ScalarWriter(config.run_dir, config, enabled=ctx.rank == 0, report=report, ctx=ctx)
-    stops = StopAgreement(ctx, poll_drains, config.cluster.preemption_poll_s)
+    stops = StopAgreement(ctx, poll_drains, poll_interval_s=config.cluster.preemption_poll_s,
+                          poll_budget=config.cluster.preemption_poll_budget)
     try:
         while state.step < config.train.total_steps:
             with scalars.waiting_for_data():

@@ -47,10 +47,6 @@ from pipeline.train.ray_internals import Preempted
 
 log = logging.getLogger(__name__)
 
-# At most this fraction of the training time goes to asking Ray for drains: where a poll costs more than
-# `preemption_poll_s` allows (measured 9-39 ms on a loaded 2-core test cluster), the ranks ask less often.
-DRAIN_POLL_BUDGET = 0.005
-
 _notice = threading.Event()  # per process: a SIGTERM arrived
 _training = threading.Event()  # per process: a training loop is running (outside it SIGTERM does what it did before)
 
@@ -114,16 +110,18 @@ class StopAgreement:
 
     `poll_drains` (Ray Train workers: `ray.train.get_preemption_info`) is called on every rank at the same steps,
     about every `poll_interval_s` (the first rank whose clock says so asks for all, through the all-reduce), or
-    less often where a call costs more than `DRAIN_POLL_BUDGET` of that interval; it is a barrier too."""
+    less often where a call costs more than `poll_budget` of that interval (`cluster.preemption_poll_budget`:
+    polls measured 9-39 ms each on a loaded 2-core test cluster); it is a barrier too."""
 
-    def __init__(self, ctx: WorkerContext, poll_drains: PreemptionPoll | None = None,
-                 poll_interval_s: float = 5.0) -> None:
+    def __init__(self, ctx: WorkerContext, poll_drains: PreemptionPoll | None = None, *,
+                 poll_interval_s: float = 0.0, poll_budget: float = 1.0) -> None:
         """Notices count from now until `close()`."""
         self.ctx = ctx
         self._bad_data: BadDataError | None = None
         self._group = None
         self._poll_drains = poll_drains
         self._poll_interval_s = poll_interval_s
+        self._poll_budget = poll_budget
         self._last_poll = self._opened = time.monotonic()
         self._polls, self._poll_s = 0, 0.0  # how often Ray was asked, and how long that took in all
         self.notice: str | None = None  # what the agreed notice was, once there is one (for the log and COMMIT)
@@ -163,7 +161,7 @@ class StopAgreement:
             drain = self._poll_drains()  # every rank at this step: Ray's barrier
             self._last_poll = time.monotonic()
             self._polls, self._poll_s = self._polls + 1, self._poll_s + self._last_poll - start
-            self._poll_interval_s = max(self._poll_interval_s, self._poll_s / self._polls / DRAIN_POLL_BUDGET)
+            self._poll_interval_s = max(self._poll_interval_s, self._poll_s / self._polls / self._poll_budget)
             if drain is not None and reason is StopReason.NONE:
                 reason, self.notice = StopReason.PREEMPTED, describe_drain(drain)
         if reason is StopReason.PREEMPTED and self.notice is None:
