@@ -61,8 +61,10 @@ class AugmentConfig(Section):
 class DemoConfig(Section):
     """The built-in demo dataset, generated on first use when `data.train` is not set (pipeline.data.demo)."""
 
-    variant: Literal["openmoji", "tiny"] = Field(
-        "openmoji", description="openmoji: real emoji art on photo textures (needs the 'demo' extra); tiny: shapes"
+    variant: Literal["openmoji", "tiny", "jft_like"] = Field(
+        "openmoji", description="openmoji: real emoji art on photo textures (needs the 'demo' extra); tiny: shapes; "
+        "jft_like: shapes made hard as JFT is (colour-shape classes with Zipf frequencies, 20% of true training "
+        "labels dropped, 10% of training images with a false label; pipeline.data.demo.jft_like)"
     )
     train_images: PositiveInt = 3000
     eval_images: PositiveInt = 500
