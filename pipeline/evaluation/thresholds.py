@@ -33,6 +33,7 @@ from pipeline.models.thresholds import ClassThresholds
 
 if TYPE_CHECKING:
     from pipeline.data import Batch
+    from pipeline.evaluation.frequency_thirds import FrequencyThirds
 
 BINS = 1024
 LOGIT_RANGE = 12.0
@@ -136,5 +137,5 @@ class ThresholdCounts:
     def fit(self) -> ThresholdFit:
         return fit_thresholds(self.counts, self.min_positives)
 
-    def compute(self, weights: Tensor | None) -> dict[str, Any]:
+    def compute(self, weights: Tensor | None, thirds: FrequencyThirds | None = None) -> dict[str, Any]:
         return {"thresholds": self.fit()}
