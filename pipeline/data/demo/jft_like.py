@@ -20,8 +20,10 @@ is generated in seconds; the second artist (`eval_artist=second`) outlines them.
 
 from __future__ import annotations
 
-from pipeline.data.demo.scene import DemoDataset, ObjectType, SceneConfig, build_classes, zipf_weights
-from pipeline.data.demo.tiny import COLOURS, FILLS, SHAPE_GROUPS, NoiseBackgrounds, ShapeArtist
+import numpy as np
+
+from pipeline.data.demo.scene import DemoDataset, SceneConfig, zipf_weights
+from pipeline.data.demo.tiny import COLOURS, FILLS, SHAPE_GROUPS, shapes_dataset
 
 ZIPF_EXPONENT = 1.0  # Zipf's law; the pairs then span 90x, the rarest ~20 objects in 3,000 images
 LABEL_KEEP = 0.8  # 20% of true training labels are dropped
@@ -35,16 +37,7 @@ def open_jft_like(config: SceneConfig, outlined_eval: bool = False) -> DemoDatas
     named = ([("colour", c) for c in COLOURS] + [("shape", s) for s in SHAPE_GROUPS]
              + [("group", g) for g in groups] + [("fill", f) for f in FILLS]
              + [("pair", f"{c} {s}") for s in SHAPE_GROUPS for c in COLOURS])
-    classes, index = build_classes(named)
-    pairs = [(s, c) for s in SHAPE_GROUPS for c in COLOURS]
-    weights = zipf_weights(len(pairs), ZIPF_EXPONENT, CATALOG_SEED)
-    objects = []
-    for (s, c), weight in zip(pairs, weights, strict=True):
-        for f in FILLS:
-            labels = sorted({index["colour", c], index["shape", s], index["group", SHAPE_GROUPS[s]],
-                             index["fill", f], index["pair", f"{c} {s}"]})
-            objects.append(ObjectType(key=f"{s}-{c}-{f}", name=f"{f} {c} {s}", labels=tuple(labels),
-                                      weight=float(weight) / len(FILLS)))
-    return DemoDataset("jft_like", classes, objects, {"train": ShapeArtist(False), "eval": ShapeArtist(outlined_eval)},
-                       NoiseBackgrounds(), config, attribution="Procedurally drawn shapes (no third-party art).",
-                       info={"variant": "jft_like", "zipf_exponent": ZIPF_EXPONENT})
+    pairs = zipf_weights(len(SHAPE_GROUPS) * len(COLOURS), ZIPF_EXPONENT, CATALOG_SEED)
+    weights = np.repeat(pairs, len(FILLS)) / len(FILLS)  # SHAPE_KEYS order: the fills of a pair side by side
+    return shapes_dataset("jft_like", named, {kind: kind for kind in ("group", "shape", "colour", "fill", "pair")},
+                          weights, config, outlined_eval, info={"variant": "jft_like", "zipf_exponent": ZIPF_EXPONENT})
