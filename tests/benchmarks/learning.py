@@ -24,11 +24,15 @@ peer's clock; the pipeline is evaluated after it has finished). Loss is reported
 peer: its BCE summed over classes, averaged over images), so losses of different loss options do not compare.
 The goals, per dataset: the pipeline reaches the peer's final per-class MAP@100 in no more wall time than the peer
 took; and at the last step its per-class and tail-third MAP@100 are at least the peer's.
-Prints a table per dataset and writes JSON, a PNG of the curves per dataset and one of the thirds.
+Prints a table per dataset (and one of MAP@100 per kind of class: colour, pair, ...) and writes JSON, a PNG of the
+curves per dataset and one of the thirds. Each finished run is saved at once to `<out>.runs.json`; `--resume`
+reuses those of an interrupted matrix. On a machine shared with other work set `OMP_WAIT_POLICY=PASSIVE`: torch's
+OpenMP threads otherwise spin while they wait for a core another process holds (measured: a demo step 1.6 s
+instead of 7.6 s with another process busy on one of 2 cores).
 
     python tests/benchmarks/learning.py --steps 600 --eval-every 100 --out benchmark-results/learning.json
-    python tests/benchmarks/learning.py --datasets demo,jft_like --losses --no-paper-style --steps 600 \
-        --eval-every 200 --out benchmark-results/learning-losses.json
+    OMP_WAIT_POLICY=PASSIVE python tests/benchmarks/learning.py --datasets jft_like,demo --losses --no-paper-style \
+        --steps 600 --eval-every 200 --out benchmark-results/learning-losses.json --resume
 """
 
 from __future__ import annotations
@@ -49,9 +53,10 @@ from pipeline.config import Config, load_config, validate
 from pipeline.data.demo.prepare import prepare_demo_data
 from pipeline.evaluation.accumulator import evaluate_map_at_k
 from pipeline.evaluation.baselines import BaselineScorers
-from pipeline.evaluation.class_weights import class_prior
+from pipeline.evaluation.class_weights import class_prior, frequency_classes
 from pipeline.evaluation.evaluator import evaluate_checkpoint
 from pipeline.evaluation.frequency_thirds import FrequencyThirds
+from pipeline.evaluation.map_at_k import MapAtKResult
 from pipeline.models import build_model
 from pipeline.storage.checkpoints import committed_checkpoints
 from pipeline.train.loop import train
@@ -105,7 +110,12 @@ def run_pipeline(config: Config, eval_every: int, ctx: WorkerContext | None = No
                        "image_map": scalars["image_map@100"],
                        **{third: scalars.get(f"{third}_map@100") for third in THIRD_KEYS}})
     return {"points": points, "loss": _logged_losses(f"{config.run_dir}/tensorboard"), "wall_s": wall,
-            "baselines": evaluation.baselines, "capped": capped}
+            "baselines": evaluation.baselines, "capped": capped, "final_ap": _final_ap(evaluation.result)}
+
+
+def _final_ap(result: MapAtKResult) -> list[float | None]:
+    """Each class's AP@100 at the last evaluation (None: no positive in the evaluation set)."""
+    return [float(ap) if valid else None for ap, valid in zip(result.per_class_ap, result.class_valid, strict=True)]
 
 
 def _logged_losses(tensorboard_dir: str) -> list[tuple[int, float]]:
@@ -191,7 +201,7 @@ def run_peer(config: Config, steps: int, eval_every: int, lr: float = 1e-3,
                            "image_map": scalars["image_map@100"],
                            **{third: scalars.get(f"{third}_map@100") for third in THIRD_KEYS}})
             resumed = time.perf_counter()
-    return {"points": points, "loss": losses, "wall_s": clock, "eval_images": eval_y}
+    return {"points": points, "loss": losses, "wall_s": clock, "eval_images": eval_y, "final_ap": _final_ap(result)}
 
 
 # -- the report ---------------------------------------------------------------------------------------------------
@@ -293,6 +303,28 @@ def print_table(dataset: str, result: dict) -> None:
         print(row)
 
 
+def kind_maps(names: list[str], final_ap: list[float | None]) -> dict[str, tuple[float, int]]:
+    """MAP@100 per kind of class (the part of its name before ":", e.g. colour, pair; "all" without one), with
+    the number of classes it averages: which kinds a run learned."""
+    kinds: dict[str, list[float]] = {}
+    for name, ap in zip(names, final_ap, strict=True):
+        if ap is not None:
+            kinds.setdefault(name.partition(":")[0] if ":" in name else "all", []).append(ap)
+    return {kind: (sum(values) / len(values), len(values)) for kind, values in kinds.items()}
+
+
+def print_kinds(dataset: str, result: dict) -> None:
+    """Final MAP@100 per kind of class, for every run."""
+    table = {name: kind_maps(result["class_names"], run["final_ap"]) for name, run in result["runs"].items()}
+    first = next(iter(table.values()))
+    kinds = list(first)
+    counts = ", ".join(f"{kind} {count}" for kind, (_, count) in first.items())
+    print(f"\n{dataset}: final MAP@100 by kind of class (classes with an evaluation positive: {counts})")
+    print(f"{'run':<16}" + "".join(f"{kind:>10}" for kind in kinds))
+    for name, maps in table.items():
+        print(f"{name:<16}" + "".join(f"{_percent(maps[kind][0]):>10}" for kind in kinds))
+
+
 def judge(dataset: str, runs: dict[str, dict]) -> dict[str, bool] | None:
     """The goals against the peer (None without one): reaching its final MAP in its wall time, and its final
     per-class and tail-third MAP@100 at the same step."""
@@ -315,33 +347,69 @@ def judge(dataset: str, runs: dict[str, dict]) -> dict[str, bool] | None:
 
 # -- the runs -----------------------------------------------------------------------------------------------------
 
-def run_dataset(args: argparse.Namespace, dataset: str, variants: dict[str, list[str]]) -> dict:
+class FinishedRuns:
+    """Each finished run's result, saved to `<out>.runs.json` as soon as it ends and reused by `--resume`: on a
+    shared machine a matrix of runs can take hours, and an interrupted one goes on where it stopped. A run is
+    reused only for exactly the same dataset, name, overrides, steps and evaluation cadence."""
+
+    def __init__(self, path: Path, args: argparse.Namespace) -> None:
+        self.path, self.args = path, args
+        self.runs: dict[str, dict] = json.loads(path.read_text()) if args.resume and path.exists() else {}
+
+    def key(self, dataset: str, name: str, overrides: list[str]) -> str:
+        args = self.args
+        return json.dumps([args.preset, dataset, name, overrides, args.overrides, args.steps, args.eval_every])
+
+    def get(self, dataset: str, name: str, overrides: list[str]) -> dict | None:
+        run = self.runs.get(self.key(dataset, name, overrides))
+        if run is not None:
+            print(f"{dataset}: {name} reused from {self.path}", flush=True)
+        return run
+
+    def put(self, dataset: str, name: str, overrides: list[str], run: dict) -> dict:
+        self.runs[self.key(dataset, name, overrides)] = run
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.runs))
+        last = run["points"][-1]
+        print(f"{dataset}: {name} MAP@100 {_percent(last['map'])}, tail {_percent(last['tail'])}", flush=True)
+        return run
+
+
+def run_dataset(args: argparse.Namespace, dataset: str, variants: dict[str, list[str]],
+                finished: FinishedRuns) -> dict:
     """Every run of one dataset: the pipeline variants, then the peer and its baselines."""
     base = [f"train.total_steps={args.steps}", *DATASETS[dataset], *args.overrides]
     config = prepare_demo_data(load_config(args.preset, base))
     thirds = FrequencyThirds.of(class_prior(config))
     runs: dict[str, dict] = {}
     for name, overrides in variants.items():
-        print(f"{dataset}: running {name} ...", flush=True)
-        raw = load_config(args.preset, [*base, *overrides]).model_dump(mode="json")
-        raw["data"].update(train=config.data.train, eval=config.data.eval)
-        raw["model"]["num_classes"] = config.model.num_classes
-        runs[name] = run_pipeline(validate(raw), args.eval_every)
-        last = runs[name]["points"][-1]
-        print(f"{dataset}: {name} MAP@100 {_percent(last['map'])}, tail {_percent(last['tail'])}", flush=True)
-    baselines = runs["pipeline"]["baselines"]
+        runs[name] = finished.get(dataset, name, overrides) or {}
+        if not runs[name]:
+            print(f"{dataset}: running {name} ...", flush=True)
+            raw = load_config(args.preset, [*base, *overrides]).model_dump(mode="json")
+            raw["data"].update(train=config.data.train, eval=config.data.eval)
+            raw["model"]["num_classes"] = config.model.num_classes
+            runs[name] = finished.put(dataset, name, overrides, run_pipeline(validate(raw), args.eval_every))
     if not args.no_peer:
-        print(f"{dataset}: running peer ...", flush=True)
-        runs["peer"] = run_peer(config, args.steps, args.eval_every, args.peer_lr, thirds)
-        eval_y = runs["peer"].pop("eval_images")
-        # the peer's evaluation set: the same images and labels as the pipeline's
-        scorers = BaselineScorers.for_prior(class_prior(config), 100)
-        scorers.update(eval_y, torch.arange(len(eval_y)))
-        runs["peer"]["baselines"] = scorers.compute(None, thirds)
+        peer = [f"lr={args.peer_lr}"]
+        runs["peer"] = finished.get(dataset, "peer", peer) or finished.put(dataset, "peer", peer,
+                                                                            _peer_with_baselines(args, config, thirds))
     sizes = thirds.counts(torch.ones(config.model.num_classes, dtype=torch.bool))
-    return {"num_classes": config.model.num_classes, "runs": runs, "baselines": baselines,
+    return {"num_classes": config.model.num_classes, "runs": runs, "baselines": runs["pipeline"]["baselines"],
+            "class_names": [c.name for c in frequency_classes(config)],
             "thirds": "/".join(str(sizes[f"{t}_classes"]) for t in THIRD_KEYS), "frequency_thirds": thirds.ranges(),
             "data": {"train": config.data.train, "eval": config.data.eval}}
+
+
+def _peer_with_baselines(args: argparse.Namespace, config: Config, thirds: FrequencyThirds) -> dict:
+    """The peer's run, with the baselines of its evaluation set (the same images and labels as the pipeline's)."""
+    print("running peer ...", flush=True)
+    run = run_peer(config, args.steps, args.eval_every, args.peer_lr, thirds)
+    eval_y = run.pop("eval_images")
+    scorers = BaselineScorers.for_prior(class_prior(config), 100)
+    scorers.update(eval_y, torch.arange(len(eval_y)))
+    run["baselines"] = scorers.compute(None, thirds)
+    return run
 
 
 def variants_of(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -371,6 +439,7 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--peer-lr", type=float, default=1e-3)
     parser.add_argument("--out", default="benchmark-results/learning.json")
+    parser.add_argument("--resume", action="store_true", help="reuse the finished runs in <out>.runs.json")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the preset for every run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -379,11 +448,13 @@ def main() -> None:
     if unknown:
         parser.error(f"--datasets: unknown {sorted(unknown)}; choose from {', '.join(DATASETS)}")
     variants = variants_of(args)
-    results = {dataset: run_dataset(args, dataset, variants) for dataset in datasets}
+    out = Path(args.out)
+    finished = FinishedRuns(out.with_suffix(".runs.json"), args)
+    results = {dataset: run_dataset(args, dataset, variants, finished) for dataset in datasets}
     for dataset, result in results.items():
         print_table(dataset, result)
+        print_kinds(dataset, result)
         result["goals"] = judge(dataset, result["runs"])
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for dataset, result in results.items():
         plot(result["runs"], result["baselines"], out.with_name(f"{out.stem}-{dataset}.png"))
