@@ -82,7 +82,7 @@ def test_round_trip_through_yaml(tmp_path, preset, overrides):
         (["model.checkpoint_middle_flow=1"], "config key 'model.checkpoint_middle_flow' = 1: Input should be a valid"),
         (["model.head_bias=low"], "config key 'model.head_bias' = 'low': Input should be a valid number; or must be"),
         # impossible combinations
-        (["loss.name=softmax", "loss.reduction=sum_classes_mean_batch"], "applies to the sigmoid loss only"),
+        (["loss.name=softmax", "loss.reduction=sum_classes_mean_batch"], "applies to the multi-label losses only"),
         (["eval.class_weights=train_freq"],
          "config key 'eval.class_weights' = 'train_freq': must be one of 'uniform', 'train_frequency' or "
          "'classes_file'"),

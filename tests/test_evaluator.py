@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import copy_with_swapped_classes, restarted_after
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.cluster import FORWARDED_ENV, connect_ray
 from pipeline.config import config_to_yaml, load_config
@@ -139,11 +140,28 @@ def test_watcher_reports_each_checkpoint_once_and_ignores_partial_ones(tiny_demo
     assert CheckpointWatcher(config.run_dir).run(once=True) == []
     assert len(read_records(watcher.reports_dir)) == 2
     html = read_bytes(join_url(watcher.reports_dir, "report.html")).decode()
-    for plot in ("map_curve.png", "ap_vs_frequency.png", "best_worst_classes.png", "examples.png"):
+    for plot in ("map_curve.png", "map_by_frequency.png", "ap_vs_frequency.png", "best_worst_classes.png",
+                 "examples.png"):
         assert plot in html
         assert read_bytes(join_url(watcher.reports_dir, plot))[:4] == b"\x89PNG"
-    assert len(re.findall(r'src="data:image/png;base64,', html)) == 4 and "class prior" in html
-    assert (tmp_path / "demo/tensorboard/eval").is_dir()
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 5 and "class prior" in html
+    # The head, middle and tail thirds by training frequency, in every line, the baselines, the report, TensorBoard.
+    frequency = sorted((c.train_frequency for c in read_classes(tiny_demo.train, read_manifest(tiny_demo.train))),
+                       reverse=True)
+    sizes = ["head_classes", "middle_classes", "tail_classes"]
+    assert [records[0][size] for size in sizes] == [39, 38, 38] and tiny_demo.num_classes == 115
+    assert records[0]["frequency_thirds"]["head"] == [frequency[38], frequency[0]]
+    assert records[0]["frequency_thirds"]["tail"] == [frequency[-1], frequency[77]]
+    for third in ("head", "middle", "tail"):
+        assert 0 <= records[0][f"{third}_map@100"] <= 1 and f"{third}_map@100" in records[0]["baselines"]["prior"]
+    assert ">MAP@100 by training frequency</h2>" in html
+    events = EventAccumulator(str(tmp_path / "demo/tensorboard/eval"))
+    events.Reload()
+    tail = [e.value for e in events.Scalars("eval/tail_map@100")]
+    assert tail == pytest.approx([r["tail_map@100"] for r in records])
+    assert [e.value for e in events.Scalars("eval/prior_baseline/tail_map@100")] == pytest.approx(
+        [r["baselines"]["prior"]["tail_map@100"] for r in records])
+    assert events.Scalars("eval/head_classes")[0].value == 39
 
 
 @pytest.mark.slow  # the store stopped and started again: ~20 s

@@ -137,11 +137,12 @@ def test_mlflow_run_holds_config_training_scalars_evaluation_and_report_and_a_re
 
     # The evaluator's metrics at the checkpoints' training steps, equal to its map100.jsonl lines.
     records = read_records(join_url(first.run_dir, "reports"))
-    for name in ("map@100", "image_map@100", "precision@1"):
+    for name in ("map@100", "image_map@100", "precision@1", "head_map@100", "tail_map@100", "tail_classes"):
         key = "eval/" + name.replace("@", "_at_")
         assert history(key) == {r["step"]: pytest.approx(r[name]) for r in records}, key
-    prior = history("eval/prior_baseline/map_at_100")
-    assert prior == {r["step"]: pytest.approx(r["baselines"]["prior"]["map@100"]) for r in records}
+    for name in ("map@100", "tail_map@100"):
+        prior = history("eval/prior_baseline/" + name.replace("@", "_at_"))
+        assert prior == {r["step"]: pytest.approx(r["baselines"]["prior"][name]) for r in records}
     assert history("eval/samples_seen") == {2: 16, 4: 32}
 
     # The report is the run's artifact, byte for byte.

@@ -25,8 +25,8 @@ class ModelConfig(Section):
     fc_layers: list[PositiveInt] = Field(default_factory=list, description="widths of FC layers before the logits")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="before the logistic layer (and after each FC layer)")
     head_bias: float | Literal["auto"] = Field(
-        "auto", description="initial logit bias; auto = -log(num_classes) for sigmoid loss, 0 for softmax"
-    )
+        "auto", description="initial logit bias; auto = -log(num_classes) for the multi-label losses (sigmoid, "
+        "asymmetric), 0 for softmax")
     width_multiplier: PositiveFloat = Field(1.0, description="scales every channel count; < 1 only for fast tests")
     middle_blocks: PositiveInt = Field(8, description="middle-flow depth; the paper's model has 8")
     checkpoint_middle_flow: bool = Field(False, description="activation checkpointing of the middle flow")
@@ -61,8 +61,10 @@ class AugmentConfig(Section):
 class DemoConfig(Section):
     """The built-in demo dataset, generated on first use when `data.train` is not set (pipeline.data.demo)."""
 
-    variant: Literal["openmoji", "tiny"] = Field(
-        "openmoji", description="openmoji: real emoji art on photo textures (needs the 'demo' extra); tiny: shapes"
+    variant: Literal["openmoji", "tiny", "jft_like"] = Field(
+        "openmoji", description="openmoji: real emoji art on photo textures (needs the 'demo' extra); tiny: shapes; "
+        "jft_like: shapes made hard as JFT is (colour-shape classes with Zipf frequencies, 20% of true training "
+        "labels dropped, 10% of training images with a false label; pipeline.data.demo.jft_like)"
     )
     train_images: PositiveInt = 3000
     eval_images: PositiveInt = 500
@@ -169,15 +171,32 @@ class ScheduleConfig(Section):
 
 
 class LossConfig(Section):
-    """Per-class sigmoid (multi-label, JFT) or softmax (one label, ImageNet)."""
+    """Per-class sigmoid (the paper's, multi-label), asymmetric (ASL, multi-label with missing labels) or softmax
+    (one label, ImageNet); for the two multi-label losses, optional down-weighting of negatives and of common
+    classes (`pipeline.train.loss`; measured in tests/benchmarks/learning.py)."""
 
-    name: Literal["sigmoid", "softmax"] = "sigmoid"
+    name: Literal["sigmoid", "asymmetric", "softmax"] = "sigmoid"
     reduction: Literal["sum_classes_mean_batch", "mean"] = Field(
         "sum_classes_mean_batch",
-        description="sigmoid only: sum over classes then mean over images (default; gradients do not shrink "
-        "with the class count), or mean over all image x class terms",
+        description="sigmoid and asymmetric: sum over classes then mean over images (default; gradients do not "
+        "shrink with the class count), or mean over all image x class terms",
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    gamma_neg: float = Field(4.0, ge=0.0, description="asymmetric: focusing exponent of the negative terms "
+                             "(Ridnik et al., ICCV 2021: 4)")
+    gamma_pos: float = Field(0.0, ge=0.0, description="asymmetric: focusing exponent of the positive terms "
+                             "(Ridnik et al.: 0)")
+    clip: float = Field(0.05, ge=0.0, lt=1.0, description="asymmetric: probability margin m; a negative's probability "
+                        "p counts as max(p - m, 0), so negatives the model already scores below m add nothing "
+                        "(Ridnik et al.: 0.05)")
+    negative_weight: float = Field(
+        1.0, gt=0.0, le=1.0, description="sigmoid and asymmetric: weight of every negative term, i.e. of every class "
+        "not labelled on the image, which in sparsely labelled data (JFT's) may be a missing true label; 1 = the "
+        "paper's loss")
+    class_frequency_power: float = Field(
+        0.0, ge=0.0, le=1.0, description="sigmoid and asymmetric: weight each class's terms by (train_frequency + 1) "
+        "** -power (data.train's classes.tsv), normalised to a mean of 1 over classes, so rare classes count more; "
+        "0 = every class alike (the paper's)")
 
     @model_validator(mode="before")
     @classmethod
@@ -186,6 +205,18 @@ class LossConfig(Section):
         if isinstance(data, dict) and data.get("name") == "softmax" and "reduction" not in data:
             return {**data, "reduction": "mean"}
         return data
+
+    @model_validator(mode="after")
+    def _multi_label_options(self) -> LossConfig:
+        if self.name == "softmax" and (self.negative_weight != 1.0 or self.class_frequency_power != 0.0):
+            raise ValueError("loss.negative_weight and loss.class_frequency_power apply to the multi-label losses "
+                             "(sigmoid, asymmetric); loss.name=softmax has no negative terms to weight")
+        return self
+
+    @property
+    def activation(self) -> Literal["sigmoid", "softmax"]:
+        """How the logits become probabilities: a sigmoid per class for both multi-label losses."""
+        return "softmax" if self.name == "softmax" else "sigmoid"
 
 
 class TrainConfig(Section):
@@ -406,7 +437,7 @@ class Config(Section):
         check_batch_splits(train.global_batch_size, self.cluster.world_sizes, train.micro_batches,
                            train.max_micro_batch_size)
         if self.loss.name == "softmax" and self.loss.reduction != "mean":
-            raise ValueError(f"loss.reduction={self.loss.reduction} applies to the sigmoid loss only; "
+            raise ValueError(f"loss.reduction={self.loss.reduction} applies to the multi-label losses only; "
                              "loss.name=softmax always averages over images (leave loss.reduction unset or 'mean')")
         if self.cluster.collective_timeout_s <= self.storage.outage_budget_s:
             raise ValueError(
@@ -419,10 +450,10 @@ class Config(Section):
 
     @property
     def head_bias(self) -> float:
-        """The initial logit bias, with 'auto' resolved to the class prior -log(C) for the sigmoid loss."""
+        """The initial logit bias, with 'auto' resolved to the class prior -log(C) for the multi-label losses."""
         if self.model.head_bias != "auto":
             return float(self.model.head_bias)
-        return -math.log(self.model.num_classes) if self.loss.name == "sigmoid" else 0.0
+        return -math.log(self.model.num_classes) if self.loss.activation == "sigmoid" else 0.0
 
     @property
     def run_dir(self) -> str:

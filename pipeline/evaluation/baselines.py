@@ -26,6 +26,7 @@ from pipeline.data import read_manifest
 from pipeline.data.manifest import MANIFEST_FILE
 from pipeline.evaluation.accumulator import MapAtK
 from pipeline.evaluation.class_weights import frequency_source
+from pipeline.evaluation.frequency_thirds import FrequencyThirds
 from pipeline.storage import exists, join_url, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,17 @@ class BaselineScorers:
             acc.merge(states[name])
         return self
 
-    def compute(self, weights: Tensor | None) -> dict[str, dict[str, float]]:
-        """{"random": {"map@K": ..., "image_map@K": ...}, "prior": {...}}."""
-        out = {}
+    def compute(self, weights: Tensor | None,
+                thirds: FrequencyThirds | None = None) -> dict[str, dict[str, float | None]]:
+        """{"random": {"map@K": ..., "image_map@K": ...}, "prior": {...}}, with `thirds` also each third's
+        "<third>_map@K" (`pipeline.evaluation.frequency_thirds`)."""
+        out: dict[str, dict[str, float | None]] = {}
         for name, acc in self.accumulators.items():
-            scalars = acc.compute(weights).scalars()
+            result = acc.compute(weights)
+            scalars = result.scalars()
             out[name] = {key: scalars[key] for key in (f"map@{acc.k}", f"image_map@{acc.k}")}
+            if thirds is not None:
+                out[name].update(thirds.maps(result.per_class_ap, result.class_valid, weights, acc.k))
         return out
 
 
@@ -97,7 +103,7 @@ def baseline_key(config: Config) -> dict[str, Any]:
         raise ValueError("no evaluation data: set data.eval")
     key = {"eval": eval_prefix, "eval_manifest_sha256": _digest(join_url(eval_prefix, MANIFEST_FILE), storage),
            "prior_from": frequency_source(config), "k": config.eval.k, "class_weights": config.eval.class_weights,
-           "max_images": config.eval.max_images}
+           "max_images": config.eval.max_images, "frequency_thirds": 1}  # 1: the thirds' MAPs are in the entry
     if config.eval.class_weights == "classes_file":
         classes = join_url(eval_prefix, read_manifest(eval_prefix, storage).classes)
         key["eval_classes_sha256"] = _digest(classes, storage)

@@ -26,7 +26,8 @@ from pipeline.config import Config, StorageConfig, validate
 from pipeline.data import ShardStream, read_manifest, to_device
 from pipeline.data.manifest import check_same_classes
 from pipeline.evaluation.baselines import baseline_key, read_cached, write_cached
-from pipeline.evaluation.class_weights import class_weights
+from pipeline.evaluation.class_weights import class_prior, class_weights
+from pipeline.evaluation.frequency_thirds import FrequencyThirds
 from pipeline.evaluation.map_at_k import MapAtKResult
 from pipeline.evaluation.thresholds import ThresholdFit
 from pipeline.evaluation.units import MetricUnit, merged_units, metric_units
@@ -138,16 +139,20 @@ class Evaluation:
     config: Config  # what it ran with (`resolve_config`)
     baselines: dict[str, dict[str, float]] | None = None  # `BaselineScorers.compute()` on the same eval set
     thresholds: ThresholdFit | None = None  # per-class max-F1 decision thresholds on the same eval set
+    by_frequency: dict[str, Any] | None = None  # `FrequencyThirds.scalars`: MAP@K of the head, middle, tail thirds
 
     def record(self) -> dict[str, Any]:
         """The JSON line appended to `reports/map100.jsonl`, naming k, the class weighting and EMA/raw weights,
-        with the random and class-prior scores of the same evaluation set under "baselines", and the mean F1 over
-        classes at their decision thresholds: held out ("threshold_mean_f1": thresholds fitted on one half of the
-        images, scored on the other) and in-sample ("threshold_mean_f1_in_sample": fitted and scored on all,
-        optimistic; the thresholds written for prediction are these)."""
+        with MAP@K of the head, middle and tail thirds of the classes by training frequency ("head_map@K", ...,
+        their sizes, and their frequency ranges under "frequency_thirds"), the random and class-prior scores of the
+        same evaluation set under "baselines", and the mean F1 over classes at their decision thresholds: held out
+        ("threshold_mean_f1": thresholds fitted on one half of the images, scored on the other) and in-sample
+        ("threshold_mean_f1_in_sample": fitted and scored on all, optimistic; the thresholds written for prediction
+        are these)."""
         fit = self.thresholds
         return {"step": self.step, "samples_seen": self.samples_seen, "checkpoint": self.checkpoint,
-                **eval_settings(self.config), **self.result.scalars(), "baselines": self.baselines,
+                **eval_settings(self.config), **self.result.scalars(), **(self.by_frequency or {}),
+                "baselines": self.baselines,
                 "threshold_mean_f1": fit.mean_held_out_f1() if fit is not None else None,
                 "threshold_mean_f1_in_sample": fit.mean_f1() if fit is not None else None,
                 "eval_seconds": round(self.seconds, 3), "time": time.time()}
@@ -172,14 +177,17 @@ def evaluate_checkpoint(checkpoint_url: str, settings: Config | None = None, *, 
     else:
         units = metric_units(config, baselines=cached is None)
         score_share(load_weights(checkpoint_url, config, device), config, units, device=device)
-    weights = class_weights(config)
+    weights, thirds = class_weights(config), FrequencyThirds.of(class_prior(config))
     values: dict[str, Any] = {"baselines": cached}
     for unit in units.values():
-        values.update(unit.compute(weights))
+        values.update(unit.compute(weights, thirds))
     if cached is None and reports_dir and key is not None:
         write_cached(reports_dir, key, values["baselines"], config.storage)
+    result = values["result"]
+    by_frequency = thirds.scalars(result.per_class_ap, result.class_valid, weights, result.k)
     return Evaluation(step=int(commit.get("step", -1)), samples_seen=commit.get("samples_seen"),
-                      checkpoint=checkpoint_url, seconds=time.perf_counter() - start, config=config, **values)
+                      checkpoint=checkpoint_url, seconds=time.perf_counter() - start, config=config,
+                      by_frequency=by_frequency, **values)
 
 
 def _score_remote(checkpoint_url: str, raw_config: dict, rank: int, world_size: int,

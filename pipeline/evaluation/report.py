@@ -1,8 +1,10 @@
 """Reports people read: `reports/map100.jsonl` (one line per checkpoint) and a self-contained `report.html`.
 
 The HTML embeds its PNG plots as data URIs, so the one file can be downloaded from object storage and opened
-anywhere; the PNGs are also written beside it. Plots: MAP@100 vs training samples, per-class AP vs class
-frequency, the best and worst classes, and example eval images with their top predictions vs true labels.
+anywhere; the PNGs are also written beside it. Plots: MAP@100 vs training samples, MAP@100 of the head, middle and
+tail thirds of the classes by training frequency vs training samples (`pipeline.evaluation.frequency_thirds`),
+per-class AP vs class frequency, the best and worst classes, and example eval images with their top predictions vs
+true labels. A table gives the latest evaluation's thirds (class counts, frequency ranges) beside the baselines.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from pipeline.config import StorageConfig
 from pipeline.evaluation.evaluator import Evaluation
+from pipeline.evaluation.frequency_thirds import THIRDS
 from pipeline.storage import exists, join_url, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,30 @@ def plot_map_curve(records: list[dict[str, Any]], k: int) -> bytes:
     return _png(fig)
 
 
+def plot_frequency_thirds(records: list[dict[str, Any]], k: int) -> bytes | None:
+    """MAP@K of the head, middle and tail thirds over training, each with its class-prior baseline (dashed): where
+    the headline comes from. None when no record has the thirds (reports written before they were recorded)."""
+    records = [r for r in records if f"head_map@{k}" in r]
+    if not records:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = [r.get("samples_seen") or r["step"] for r in records]
+    prior = (records[-1].get("baselines") or {}).get("prior") or {}
+    for third in THIRDS:
+        key = f"{third}_map@{k}"
+        values = [100 * r[key] if r.get(key) is not None else float("nan") for r in records]
+        (line,) = ax.plot(x, values, marker="o", label=f"{third} third ({records[-1][f'{third}_classes']} classes)")
+        if prior.get(key) is not None:
+            ax.axhline(100 * prior[key], color=line.get_color(), linestyle="--", linewidth=1,
+                       label=f"class prior, {third}")
+    ax.set_xlabel("training samples seen" if records[0].get("samples_seen") else "step")
+    ax.set_ylabel(f"MAP@{k} per class (%)")
+    ax.set_title(f"MAP@{k} by training frequency of the class")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _png(fig)
+
+
 def plot_ap_vs_frequency(ap: np.ndarray, frequency: np.ndarray, valid: np.ndarray, k: int) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     ax.scatter(np.maximum(frequency[valid], 1), 100 * ap[valid], s=8, alpha=0.5)
@@ -148,11 +175,12 @@ def write_report(reports_dir: str, latest: Evaluation, class_names: list[str], c
     k = result.k
     ap = result.per_class_ap.cpu().numpy()
     valid = result.class_valid.cpu().numpy()
-    plots = {
-        "map_curve.png": plot_map_curve(records, k),
-        "ap_vs_frequency.png": plot_ap_vs_frequency(ap, class_frequency, valid, k),
-        "best_worst_classes.png": plot_best_worst(ap, valid, class_names, k),
-    }
+    plots = {"map_curve.png": plot_map_curve(records, k)}
+    thirds = plot_frequency_thirds(records, k)
+    if thirds is not None:
+        plots["map_by_frequency.png"] = thirds
+    plots["ap_vs_frequency.png"] = plot_ap_vs_frequency(ap, class_frequency, valid, k)
+    plots["best_worst_classes.png"] = plot_best_worst(ap, valid, class_names, k)
     if latest.examples:
         plots["examples.png"] = plot_examples(latest.examples, class_names)
     for name, png in plots.items():
@@ -161,13 +189,40 @@ def write_report(reports_dir: str, latest: Evaluation, class_names: list[str], c
     return join_url(reports_dir, HTML_FILE)
 
 
+def thirds_table(record: dict[str, Any], k: int) -> str:
+    """HTML: the head, middle and tail thirds of the classes by training frequency, each with its class count,
+    frequency range and MAP@K beside the class-prior and random scores; "" for a record without thirds."""
+    if f"head_map@{k}" not in record:
+        return ""
+    baselines = record.get("baselines") or {}
+    ranges = record.get("frequency_thirds") or {}
+
+    def percent(scores: dict | None, third: str) -> str:
+        value = (scores or {}).get(f"{third}_map@{k}")
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    rows = "".join(
+        f"<tr><td>{third}</td><td>{record[f'{third}_classes']}</td>"
+        f"<td>{record[f'{third}_classes_with_positives']}</td>"
+        f"<td>{' - '.join(f'{v:g}' for v in dict.fromkeys(ranges.get(third) or []))}</td>"
+        f"<td>{percent(record, third)}</td>"
+        f"<td>{percent(baselines.get('prior'), third)}</td><td>{percent(baselines.get('random'), third)}</td></tr>"
+        for third in THIRDS)
+    return (f"<h2>MAP@{k} by training frequency</h2><p>The classes ranked by how often they label a training image, "
+            "cut into thirds; each third's MAP averages its classes with an evaluation positive.</p>"
+            "<table><tr><th>third</th><th>classes</th><th>with eval positives</th><th>training frequency</th>"
+            f"<th>MAP@{k}</th><th>class prior</th><th>random</th></tr>{rows}</table>")
+
+
 def render_html(records: list[dict[str, Any]], latest: Evaluation, plots: dict[str, bytes]) -> str:
     k = latest.result.k
-    columns = ["step", "samples_seen", f"map@{k}", f"image_map@{k}", f"class_recall@{k}", "precision@1",
-               "precision@5", "num_images", "eval_seconds"]
+    columns = ["step", "samples_seen", f"map@{k}", *(f"{t}_map@{k}" for t in THIRDS), f"image_map@{k}",
+               f"class_recall@{k}", "precision@1", "precision@5", "num_images", "eval_seconds"]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
 
     def cell(value: Any) -> str:
+        if value is None:
+            return ""
         return f"{value:.4f}" if isinstance(value, float) and not float(value).is_integer() else html.escape(str(value))
 
     rows = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in records)
@@ -193,6 +248,7 @@ class weighting {html.escape(latest.config.eval.class_weights)}); {scalars["num_
 {scalars["num_classes_with_positives"]:.0f} classes with positives. MAP@{k} ranks the images for each class
 (AP normalised by min({k}, positives), as TensorFlow's <code>average_precision_at_k</code>).</p>
 {floor}
+{thirds_table(latest.record(), k)}
 <table><tr>{head}</tr>{rows}</table>
 {images}
 </body></html>

@@ -41,6 +41,7 @@ from pipeline.models.thresholds import ClassThresholds
 
 if TYPE_CHECKING:
     from pipeline.data import Batch
+    from pipeline.evaluation.frequency_thirds import FrequencyThirds
 
 BINS = 1024
 FOLDS = 2
@@ -191,5 +192,5 @@ class ThresholdCounts:
         fit = fit_thresholds(self.counts.sum(0), self.min_positives)
         return replace(fit, held_out_f1=cross_fitted_f1(self.counts, self.min_positives))
 
-    def compute(self, weights: Tensor | None) -> dict[str, Any]:
+    def compute(self, weights: Tensor | None, thirds: FrequencyThirds | None = None) -> dict[str, Any]:
         return {"thresholds": self.fit()}

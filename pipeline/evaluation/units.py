@@ -4,7 +4,7 @@ A unit keeps one kind of result (big_vision's evaluators, in small). The loop ca
 scored rows: the model's logits (R, C), multi-hot targets (R, C), dataset-wide image ids (R,), the loader batch
 and `rows`, the positions of those R rows in it. A Ray scoring task returns `state_dict()`; the driver rebuilds
 each unit from the first share's state (`from_state_dict`, no dataset read) and `merge`s the others in rank
-order. `compute(weights)` names the unit's values; the names are `Evaluation`'s fields.
+order. `compute(weights, thirds)` names the unit's values; the names are `Evaluation`'s fields.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pipeline.config import Config
 from pipeline.evaluation.accumulator import MapAtK
 from pipeline.evaluation.baselines import BaselineScorers
 from pipeline.evaluation.class_weights import class_prior
+from pipeline.evaluation.frequency_thirds import FrequencyThirds
 from pipeline.evaluation.thresholds import ThresholdCounts
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class MetricUnit(Protocol):
 
     def merge(self, state: dict[str, Any]) -> None: ...
 
-    def compute(self, weights: Tensor | None) -> dict[str, Any]: ...
+    def compute(self, weights: Tensor | None, thirds: FrequencyThirds | None = None) -> dict[str, Any]: ...
 
 
 class MapAtKUnit:
@@ -55,7 +56,7 @@ class MapAtKUnit:
     def merge(self, state: dict[str, Any]) -> None:
         self.accumulator.merge(state)
 
-    def compute(self, weights: Tensor | None) -> dict[str, Any]:
+    def compute(self, weights: Tensor | None, thirds: FrequencyThirds | None = None) -> dict[str, Any]:
         return {"result": self.accumulator.compute(weights)}
 
 
@@ -78,8 +79,8 @@ class BaselinesUnit:
     def merge(self, state: dict[str, Any]) -> None:
         self.scorers.merge(state)
 
-    def compute(self, weights: Tensor | None) -> dict[str, Any]:
-        return {"baselines": self.scorers.compute(weights)}
+    def compute(self, weights: Tensor | None, thirds: FrequencyThirds | None = None) -> dict[str, Any]:
+        return {"baselines": self.scorers.compute(weights, thirds)}
 
 
 class ExampleKeeper:
@@ -111,7 +112,7 @@ class ExampleKeeper:
     def merge(self, state: dict[str, Any]) -> None:
         self.examples += state["examples"]
 
-    def compute(self, weights: Tensor | None) -> dict[str, Any]:
+    def compute(self, weights: Tensor | None, thirds: FrequencyThirds | None = None) -> dict[str, Any]:
         return {"examples": self.examples[: self.count]}
 
 

@@ -15,8 +15,9 @@ warning. `--once` on a run that does not exist is refused (`NoSuchRunError`, nam
 nothing to evaluate it says why (`nothing_to_evaluate`).
 
 With `tracking.backend` set (the evaluator's, else the one training ran with), each evaluation's metrics go to the
-run's tracked run at its training step (`eval/map_at_100`, ..., and the baselines), with `report.html` as the file
-`reports/report.html`; the tracker is opened at the first evaluation and closed when `run` returns.
+run's tracked run at its training step (`eval/map_at_100`, ..., `eval/tail_map_at_100`, and the baselines), with
+`report.html` as the file `reports/report.html`; the tracker is opened at the first evaluation and closed when
+`run` returns.
 
 A pass that fails on an unreachable store is tried again for up to `storage.outage_budget_s` (a long-running
 evaluator outlasts an outage, as training does); the shard reads of the eval data have the same budget.
@@ -34,6 +35,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.evaluation.class_weights import frequency_classes
 from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, eval_settings, evaluate_checkpoint
+from pipeline.evaluation.frequency_thirds import THIRDS
 from pipeline.evaluation.report import append_record, headline, read_records, write_report
 from pipeline.models.thresholds import thresholds_url, write_thresholds
 from pipeline.storage import StorageError, exists, is_local_url, join_url, list_dir, local_path, outlasting_outages
@@ -256,14 +258,20 @@ _NOT_MEASURED = frozenset({"step", "samples_seen", "checkpoint", "time", "baseli
 
 def eval_scalars(evaluation: Evaluation) -> dict[str, float]:
     """`eval/<name>` for every number the evaluation's `map100.jsonl` line records (MAP@K and its companions, the
-    mean F1 at the decision thresholds, the time it took), `eval/<prior|random>_baseline/<metric>` for its baselines.
-    Derived from the line itself, so a metric the evaluator records is never missing from TensorBoard or the tracked
-    run (`threshold_mean_f1` was, while it was listed by hand)."""
+    MAP@K of the frequency thirds and their sizes, the mean F1 at the decision thresholds, the time it took),
+    `eval/<prior|random>_baseline/<metric>` for its baselines. Derived from the line itself, so a metric the
+    evaluator records is never missing from TensorBoard or the tracked run (`threshold_mean_f1` was, while it was
+    listed by hand); a third without evaluated classes is left out."""
     scalars = {f"eval/{name}": float(value) for name, value in evaluation.record().items()
-               if name not in _NOT_MEASURED and isinstance(value, int | float) and not isinstance(value, bool)}
+               if name not in _NOT_MEASURED and _is_number(value)}
     for baseline, scores in (evaluation.baselines or {}).items():
-        scalars.update({f"eval/{baseline}_baseline/{name}": value for name, value in scores.items()})
+        scalars.update({f"eval/{baseline}_baseline/{name}": value for name, value in scores.items()
+                        if _is_number(value)})
     return scalars
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def evaluate_latest(config: Config, workers: int = 1) -> str:
@@ -293,7 +301,23 @@ def summarize(record: dict, default_k: int = 100, orientation: str = "class") ->
         return text
 
     other = (f"image_map@{k}", "per image") if orientation == "class" else (f"map@{k}", "per class")
-    return f"{one(*headline(k, orientation))}; {one(*other)}"
+    return f"{one(*headline(k, orientation))}; {one(*other)}{summarize_thirds(record, k)}"
+
+
+def summarize_thirds(record: dict, k: int) -> str:
+    """"; by training frequency head/middle/tail 70.1% / 30.2% / 10.3% (39 / 38 / 38 classes; class prior ...)"
+    from a record with the frequency thirds (`pipeline.evaluation.frequency_thirds`); "" for older records."""
+    if f"head_map@{k}" not in record:
+        return ""
+
+    def percents(scores: dict) -> str:
+        return " / ".join("n/a" if scores.get(f"{t}_map@{k}") is None else f"{100 * scores[f'{t}_map@{k}']:.1f}%"
+                          for t in THIRDS)
+
+    prior = (record.get("baselines") or {}).get("prior")
+    floor = f"; class prior {percents(prior)}" if prior and f"head_map@{k}" in prior else ""
+    counts = " / ".join(str(record[f"{t}_classes"]) for t in THIRDS)
+    return f"; by training frequency head/middle/tail {percents(record)} ({counts} classes{floor})"
 
 
 def _steps(steps: list[int], shown: int = 10) -> str:

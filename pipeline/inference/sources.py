@@ -101,7 +101,7 @@ def package_from_checkpoint(url: str, weights: Weights = "ema", storage: Storage
               "class_fingerprint": commit.get("class_fingerprint"),
               "thresholds": None if thresholds is None else thresholds_url(run_dir_of(checkpoint.url), checkpoint.step)}
     return new_package(model, architecture_options(config.model), classes,
-                       image_size=image_size or config.data.image_size, activation=config.loss.name,
+                       image_size=image_size or config.data.image_size, activation=config.loss.activation,
                        weights=weights, thresholds=thresholds, source=source,
                        center_crop=config.data.augment.eval_crop_fraction)
 

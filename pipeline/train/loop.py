@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import BadDataError, Batch, ShardStream, read_manifest, to_device
-from pipeline.data.manifest import class_fingerprint
+from pipeline.data.manifest import Manifest, class_fingerprint, read_classes
 from pipeline.models import preprocess_input
 from pipeline.storage.checkpoints import checkpoint_url
 from pipeline.train.audit import SampleAudit
@@ -65,6 +65,15 @@ def next_batch(batches: Iterator[Batch], config: Config, device: torch.device,
     return batch, preprocess_input(pixels), targets, batch.valid.to(device, non_blocking=True)
 
 
+def _train_frequency(config: Config, manifest: Manifest) -> torch.Tensor | None:
+    """The training classes' frequencies (classes.tsv) when the loss weights classes by them, else None."""
+    if not config.loss.class_frequency_power:
+        return None
+    assert config.data.train is not None
+    classes = read_classes(config.data.train, manifest, config.storage)
+    return torch.tensor([float(c.train_frequency) for c in classes])
+
+
 def _close_after_error(*closers: Callable[[], None]) -> None:
     """Finish background work (checkpoint upload, TensorBoard upload, tracking) on the way out of a failed run,
     without masking its error: the last checkpoint gets committed and the events up to the failure get published."""
@@ -87,7 +96,8 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
     manifest = read_manifest(config.data.train, storage)
 
     # Build.
-    state = build_train_state(config, device, samples_per_epoch=manifest.num_samples)
+    state = build_train_state(config, device, samples_per_epoch=manifest.num_samples,
+                              train_frequency=_train_frequency(config, manifest))
     state.model = wrap_model(state.model, config, ctx)
     rng = RankRng(ctx.rank, ctx.world_size, device)
     rng.seed(config.train.seed)  # after the (identical) initialisation: dropout differs across ranks

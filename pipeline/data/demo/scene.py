@@ -9,8 +9,10 @@ Label policy (the JFT / FastEval14k contrast):
 - eval ("dense", FastEval14k-like): the union of all labels of all placed objects. Every placed object stays at least
   `min_visible` visible (not covered by later objects, inside the frame), so each of its labels is really depicted.
 - train ("sparse", JFT-like): each label of each object is kept independently with probability `train_label_keep`
-  and the image gets the union of what was kept (at least one label). Noise is omission only: a train label is
-  always true of the image, never invented. `meta["dense_labels"]` keeps the full set for analysis.
+  and the image gets the union of what was kept (at least one label). With `train_false_label_rate` 0 (every
+  variant but "jft_like") noise is omission only: a train label is always true of the image, never invented;
+  otherwise that fraction of training images also gets one false label, a class not depicted (uniform), listed in
+  `meta["false_labels"]`. `meta["dense_labels"]` keeps the full true set for analysis.
 
 `meta` (JSON-serialisable): {"split", "art", "background", "objects": [{"object": key (the OpenMoji hexcode, e.g.
 "1F600"), "name", "box": [x0, y0, x1, y1] (pixels, x1/y1 exclusive, the object's extent inside the frame),
@@ -97,6 +99,7 @@ class SceneConfig:
     min_visible: float = 0.7  # fraction of each object's own pixels that must stay visible
     placement_attempts: int = 12
     train_label_keep: float = 0.5  # probability of keeping each label of each object in a train scene
+    train_false_label_rate: float = 0.0  # probability that a train scene also gets one label of a class not depicted
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
@@ -112,6 +115,8 @@ class SceneConfig:
             raise ValueError(f"min_visible must be in (0, 1], got {self.min_visible}")
         if not 0 < self.train_label_keep <= 1:
             raise ValueError(f"train_label_keep must be in (0, 1], got {self.train_label_keep}")
+        if not 0 <= self.train_false_label_rate <= 1:
+            raise ValueError(f"train_false_label_rate must be in [0, 1], got {self.train_false_label_rate}")
 
     @property
     def max_objects(self) -> int:
@@ -171,6 +176,7 @@ class DemoDataset:
         return {"name": self.name, "num_classes": self.num_classes, "image_size": cfg.image_size,
                 "jpeg_quality": cfg.jpeg_quality, "art": {s: a.name for s, a in self.artists.items()},
                 "backgrounds": self.backgrounds.name, "train_label_keep": cfg.train_label_keep,
+                "train_false_label_rate": cfg.train_false_label_rate,
                 "object_count_weights": list(cfg.object_count_weights), "object_scale": list(cfg.object_scale),
                 "max_rotation": cfg.max_rotation, "min_visible": cfg.min_visible,
                 "labels": {"train": "sparse", "eval": "dense"}, "attribution": self.attribution, **self.info}
@@ -195,14 +201,26 @@ class DemoDataset:
                 kept.update(label for label, k in zip(p.obj.labels, keep, strict=True) if k)
         if split == "train" and not kept:
             kept.add(int(rng.choice(sorted(dense))))
-        labels = sorted(kept) if split == "train" else sorted(dense)
+        false = self._false_labels(rng, dense) if split == "train" else []
+        labels = sorted(kept | set(false)) if split == "train" else sorted(dense)
         meta: dict[str, Any] = {"split": split, "art": self.artists[split].name, "background": background,
                                 "objects": objects_meta}
         if split == "train":
             meta["dense_labels"] = sorted(dense)
+        if false:
+            meta["false_labels"] = false
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=self.config.jpeg_quality)
         return DemoSample(key=f"{split}-{index:06d}", jpeg=buf.getvalue(), labels=labels, meta=meta)
+
+    def _false_labels(self, rng: np.random.Generator, dense: set[int]) -> list[int]:
+        """With probability `train_false_label_rate`, one class the scene does not depict (JFT's automatic labels
+        are sometimes wrong); no random number is drawn at rate 0, so the other variants' streams are unchanged."""
+        rate = self.config.train_false_label_rate
+        if rate == 0 or rng.random() >= rate:
+            return []
+        absent = [c for c in range(self.num_classes) if c not in dense]
+        return [int(rng.choice(absent))] if absent else []
 
     def samples(self, split: DemoSplit, count: int, seed: int, start: int = 0) -> Iterator[DemoSample]:
         """Samples start .. start+count-1 of `split`, in order, in this process."""

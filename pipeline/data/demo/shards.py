@@ -15,7 +15,7 @@ from pipeline.data.shard_report import ShardReport
 from pipeline.data.shard_writer import ShardWriter, num_workers
 
 
-def write_demo_shards(variant: Literal["openmoji", "tiny"], split: DemoSplit, count: int, seed: int,
+def write_demo_shards(variant: Literal["openmoji", "tiny", "jft_like"], split: DemoSplit, count: int, seed: int,
                       out: str, *, vocabulary: Sequence[ClassInfo] | None = None, image_size: int | None = None,
                       options: ShardsConfig | None = None, storage: StorageConfig | None = None,
                       **demo_options: Any) -> ShardReport:

@@ -9,6 +9,8 @@ use a second "artist" (dark outlines, stripes the other way), as the OpenMoji va
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
@@ -111,20 +113,31 @@ class NoiseBackgrounds:
         return Image.fromarray(out, "RGB"), "noise"
 
 
+SHAPE_KEYS = [(s, c, f) for s in SHAPE_GROUPS for c in COLOURS for f in FILLS]  # the object types, in order
+
+
 def open_tiny(config: SceneConfig, outlined_eval: bool = True) -> DemoDataset:
     """The shapes dataset: 270 object types, 115 classes (3 groups, 9 shapes, 10 colours, 3 fills, 90 pairs)."""
     groups = list(dict.fromkeys(SHAPE_GROUPS.values()))
     named = ([("group", g) for g in groups] + [("subgroup", s) for s in SHAPE_GROUPS]
              + [("tag", c) for c in COLOURS] + [("tag", f) for f in FILLS]
              + [("tag", f"{c} {s}") for s in SHAPE_GROUPS for c in COLOURS])
+    kinds = {"group": "group", "shape": "subgroup", "colour": "tag", "fill": "tag", "pair": "tag"}
+    weights = zipf_weights(len(SHAPE_KEYS), ZIPF_EXPONENT, CATALOG_SEED)
+    return shapes_dataset("tiny", named, kinds, weights, config, outlined_eval, info={"variant": "tiny"})
+
+
+def shapes_dataset(name: str, named: list[tuple[str, str]], kinds: dict[str, str], weights: Sequence[float],
+                   config: SceneConfig, outlined_eval: bool, info: dict[str, Any]) -> DemoDataset:
+    """A dataset of drawn shapes: one object type per `SHAPE_KEYS` entry, sampled by its entry of `weights`,
+    labelled with the `named` classes of its group, shape, colour, fill and colour-shape pair (`kinds` gives each
+    attribute's class kind)."""
     classes, index = build_classes(named)
-    keys = [(s, c, f) for s in SHAPE_GROUPS for c in COLOURS for f in FILLS]
-    weights = zipf_weights(len(keys), ZIPF_EXPONENT, CATALOG_SEED)
     objects = []
-    for (s, c, f), w in zip(keys, weights, strict=True):
-        labels = sorted({index["group", SHAPE_GROUPS[s]], index["subgroup", s], index["tag", c], index["tag", f],
-                         index["tag", f"{c} {s}"]})
+    for (s, c, f), w in zip(SHAPE_KEYS, weights, strict=True):
+        values = {"group": SHAPE_GROUPS[s], "shape": s, "colour": c, "fill": f, "pair": f"{c} {s}"}
+        labels = sorted({index[kinds[attribute], value] for attribute, value in values.items()})
         objects.append(ObjectType(key=f"{s}-{c}-{f}", name=f"{f} {c} {s}", labels=tuple(labels), weight=float(w)))
-    return DemoDataset("tiny", classes, objects, {"train": ShapeArtist(False), "eval": ShapeArtist(outlined_eval)},
+    return DemoDataset(name, classes, objects, {"train": ShapeArtist(False), "eval": ShapeArtist(outlined_eval)},
                        NoiseBackgrounds(), config, attribution="Procedurally drawn shapes (no third-party art).",
-                       info={"variant": "tiny"})
+                       info=info)
