@@ -1,4 +1,5 @@
-"""A NaN/Inf stop is recorded by the workers and re-raised by the launcher, so Ray Train does not retry it."""
+"""A deterministic stop (NaN/Inf, too much bad data) is recorded by the workers and re-raised by the launcher, so
+Ray Train does not retry it."""
 
 import pickle
 from types import SimpleNamespace
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.data import BadDataError
 from pipeline.train import launcher
 from pipeline.train.failure import clear_failure, raise_recorded_failure, record_failure
 from pipeline.train.step import NonFiniteError
@@ -29,9 +31,12 @@ def test_nonfinite_error_keeps_its_step_through_pickling():
     assert isinstance(error, NonFiniteError) and error.step == 3 and str(error) == "at step 3"
 
 
+@pytest.mark.parametrize("error", [NonFiniteError("non-finite loss or gradients at step 5", step=5),
+                                   BadDataError("too many bad samples")], ids=["nonfinite", "bad-data"])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_train_worker_records_a_nonfinite_stop_instead_of_raising(tmp_path, monkeypatch, rank):
-    """Without Ray: Ray Train's context is faked, the loop raises as it does on a NaN."""
+def test_train_worker_records_a_deterministic_stop_instead_of_raising(tmp_path, monkeypatch, rank, error):
+    """Ray Train retries whatever the training function raises, so a deterministic stop must return on every rank.
+    Without Ray: Ray Train's context is faked, the loop raises as it does on a NaN or on too much bad data."""
     pytest.importorskip("ray")
     import ray.train
     import ray.train.torch
@@ -43,16 +48,16 @@ def test_train_worker_records_a_nonfinite_stop_instead_of_raising(tmp_path, monk
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
 
-    def nan_at_step_5(config, ctx, report, poll_drains):
-        raise NonFiniteError("non-finite loss or gradients at step 5", step=5)
+    def stop(config, ctx, report, poll_drains):
+        raise error
 
-    monkeypatch.setattr(launcher, "train", nan_at_step_5)
+    monkeypatch.setattr(launcher, "train", stop)
     record_failure(config.run_dir, NonFiniteError("from an earlier attempt", step=2))
     launcher.train_worker(config.model_dump(mode="json"))  # returns normally on every rank
     if rank == 0:  # a fresh record replaces the stale one
-        with pytest.raises(NonFiniteError, match="at step 5") as caught:
+        with pytest.raises(type(error), match=str(error)) as caught:
             raise_recorded_failure(config.run_dir)
-        assert caught.value.step == 5
+        assert getattr(caught.value, "step", None) == getattr(error, "step", None)
     else:  # only rank 0 writes (the driver clears a stale record at launch)
         with pytest.raises(NonFiniteError, match="from an earlier attempt"):
             raise_recorded_failure(config.run_dir)

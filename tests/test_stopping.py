@@ -9,17 +9,15 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_checkpoint import assert_trees_close, tiny_config
 
 from pipeline.cli import EXIT_REFUSED, job_main
-from pipeline.config import load_config
 from pipeline.data import BadDataError
 from pipeline.storage import join_url, list_dir, read_bytes
 from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, read_checkpoint, read_commit
-from pipeline.train import launcher, loop, stopping
+from pipeline.train import loop, stopping
 from pipeline.train.failure import raise_recorded_failure, record_failure
 from pipeline.train.ranks import WorkerContext, mean_over_ranks
 from pipeline.train.ray_internals import Preempted
@@ -226,29 +224,6 @@ def test_bad_data_is_recorded_and_raised_again_like_a_nonfinite_stop(tmp_path):
     record_failure(run_dir, BadDataError("120 of 1000 samples read by rank 0 were bad"))
     with pytest.raises(BadDataError, match="120 of 1000"):
         raise_recorded_failure(run_dir)
-
-
-@pytest.mark.parametrize("error", [BadDataError("too many bad samples"), NonFiniteError("nan at step 5", step=5)])
-def test_train_worker_returns_normally_on_a_deterministic_stop(tmp_path, monkeypatch, error):
-    """Ray Train retries whatever the training function raises: a deterministic stop must return on every rank."""
-    pytest.importorskip("ray")
-    import ray.train
-    import ray.train.torch
-
-    config = load_config("demo", [f"run.storage={tmp_path}", "model.num_classes=5"])
-    context = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 2, get_local_rank=lambda: 0,
-                              get_node_rank=lambda: 0)
-    monkeypatch.setattr(ray.train, "get_context", lambda: context)
-    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
-    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
-
-    def stop(config, ctx, report, poll_drains):
-        raise error
-
-    monkeypatch.setattr(launcher, "train", stop)
-    launcher.train_worker(config.model_dump(mode="json"))
-    with pytest.raises(type(error), match=str(error)):
-        raise_recorded_failure(config.run_dir)
 
 
 @pytest.mark.parametrize("error", [BadDataError("too many bad samples"), NonFiniteError("nan at step 5", step=5)])
