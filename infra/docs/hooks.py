@@ -79,21 +79,27 @@ def on_serve(server: Any, config: Any, builder: Any) -> Any:
 
 def configuration_reference(schema: type[BaseModel]) -> str:
     """One section per top-level key of the schema, one table row per setting, nested sections as their own."""
-    return "\n\n".join(section_markdown(name, field.annotation)
-                       for name, field in schema.model_fields.items() if is_section(field.annotation))
+    return "\n\n".join(section_markdown(name, section_of(field.annotation))
+                       for name, field in schema.model_fields.items() if section_of(field.annotation))
 
 
-def is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+def section_of(annotation: Any) -> type[BaseModel] | None:
+    """The section class a field holds (`DemoConfig` also for `DemoConfig | None`), or None for a plain setting."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def section_markdown(prefix: str, section: type[BaseModel]) -> str:
     doc = " ".join((section.__doc__ or "").split())
     rows, nested = [], []
     for name, field in section.model_fields.items():
-        if is_section(field.annotation):
-            nested.append(section_markdown(f"{prefix}.{name}", field.annotation))
-            continue
+        inner = section_of(field.annotation)
+        if inner is not None:
+            nested.append(section_markdown(f"{prefix}.{name}", inner))
+            if inner is field.annotation:
+                continue  # always present: its keys are the rows of its own table
         rows.append(f"| `{prefix}.{name}` | {cell(type_name(field.annotation))}{cell(limits(field), ' ')} "
                     f"| {cell(default_value(field), code=True)} | {cell(field.description or '')} |")
     table = "| key | type | default | description |\n| --- | --- | --- | --- |\n" + "\n".join(rows) if rows else ""
@@ -123,6 +129,8 @@ def type_name(annotation: Any) -> str:
         return f"mapping of {type_name(args[0])} to {type_name(args[1])}" if args else "mapping"
     if annotation is type(None):
         return "null"
+    if section_of(annotation) is annotation:
+        return "mapping (the section below)"
     return getattr(annotation, "__name__", str(annotation))
 
 
