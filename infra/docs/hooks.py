@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import types
 import typing
@@ -92,7 +93,7 @@ def section_of(annotation: Any) -> type[BaseModel] | None:
 
 
 def section_markdown(prefix: str, section: type[BaseModel]) -> str:
-    doc = " ".join((section.__doc__ or "").split())
+    doc = literal(" ".join((section.__doc__ or "").split()))
     rows, nested = [], []
     for name, field in section.model_fields.items():
         inner = section_of(field.annotation)
@@ -106,11 +107,19 @@ def section_markdown(prefix: str, section: type[BaseModel]) -> str:
     return "\n\n".join(filter(None, [f"## `{prefix}`", doc, table, *nested]))
 
 
+def literal(text: str) -> str:
+    """Schema text as Markdown shows it: `code spans` kept, and outside them `<run>` or `2**20` shown as written,
+    not read as an HTML tag or emphasis."""
+    parts = text.split("`")
+    parts[::2] = [html.escape(part, quote=False).replace("*", "\\*") for part in parts[::2]]
+    return "`".join(parts)
+
+
 def cell(text: str, prefix: str = "", code: bool = False) -> str:
     if not text:
         return ""
     text = text.replace("|", "\\|").replace("\n", " ")
-    return prefix + (f"`{text}`" if code else text)
+    return prefix + (f"`{text}`" if code else literal(text))
 
 
 def type_name(annotation: Any) -> str:
