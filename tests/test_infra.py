@@ -30,6 +30,7 @@ from pipeline.config import load_config, preset_names
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 KUBE = INFRA / "kubernetes"
+DOCS = INFRA / "docs" / "pages"  # the documentation site's pages
 LAUNCHER_CONFIGS = {"aws": INFRA / "aws" / "cluster.yaml", "gcp": INFRA / "gcp" / "cluster.yaml"}
 MANIFESTS = ["raycluster.yaml", "rayjob-train.yaml", "rayjob-evaluate.yaml", "serviceaccount.yaml",
              "secret.example.yaml"]
@@ -599,7 +600,10 @@ def test_job_commands_are_found_where_expected() -> None:
                 (rel(KUBE / "rayjob-evaluate.yaml"), "evaluate_map"),
                 (rel(INFRA / "README.md"), "train_multilabel"), (rel(INFRA / "README.md"), "evaluate_map"),
                 ("README.md", "train_multilabel"), ("README.md", "evaluate_map"), ("README.md", "make_shards"),
-                ("README.md", "export_model"), ("README.md", "predict"), ("README.md", "index_shards")}
+                (rel(DOCS / "data.md"), "make_shards"), (rel(DOCS / "data.md"), "index_shards"),
+                (rel(DOCS / "training.md"), "train_multilabel"), (rel(DOCS / "evaluation.md"), "evaluate_map"),
+                (rel(DOCS / "use-your-model.md"), "train_multilabel"), (rel(DOCS / "use-your-model.md"), "predict"),
+                (rel(DOCS / "use-your-model.md"), "export_model")}
     assert expected <= seen, f"commands not found: {sorted(expected - seen)}"
 
 

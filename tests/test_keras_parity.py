@@ -92,11 +92,12 @@ def test_both_keras_layouts_import_to_the_same_state(weight_files, keras_model):
         ("conv2d", "batch_normalization"))} <= set(keras_layer_map())
 
 
-def test_the_readme_ways_to_save_from_keras_3_are_read(keras_model, weight_files, tmp_path):
-    """Keras 3 refuses `save_weights("x.h5")`; the two calls the README gives instead give files we read."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+def test_the_documented_ways_to_save_from_keras_3_are_read(keras_model, weight_files, tmp_path):
+    """Keras 3 refuses `save_weights("x.h5")`; the two calls the docs give instead (Use your model) give files we
+    read."""
+    page = (Path(__file__).parents[1] / "infra" / "docs" / "pages" / "use-your-model.md").read_text()
     calls = ['model.save_weights("xception.weights.h5")', 'model.save("xception.h5")']
-    assert all(call in readme for call in calls)
+    assert all(call in page for call in calls)
     with pytest.raises(ValueError, match=r"must end in `\.weights\.h5`"):
         keras_model.save_weights(str(tmp_path / "xception.h5"))
     keras_model.save_weights(str(tmp_path / "xception.weights.h5"))

@@ -1,4 +1,6 @@
-"""The README's troubleshooting table quotes what the code really prints."""
+"""The README and the documentation pages hold to the code: the troubleshooting page quotes what the code really
+prints, and every relative link of the README leads to a file of the repository (the docs site's own links are
+checked by its strict build in tests/test_docs.py, the README's too: it is the site's home page)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PAGES = REPO / "infra" / "docs" / "pages"
 # Messages that come from outside the project (the kernel, Ray), not from `pipeline/`.
 EXTERNAL = {"Bus error", "No space left on device", "Missing authentication token"}
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def troubleshooting_quotes() -> list[str]:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| `")]
+    page = (PAGES / "troubleshooting.md").read_text()
+    rows = [line.split(" | ")[0] for line in page.splitlines() if line.startswith("| `")]
     return [quote for row in rows for quote in re.findall(r"`([^`]+)`", row) if quote not in EXTERNAL]
 
 
@@ -39,4 +42,30 @@ def test_troubleshooting_quote_matches_a_real_message(quote: str) -> None:
     parts = [part for part in message.split("...") if part.strip()]
     assert parts, quote
     for part in parts:
-        assert part in SOURCE, f"{part!r} (from the README's {quote!r}) is in no message of pipeline/"
+        assert part in SOURCE, f"{part!r} (from the troubleshooting page's {quote!r}) is in no message of pipeline/"
+
+
+def readme_links() -> list[str]:
+    return [target for target in LINK.findall((REPO / "README.md").read_text()) if not re.match(r"[a-z]+:", target)]
+
+
+def readme_anchors() -> set[str]:
+    """The ids GitHub and MkDocs give the README's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", (REPO / "README.md").read_text(), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def test_the_readme_links_into_the_docs() -> None:
+    links = readme_links()
+    pages = {Path(link.partition("#")[0]).name for link in links if link.startswith("infra/docs/pages/")}
+    assert {"data.md", "training.md", "faults.md", "evaluation.md", "use-your-model.md", "troubleshooting.md",
+            "reference.md", "architecture.md"} <= pages, pages
+
+
+@pytest.mark.parametrize("link", readme_links())
+def test_every_relative_link_of_the_readme_resolves(link: str) -> None:
+    path, _, anchor = link.partition("#")
+    if not path:
+        assert anchor in readme_anchors(), f"README.md links to #{anchor}, a heading it does not have"
+        return
+    assert (REPO / path).is_file(), f"README.md links to {path}, which is not a file of the repository"

@@ -390,21 +390,22 @@ def test_min_shards_splits_a_small_dataset_above_the_floor(photos: list, tmp_pat
     assert len(read_manifest(str(whole)).shards) == 1 and "target_bytes" not in _sidecars(whole)[0]
 
 
-def test_the_readme_states_the_shard_count_rule_the_writer_plans_by() -> None:
-    """Journey step 2's sentence, with the defaults' numbers: 32 shards between 32 x 4 MiB and 32 x 256 MiB, about
-    one per 4 MiB below (3,000 JPEGs of 28 KB: 22, as the greedy plan cuts them), not "at least 32"."""
-    readme = " ".join((ROOT / "README.md").read_text().split())
+def test_the_docs_state_the_shard_count_rule_the_writer_plans_by() -> None:
+    """The data page's sentence (How many shards), with the defaults' numbers: 32 shards between 32 x 4 MiB and
+    32 x 256 MiB, about one per 4 MiB below (3,000 JPEGs of 28 KB: 22, as the greedy plan cuts them), not "at least
+    32"."""
+    page = " ".join((ROOT / "infra" / "docs" / "pages" / "data.md").read_text().split())
     defaults = ShardsConfig()
     low, high = defaults.min_shards * defaults.min_shard_mb, defaults.min_shards * defaults.max_shard_mb / 1024
-    assert f"a dataset of {low:.0f} MiB to {high:.0f} GiB makes {defaults.min_shards} shards" in readme
-    assert f"about one shard per {defaults.min_shard_mb:.0f} MiB" in readme and "at least 32 shards" not in readme
+    assert f"a dataset of {low:.0f} MiB to {high:.0f} GiB makes {defaults.min_shards} shards" in page
+    assert f"about one shard per {defaults.min_shard_mb:.0f} MiB" in page and "at least 32 shards" not in page
     records = [record_bytes(28_000, 40)] * 3000
     target, shards, size = planned_shard_bytes(sum(records), defaults), 1, 0
     for record in records:  # the writer's greedy cut (`ShardWriter._next_group`)
         if size and tar_bytes(size + record) > target:
             shards, size = shards + 1, 0
         size += record
-    assert target == defaults.min_shard_bytes and "3,000 JPEGs of 28 KB make 22" in readme and shards == 22
+    assert target == defaults.min_shard_bytes and "3,000 JPEGs of 28 KB make 22" in page and shards == 22
 
 
 def test_overwrite_replaces_a_prefix_of_other_settings_manifest_last(photos: list, tmp_path: Path) -> None:

@@ -67,7 +67,7 @@ PAPER_STYLE = ["optimizer.epsilon=1.0", "data.augment.random_resized_crop=true",
 # What each dataset changes in the preset: the JFT-like data gets 1,000 evaluation images, so that its rarest pairs
 # (about 1 object in 450) have a few positives each.
 DATASETS = {"demo": [], "jft_like": ["data.demo.variant=jft_like", "data.demo.eval_images=1000"]}
-# The loss options, each one change to the preset (values: README, "Losses"; Ridnik et al.'s for asymmetric).
+# The loss options, each one change to the preset (values: docs, Training, "Losses"; Ridnik et al.'s for asymmetric).
 LOSSES = {"asymmetric": ["loss.name=asymmetric"], "weak-negatives": ["loss.negative_weight=0.3"],
           "class-balanced": ["loss.class_frequency_power=0.5"]}
 THIRD_KEYS = ("head", "middle", "tail")
