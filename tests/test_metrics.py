@@ -3,6 +3,7 @@ cases, the streaming torchmetrics `Metric` = one-shot exactly, merging (`merge_s
 over 2 processes) = one metric, and a clear error for every bad input."""
 
 import dataclasses
+import doctest
 import math
 import pickle
 
@@ -379,6 +380,12 @@ def test_reset_and_use_in_a_plain_loop():
         batch = metric(s[start:start + 64], t[start:start + 64])
         assert batch["map@100"].item() == map_at_k(s[start:start + 64], t[start:start + 64], 100)
     assert metric.compute()["map@100"].item() == map_at_k(s, t, 100)
+
+
+def test_docstring_example():
+    from pipeline.evaluation import map_metric
+
+    assert doctest.testmod(map_metric).failed == 0
 
 
 def _sync_worker(rank: int, world: int, port: int, out: str, k: int) -> None:

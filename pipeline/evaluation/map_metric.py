@@ -59,6 +59,16 @@ class MeanAveragePrecisionAtK(Metric):
     (id = position * world_size + rank), so an unshuffled sampler's ids are the dataset indices; workers that
     evaluate other shardings pass global ids (e.g. dataset indices). The counter keeps counting across `reset()`.
     The first batch's device is the metric's (`.to(device)` moves it like any torchmetrics metric).
+
+    >>> import torch
+    >>> metric = MeanAveragePrecisionAtK(num_classes=3, k=2)
+    >>> metric.update(torch.tensor([[0.9, 0.1, 0.45], [0.2, 0.8, 0.4]]), [[0], [1, 2]])  # label lists or multi-hot
+    >>> metric.update(torch.tensor([[0.7, 0.6, 0.5]]), torch.tensor([[0, 0, 1]]))
+    >>> metric.compute()["map@2"]  # classes 0 and 1: AP 1; class 2: positives ranked 1st and 3rd -> (1/1) / 2
+    tensor(0.8333, dtype=torch.float64)
+    >>> metric.result().per_class_ap
+    tensor([1.0000, 1.0000, 0.5000], dtype=torch.float64)
+    >>> metric.reset()
     """
 
     is_differentiable = False
@@ -181,7 +191,7 @@ class MeanAveragePrecisionAtK(Metric):
         """Every figure with its per-class and per-image vectors, synced across processes as `compute` is.
 
         weights (C,) per-class MAP weights and normalize default to the constructor's (uniform and "min")."""
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,  # as compute() syncs
                                should_unsync=self._should_unsync):
             return self._result(self.weights if weights is None else weights, normalize or self.normalize)
 
@@ -229,9 +239,9 @@ class MeanAveragePrecisionAtK(Metric):
         an empty tensor of its dtype and width (torchmetrics' placeholder for a process without data is 1-D, in the
         metric's dtype, which a 2-D or integer state cannot be gathered with)."""
         self._fold_pending()
-        dtypes = {**_CLASS_STATES, **_IMAGE_STATES, **_PENDING_STATES}
-        for name, dtype in dtypes.items():
-            if isinstance(getattr(self, name), list) and not getattr(self, name):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for name, dtype in {**_CLASS_STATES, **_IMAGE_STATES, **_PENDING_STATES}.items():
+            if distributed and isinstance(getattr(self, name), list) and not getattr(self, name):
                 shape = (0,) if name in _IMAGE_STATES or name == "pending_ids" else (0, self.num_classes)
                 setattr(self, name, [torch.empty(shape, dtype=dtype, device=self.device)])
         super().sync(*args, **kwargs)
