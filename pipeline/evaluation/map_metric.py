@@ -173,9 +173,9 @@ class MeanAveragePrecisionAtK(Metric):
 
     def _top_k(self, *new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Each class's top K (score, id, relevance) among the held candidate blocks and `new` ones, ties by id."""
-        held = [_parts(getattr(self, name)) for name in _CLASS_STATES]
-        scores, ids, relevant = (dim_zero_cat([*parts, *extra]) for parts, extra in
-                                 zip(held, [[block] for block in new] if new else [[], [], []], strict=True))
+        extras = [[block] for block in new] or [[]] * len(_CLASS_STATES)
+        scores, ids, relevant = (dim_zero_cat([*_parts(getattr(self, name)), *extra])
+                                 for name, extra in zip(_CLASS_STATES, extras, strict=True))
         if scores.shape[0] <= self.k:
             return scores, ids, relevant
         pos, top = top_k_set(scores, self.k, 0, lambda queries: ids[:, queries])
