@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation.accumulator import evaluate_map_at_k
 from pipeline.evaluation.baselines import BaselineScorers
 from pipeline.evaluation.frequency_thirds import FrequencyThirds
+from pipeline.evaluation.map_metric import evaluate_map_at_k
 from pipeline.evaluation.report import plot_frequency_thirds, thirds_table
 from pipeline.evaluation.watcher import summarize
 

@@ -1,8 +1,11 @@
 """MAP@K against a plain-Python reference written here, torchmetrics for the hits-normalised variant, hand-worked
-cases, streaming = one-shot exactly, merging = one accumulator, and a clear error for every bad input."""
+cases, the streaming torchmetrics `Metric` = one-shot exactly, merging (`merge_state` and torchmetrics' own sync
+over 2 processes) = one metric, and a clear error for every bad input."""
 
 import dataclasses
+import doctest
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import torch
 
 from pipeline.data.manifest import classes_from_tsv
 from pipeline.evaluation import (
-    MapAtK,
+    MeanAveragePrecisionAtK,
     average_precision_at_k,
     class_recall_at_k,
     evaluate_map_at_k,
@@ -102,6 +105,15 @@ def test_hand_computed_cases():
     assert map_at_k(scores, targets, k=3, normalize="hits") == pytest.approx((5 / 6 + 0) / 2)
     # recall@3: class 0 has 2 of its 3 positives in the top 3, class 1 has 0 of 1 -> (2/3 + 0) / 2 = 1/3
     assert class_recall_at_k(scores, targets, k=3) == pytest.approx(1 / 3)
+    # the streaming metric, fed in two batches, gives the same hand-computed numbers
+    for weights, normalize, expected in [(None, "min", 5 / 18), ([1.0, 3.0, 5.0], "min", 5 / 36),
+                                         (None, "hits", 5 / 12)]:
+        metric = MeanAveragePrecisionAtK(3, k=3, weights=weights, normalize=normalize)
+        metric.update(scores[:2], targets[:2])
+        metric.update(scores[2:], targets[2:])
+        figures = metric.compute()
+        assert figures["map@3"].item() == pytest.approx(expected)
+        assert figures["class_recall@3"].item() == pytest.approx(1 / 3 if weights is None else (2 / 3) / 4)
 
 
 def test_ties_go_to_the_lower_index():
@@ -204,22 +216,31 @@ def test_hits_normalised_variant_equals_torchmetrics(orientation):
     ours = map_at_k(s, t, k, orientation=orientation, normalize="hits")
     assert ours == pytest.approx(float(metric.compute()), abs=1e-6)
     assert ours != pytest.approx(map_at_k(s, t, k, orientation=orientation), abs=1e-6)  # a different number
+    streaming = MeanAveragePrecisionAtK(25, k, normalize="hits")
+    for start in range(0, 120, 32):
+        streaming.update(s[start:start + 32], t[start:start + 32])
+    name = f"map@{k}" if orientation == "class" else f"image_map@{k}"
+    assert float(streaming.compute()[name]) == ours
 
 
 # ------------------------------------------------------------------------------------------------ streaming
 
 
-def assert_results_equal(a, b):
+def assert_results_equal(a, b, ids=True):
     for name in ("map_at_k", "image_map_at_k", "class_recall_at_k", "precision_at_1", "precision_at_5"):
         assert getattr(a, name) == getattr(b, name), name
     for name in ("per_class_ap", "per_class_recall", "class_positives", "class_valid", "image_ids", "per_image_ap",
                  "image_valid"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        if ids or name != "image_ids":
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-def buffer_of(rows: int, c: int, itemsize: int = 4) -> float:
-    """`MapAtK(buffer_mib=...)` for a row buffer of `rows` rows, to fold batches in at chosen points."""
-    return rows * (c * (itemsize + 1) + 8) / 2**20
+def streaming_metric(c: int, k: int = 100, buffer_rows: int | None = None, itemsize: int = 4, **kwargs):
+    """`MeanAveragePrecisionAtK` with a row buffer of `buffer_rows` rows (default: 256 MiB), to fold batches in at
+    chosen points."""
+    if buffer_rows is not None:
+        kwargs["buffer_mib"] = buffer_rows * (c * (itemsize + 1) + 8) / 2**20
+    return MeanAveragePrecisionAtK(c, k, **kwargs)
 
 
 @pytest.mark.parametrize("buffer_rows", [None, 1, 7, 130])
@@ -229,17 +250,17 @@ def test_streaming_equals_one_shot(tied, k, buffer_rows):
     scores, targets = make_case(6 + k + tied, n, c, tied)
     s, t = torch.from_numpy(scores).float(), torch.from_numpy(targets)
     rng = np.random.default_rng(7)
-    accumulator = MapAtK(c, k) if buffer_rows is None else MapAtK(c, k, buffer_mib=buffer_of(buffer_rows, c))
+    metric = streaming_metric(c, k, buffer_rows)
     start = 0
     while start < n:
         size = int(rng.choice([1, 3, 17, 64, 150]))  # uneven; large batches exercise the pruned merge
         stop = min(n, start + size)
         batch_targets = t[start:stop] if start % 2 else [np.flatnonzero(r).tolist() for r in targets[start:stop]]
-        accumulator.update(s[start:stop], batch_targets)
+        metric.update(s[start:stop], batch_targets)
         start = stop
     weights = torch.from_numpy(rng.uniform(0, 1, size=c))
     for normalize in ("min", "hits"):
-        streamed = accumulator.compute(weights, normalize)
+        streamed = metric.result(weights, normalize)
         ap, valid = average_precision_at_k(s, t, k, normalize=normalize)
         assert torch.equal(streamed.per_class_ap, ap) and torch.equal(streamed.class_valid, valid)
         assert streamed.map_at_k == map_at_k(s, t, k, weights, normalize=normalize)
@@ -247,10 +268,28 @@ def test_streaming_equals_one_shot(tied, k, buffer_rows):
         assert torch.equal(streamed.per_image_ap, image_ap)
         assert streamed.image_map_at_k == map_at_k(s, t, k, orientation="image", normalize=normalize)
         assert_results_equal(streamed, evaluate_map_at_k(s, t, k, weights, normalize))
-    result = accumulator.compute(weights)
+    result = metric.result(weights)
     assert result.class_recall_at_k == class_recall_at_k(s, t, k, weights)
     assert result.precision_at_1 == precision_at_k(s, t, 1) and result.precision_at_5 == precision_at_k(s, t, 5)
     assert result.scalars()[f"map@{k}"] == result.map_at_k and result.num_images == n
+    # compute(): the same figures as float64 tensors, with the constructor's weights
+    assert metric.compute()[f"map@{k}"].item() == metric.result().map_at_k == map_at_k(s, t, k)
+    weighted = streaming_metric(c, k, buffer_rows, weights=weights)
+    weighted.merge_state(metric)
+    assert {name: value.item() for name, value in weighted.compute().items()} == result.scalars()
+
+
+def test_more_k_than_images():
+    scores, targets = make_case(13, 7, 6, tied=True)
+    s, t = torch.from_numpy(scores), torch.from_numpy(targets)
+    metric = MeanAveragePrecisionAtK(6, k=50)
+    for start in range(0, 7, 3):
+        metric.update(s[start:start + 3], t[start:start + 3])
+    for normalize in ("min", "hits"):
+        result = metric.result(normalize=normalize)
+        assert result.map_at_k == pytest.approx(reference_map(scores, targets, 50, normalize=normalize), abs=1e-12)
+        assert_results_equal(result, evaluate_map_at_k(s, t, 50, normalize=normalize))
+    assert metric.compute()["map@50"].item() == map_at_k(s, t, 50)
 
 
 @pytest.mark.parametrize("buffer_rows", [None, 50])
@@ -260,59 +299,132 @@ def test_streaming_with_ids_out_of_order(buffer_rows):
     scores, targets = make_case(8, n, c, tied=True)
     s, t = torch.from_numpy(scores), torch.from_numpy(targets)
     ids = torch.from_numpy(np.random.default_rng(9).permutation(n))
-    accumulator = MapAtK(c, k) if buffer_rows is None else MapAtK(c, k, buffer_mib=buffer_of(buffer_rows, c, 8))
+    metric = streaming_metric(c, k, buffer_rows, itemsize=8)
     for start in range(0, n, 37):
-        accumulator.update(s[start:start + 37], t[start:start + 37], ids[start:start + 37])
+        metric.update(s[start:start + 37], t[start:start + 37], ids[start:start + 37])
     by_id = ids.argsort()
-    assert_results_equal(accumulator.compute(), evaluate_map_at_k(s[by_id], t[by_id], k))
+    assert_results_equal(metric.result(), evaluate_map_at_k(s[by_id], t[by_id], k))
 
 
 @pytest.mark.parametrize("buffer_rows", [None, 30])
 def test_streaming_promotes_dtypes_and_skips_empty_batches(buffer_rows):
     scores, targets = make_case(12, 200, 9, tied=False)
     s, t = torch.from_numpy(scores).float(), torch.from_numpy(targets)
-    accumulator = MapAtK(9, 10) if buffer_rows is None else MapAtK(9, 10, buffer_mib=buffer_of(buffer_rows, 9))
-    accumulator.update(s[:100], t[:100])
-    accumulator.update(s[:0], t[:0])
-    accumulator.update(s[100:].double(), t[100:])  # float32 values, so float64 ranks them identically
-    assert_results_equal(accumulator.compute(), evaluate_map_at_k(s, t, 10))
+    metric = streaming_metric(9, 10, buffer_rows)
+    metric.update(s[:100], t[:100])
+    metric.update(s[:0], t[:0])
+    metric.update(s[100:].double(), t[100:])  # float32 values, so float64 ranks them identically
+    assert_results_equal(metric.result(), evaluate_map_at_k(s, t, 10))
 
 
 def test_streaming_buffer_stays_within_its_budget():
-    accumulator = MapAtK(1000, 10, buffer_mib=1)
+    metric = MeanAveragePrecisionAtK(1000, 10, buffer_mib=1)  # 209 rows of 1000 float32 scores and targets
     scores = torch.randn(500, 1000)
     for start in range(0, 500, 50):
-        accumulator.update(scores[start:start + 50], scores[start:start + 50] > 1)
-    assert accumulator._buffer is not None
-    assert sum(part.nbytes for part in accumulator._buffer) <= 2**20
-    assert accumulator.num_images == 500 and accumulator._buffered == 82  # 209 rows folded in twice
-    accumulator.update(scores, scores > 1, image_ids=range(500, 1000))  # a full buffer's worth: no copy
-    assert accumulator.num_images == 1000 and accumulator._buffered == 0
+        metric.update(scores[start:start + 50], scores[start:start + 50] > 1)
+    pending = metric.pending_scores + metric.pending_targets + metric.pending_ids
+    assert sum(part.nbytes for part in pending) <= 2**20
+    assert metric.num_images == 500 and sum(map(len, metric.pending_ids)) == 100  # 200 rows folded in twice
+    metric.update(scores, scores > 1, image_ids=range(500, 1000))  # a full buffer's worth: folded in as it is
+    assert metric.num_images == 1000 and metric.pending_ids == []
     with pytest.raises(ValueError, match="buffer_mib must be > 0"):
-        MapAtK(10, buffer_mib=0)
+        MeanAveragePrecisionAtK(10, buffer_mib=0)
 
 
 @pytest.mark.parametrize("buffer_rows", [None, 40])
-def test_merging_workers_equals_one_accumulator(buffer_rows):
+def test_merging_workers_equals_one_metric(buffer_rows):
+    """torchmetrics' `merge_state` (of a metric or its `metric_state`) and pickling, as the evaluator's Ray shares
+    use them."""
     n, c, k = 600, 15, 8
     scores, targets = make_case(10, n, c, tied=True)
     s, t = torch.from_numpy(scores), torch.from_numpy(targets)
-    mib = None if buffer_rows is None else buffer_of(buffer_rows, c, 8)
-    single = MapAtK(c, k) if mib is None else MapAtK(c, k, buffer_mib=mib)
-    workers = [MapAtK(c, k), MapAtK(c, k)] if mib is None else [MapAtK(c, k, buffer_mib=mib) for _ in range(2)]
+    single = streaming_metric(c, k, buffer_rows, itemsize=8)
+    workers = [streaming_metric(c, k, buffer_rows, itemsize=8) for _ in range(2)]
     for start in range(0, n, 50):
         rows = torch.arange(start, min(n, start + 50))
         single.update(s[rows], t[rows])
         for w, part in enumerate((rows[rows % 2 == 0], rows[rows % 2 == 1])):  # interleaved shards, global ids
             workers[w].update(s[part], t[part], image_ids=part)
-    merged = MapAtK(c, k).merge(workers[0].state_dict()).merge(workers[1])
-    assert_results_equal(merged.compute(), single.compute())
-    restored = MapAtK.from_state_dict(single.state_dict())
-    assert_results_equal(restored.compute(), single.compute())
-    with pytest.raises(ValueError, match="image ids are in both"):
-        merged.merge(workers[1])
+    merged = MeanAveragePrecisionAtK(c, k)
+    merged.merge_state(workers[0].metric_state)
+    merged.merge_state(pickle.loads(pickle.dumps(workers[1])))
+    assert_results_equal(merged.result(), single.result())
+    assert_results_equal(pickle.loads(pickle.dumps(single)).result(), single.result())
+    merged.merge_state(workers[1])
+    with pytest.raises(ValueError, match="image id 1 was added more than once"):
+        merged.result()
     with pytest.raises(ValueError, match="cannot merge"):
-        merged.merge(MapAtK(c, k + 1))
+        merged.merge_state(MeanAveragePrecisionAtK(c, k + 1))
+    with pytest.raises(ValueError, match="cannot merge a state of 15 classes"):
+        MeanAveragePrecisionAtK(c + 1, k).merge_state(workers[0].metric_state)
+
+
+def test_reset_and_use_in_a_plain_loop():
+    """The metric as a user's evaluation loop (or Lightning's) uses it: update per batch, compute, reset; and
+    forward, which returns the batch's figures and accumulates."""
+    scores, targets = make_case(14, 240, 20, tied=False)
+    s, t = torch.from_numpy(scores).float(), torch.from_numpy(targets)
+    metric = MeanAveragePrecisionAtK(num_classes=20, k=100)
+    for epoch in range(2):
+        for start in range(0, 240, 64):
+            metric.update(s[start:start + 64], t[start:start + 64])
+        figures = metric.compute()  # {"map@100": tensor(...), "image_map@100": ..., "precision@1": ..., ...}
+        assert figures["map@100"].item() == map_at_k(s, t, 100)
+        assert figures["image_map@100"].item() == map_at_k(s, t, 100, orientation="image")
+        assert figures["num_images"].item() == 240
+        assert_results_equal(metric.result(), evaluate_map_at_k(s, t, 100), ids=epoch == 0)  # ids count on
+        metric.reset()
+    with pytest.raises(ValueError, match="empty evaluation set"), pytest.warns(UserWarning, match="before the"):
+        metric.compute()
+    for start in range(0, 240, 64):
+        batch = metric(s[start:start + 64], t[start:start + 64])
+        assert batch["map@100"].item() == map_at_k(s[start:start + 64], t[start:start + 64], 100)
+    assert metric.compute()["map@100"].item() == map_at_k(s, t, 100)
+
+
+def test_docstring_example():
+    from pipeline.evaluation import map_metric
+
+    assert doctest.testmod(map_metric).failed == 0
+
+
+def _sync_worker(rank: int, world: int, port: int, out: str, k: int) -> None:
+    """One process of `test_torch_distributed_sync`: its half of the rows, then compute with torchmetrics' sync."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        scores, targets = make_case(15, 301, 11, tied=True)
+        s, t = torch.from_numpy(scores).float(), torch.from_numpy(targets)
+        dealt = MeanAveragePrecisionAtK(11, k, buffer_mib=0.01)  # default ids: dealt like DistributedSampler's
+        mine = torch.arange(rank, 301, world)
+        for start in range(0, len(mine), 40):
+            dealt.update(s[mine[start:start + 40]], t[mine[start:start + 40]])
+        alone = MeanAveragePrecisionAtK(11, k)  # every row on rank 0 (explicit ids), nothing on rank 1
+        if rank == 0:
+            alone.update(s, t, image_ids=torch.arange(301))
+        torch.save({"dealt": dealt.result(), "dealt_figures": dealt.compute(), "alone": alone.result(),
+                    "local_images": dealt.num_images}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("k", [5, 500])
+def test_torch_distributed_sync(tmp_path, k):
+    """Two gloo processes on 127.0.0.1, each updating with its half: compute and result equal one process's."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_sync_worker, args=(2, port, str(tmp_path), k), nprocs=2)
+    scores, targets = make_case(15, 301, 11, tied=True)
+    s, t = torch.from_numpy(scores).float(), torch.from_numpy(targets)
+    expected = evaluate_map_at_k(s, t, k)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert out["local_images"] == (151, 150)[rank]  # the local state is back after the synced compute
+        assert_results_equal(out["dealt"], expected)
+        assert_results_equal(out["alone"], expected)
+        assert {name: value.item() for name, value in out["dealt_figures"].items()} == expected.scalars()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -355,10 +467,10 @@ S, T = torch.rand(3, 4), torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]]
     (lambda: map_at_k(S, T, normalize="mean"), "normalize='mean'"),
     (lambda: map_at_k(S, T, weights=torch.ones(4), orientation="image"), "weights are per class"),
     (lambda: map_at_k(S, [[0], [1]]), "2 label lists for 3 images"),
-    (lambda: MapAtK(4).compute(), "empty evaluation set"),
-    (lambda: MapAtK(5).update(S, T), "built for 5"),
-    (lambda: MapAtK(4).update(S, T, image_ids=[0, 1, 1]), "repeat within the batch"),
-    (lambda: MapAtK(4).update(S, T, image_ids=[0.0, 1.0, 2.0]), "image_ids must be 3 integers"),
+    (lambda: MeanAveragePrecisionAtK(4).compute(), "empty evaluation set"),
+    (lambda: MeanAveragePrecisionAtK(5).update(S, T), "built for 5"),
+    (lambda: MeanAveragePrecisionAtK(4).update(S, T, image_ids=[0, 1, 1]), "repeat within the batch"),
+    (lambda: MeanAveragePrecisionAtK(4).update(S, T, image_ids=[0.0, 1.0, 2.0]), "image_ids must be 3 integers"),
 ])
 def test_bad_input_is_refused_clearly(call, message):
     with pytest.raises(ValueError, match=message):
@@ -370,30 +482,31 @@ def test_non_finite_scores_are_located():
     scores[1, 2], scores[2, 0] = float("nan"), float("inf")
     with pytest.raises(ValueError, match=r"2 non-finite values \(NaN or Inf\); first at image 1, class 2: nan"):
         map_at_k(scores, T)
-    accumulator = MapAtK(4)
+    metric = MeanAveragePrecisionAtK(4)
     with pytest.raises(ValueError, match=r"first at batch row 1 \(image id 11\), class 2"):
-        accumulator.update(scores, T, image_ids=[10, 11, 12])
+        metric.update(scores, T, image_ids=[10, 11, 12])
     huge = torch.full((3, 4), 3e38)  # the float32 sum overflows, yet every value is finite
     assert math.isfinite(map_at_k(huge, T))
 
 
 @pytest.mark.parametrize("buffer_rows", [None, 2])
 def test_repeated_image_ids_across_batches_are_refused(buffer_rows):
-    accumulator = MapAtK(4) if buffer_rows is None else MapAtK(4, buffer_mib=buffer_of(buffer_rows, 4))
-    accumulator.update(S, T, image_ids=[0, 1, 2])
-    accumulator.update(S, T, image_ids=[2, 3, 4])
+    metric = streaming_metric(4, buffer_rows=buffer_rows)
+    metric.update(S, T, image_ids=[0, 1, 2])
+    metric.update(S, T, image_ids=[2, 3, 4])
     with pytest.raises(ValueError, match="image id 2 was added more than once"):
-        accumulator.compute()
+        metric.result()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     scores, targets = make_case(11, 500, 40, tied=True)
     s, t = torch.from_numpy(scores), torch.from_numpy(targets)
-    accumulator = MapAtK(40, 10)
+    metric = MeanAveragePrecisionAtK(40, 10)
     for start in range(0, 500, 64):
-        accumulator.update(s[start:start + 64].cuda(), t[start:start + 64].cuda())
-    on_gpu = accumulator.compute()
+        metric.update(s[start:start + 64].cuda(), t[start:start + 64].cuda())
+    on_gpu = metric.result()
+    assert metric.device.type == "cuda" and metric.compute()["map@10"].is_cuda
     assert on_gpu.per_class_ap.is_cuda
     on_cpu = dataclasses.replace(on_gpu, **{f.name: getattr(on_gpu, f.name).cpu() for f in dataclasses.fields(on_gpu)
                                             if isinstance(getattr(on_gpu, f.name), torch.Tensor)})

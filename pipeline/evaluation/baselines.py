@@ -24,9 +24,9 @@ from torch import Tensor
 from pipeline.config import Config, StorageConfig
 from pipeline.data import read_manifest
 from pipeline.data.manifest import MANIFEST_FILE
-from pipeline.evaluation.accumulator import MapAtK
 from pipeline.evaluation.class_weights import frequency_source
 from pipeline.evaluation.frequency_thirds import FrequencyThirds
+from pipeline.evaluation.map_metric import MeanAveragePrecisionAtK
 from pipeline.storage import exists, join_url, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
@@ -44,39 +44,41 @@ def random_scores(image_ids: Tensor, num_classes: int) -> Tensor:
 
 
 class BaselineScorers:
-    """One `MapAtK` per baseline, fed the same targets and image ids as the model's accumulator.
+    """One `MeanAveragePrecisionAtK` per baseline, fed the same targets and image ids as the model's metric.
 
     `for_prior` makes scorers that score batches; `from_state_dict` rebuilds a worker's scorers on the driver,
     which only merges and computes them (it has no prior to score with, and needs none)."""
 
-    def __init__(self, accumulators: dict[str, MapAtK], prior: Tensor | None = None) -> None:
-        self.accumulators = accumulators
+    def __init__(self, metrics: dict[str, MeanAveragePrecisionAtK], prior: Tensor | None = None) -> None:
+        self.metrics = metrics
         self.prior = prior
 
     @classmethod
     def for_prior(cls, prior: Tensor, k: int) -> BaselineScorers:
-        return cls({name: MapAtK(prior.numel(), k) for name in BASELINES}, prior.to(torch.float32))
+        return cls({name: MeanAveragePrecisionAtK(prior.numel(), k) for name in BASELINES}, prior.to(torch.float32))
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> BaselineScorers:
-        return cls({name: MapAtK.from_state_dict(state[name]) for name in BASELINES})
+        """Scorers around a share's metrics (taken over, not copied)."""
+        return cls({name: state[name] for name in BASELINES})
 
     def update(self, targets: Tensor, image_ids: Tensor) -> None:
         if self.prior is None:
             raise ValueError("these baseline scorers were rebuilt from a state: they merge and compute, not score")
         targets, image_ids = targets.cpu(), image_ids.cpu()
         n = targets.shape[0]
-        self.accumulators["random"].update(random_scores(image_ids, self.prior.numel()), targets, image_ids)
-        self.accumulators["prior"].update(self.prior.expand(n, -1), targets, image_ids)
+        self.metrics["random"].update(random_scores(image_ids, self.prior.numel()), targets, image_ids)
+        self.metrics["prior"].update(self.prior.expand(n, -1), targets, image_ids)
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: acc.state_dict() for name, acc in self.accumulators.items()}
+        """The metrics themselves (picklable torchmetrics metrics, merged with `merge_state`)."""
+        return dict(self.metrics)
 
     def merge(self, other: BaselineScorers | dict[str, Any]) -> BaselineScorers:
         """Fold another share's scorers (or their state_dict) over disjoint image ids into these; returns self."""
         states = other if isinstance(other, dict) else other.state_dict()
-        for name, acc in self.accumulators.items():
-            acc.merge(states[name])
+        for name, metric in self.metrics.items():
+            metric.merge_state(states[name])
         return self
 
     def compute(self, weights: Tensor | None,
@@ -84,12 +86,12 @@ class BaselineScorers:
         """{"random": {"map@K": ..., "image_map@K": ...}, "prior": {...}}, with `thirds` also each third's
         "<third>_map@K" (`pipeline.evaluation.frequency_thirds`)."""
         out: dict[str, dict[str, float | None]] = {}
-        for name, acc in self.accumulators.items():
-            result = acc.compute(weights)
+        for name, metric in self.metrics.items():
+            result = metric.result(weights)
             scalars = result.scalars()
-            out[name] = {key: scalars[key] for key in (f"map@{acc.k}", f"image_map@{acc.k}")}
+            out[name] = {key: scalars[key] for key in (f"map@{metric.k}", f"image_map@{metric.k}")}
             if thirds is not None:
-                out[name].update(thirds.maps(result.per_class_ap, result.class_valid, weights, acc.k))
+                out[name].update(thirds.maps(result.per_class_ap, result.class_valid, weights, metric.k))
         return out
 
 

@@ -5,11 +5,12 @@ data and classes) comes from it, so the evaluator rebuilds exactly the model tha
 it (`eval.*`, `storage`, `cluster.use_gpu`, the loader settings of the evaluating machine, `data.eval` when set)
 comes from the evaluator's own config (`resolve_config`). It loads the Polyak-averaged (EMA) weights by default
 and streams the eval shards through the loader's evaluation mode (center crop, every image once across ranks,
-padding masked). Scores never materialise as an (N, C) matrix: `MapAtK` keeps a running top-K per class, so 100k
-images x 17k classes fit in memory. The scoring loop feeds a dict of metric units (`pipeline.evaluation.units`:
-MAP@K, the baselines, the report's examples, the decision thresholds). With several workers each scores its share
-and returns its units' `state_dict()`s; the driver merges them, and `MapAtK` refuses an image id seen twice, so every
-eval image is counted exactly once.
+padding masked). Scores never materialise as an (N, C) matrix: `MeanAveragePrecisionAtK` (a torchmetrics `Metric`)
+keeps a running top-K per class, so 100k images x 17k classes fit in memory. The scoring loop feeds a dict of metric
+units (`pipeline.evaluation.units`: MAP@K, the baselines, the report's examples, the decision thresholds). With
+several workers each scores its share and returns its units' `state_dict()`s; the driver merges them (torchmetrics'
+`merge_state` for the MAP metrics), and the metric refuses an image id seen twice, so every eval image is counted
+exactly once.
 """
 
 from __future__ import annotations

@@ -13,12 +13,14 @@ Definitions (the paper's FastEval14k metric, MAP@100); `scores` and `targets` ar
   min(K, labels of the image) (or hits); images with no label are skipped; plain mean over images.
 
 Ranking is a strict total order, so every result is deterministic: descending score, and among equal scores the
-lower index first (lower image index, or image id in `MapAtK`; lower class index in the per-image orientation).
+lower index first (lower image index, or image id in `MeanAveragePrecisionAtK`; lower class index in the per-image
+orientation).
 Scores may be logits or probabilities (sigmoid is monotonic: same ranking, same MAP) but must be finite; they are
 compared in their own dtype (integer scores are compared as float64). Targets are dense multi-hot (N, C) tensors
 (bool is fastest; 0/1 uint8, int or float accepted) or sparse label lists turned dense by `multi_hot`.
 All functions keep tensors on the scores' device (CPU or CUDA) and return float64 AP values. The streaming
-accumulator (`pipeline.evaluation.accumulator.MapAtK`) shares the input checks and AP arithmetic defined here.
+metric (`pipeline.evaluation.map_metric.MeanAveragePrecisionAtK`) shares the input checks and AP arithmetic defined
+here.
 """
 
 from __future__ import annotations
@@ -269,7 +271,8 @@ def class_recall_at_k(scores: Tensor, targets: Tensor | Labels, k: int = 100,
 
 @dataclass(frozen=True)
 class MapAtKResult:
-    """Everything `MapAtK.compute` / `evaluate_map_at_k` report. Vectors are float64/int64/bool on the scores' device.
+    """Everything `MeanAveragePrecisionAtK.result` / `evaluate_map_at_k` report. Vectors are float64/int64/bool on
+    the scores' device.
 
     Per-class vectors have shape (C,), per-image vectors (N,) in ascending image-id order; entries whose mask
     (`class_valid`, `image_valid`) is False hold 0 and are excluded from every mean.

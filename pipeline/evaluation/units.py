@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from pipeline.config import Config
-from pipeline.evaluation.accumulator import MapAtK
 from pipeline.evaluation.baselines import BaselineScorers
 from pipeline.evaluation.class_weights import class_prior
 from pipeline.evaluation.frequency_thirds import FrequencyThirds
+from pipeline.evaluation.map_metric import MeanAveragePrecisionAtK
 from pipeline.evaluation.thresholds import ThresholdCounts
 
 if TYPE_CHECKING:
@@ -38,26 +38,29 @@ class MetricUnit(Protocol):
 
 
 class MapAtKUnit:
-    """MAP@K and its companions of the model's scores (`MapAtK`): the value "result"."""
+    """MAP@K and its companions of the model's scores (`MeanAveragePrecisionAtK`): the value "result".
 
-    def __init__(self, accumulator: MapAtK) -> None:
-        self.accumulator = accumulator
+    Its state is the metric itself (a picklable torchmetrics `Metric`, its row buffer folded in); shares are merged
+    with torchmetrics' `merge_state`."""
+
+    def __init__(self, metric: MeanAveragePrecisionAtK) -> None:
+        self.metric = metric
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> MapAtKUnit:
-        return cls(MapAtK.from_state_dict(state))
+        return cls(state["metric"])
 
     def update(self, logits: Tensor, targets: Tensor, ids: Tensor, batch: Batch, rows: Tensor) -> None:
-        self.accumulator.update(logits, targets, ids)
+        self.metric.update(logits, targets, ids)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.accumulator.state_dict()
+        return {"metric": self.metric}
 
     def merge(self, state: dict[str, Any]) -> None:
-        self.accumulator.merge(state)
+        self.metric.merge_state(state["metric"])
 
     def compute(self, weights: Tensor | None, thirds: FrequencyThirds | None = None) -> dict[str, Any]:
-        return {"result": self.accumulator.compute(weights)}
+        return {"result": self.metric.result(weights)}
 
 
 class BaselinesUnit:
@@ -123,7 +126,7 @@ def metric_units(config: Config, baselines: bool) -> dict[str, MetricUnit]:
     """The units one scoring pass feeds: MAP@K, the report's examples, the per-class decision thresholds
     (`pipeline.evaluation.thresholds`) and, with `baselines`, the baselines."""
     num_classes = config.model.num_classes
-    units: dict[str, MetricUnit] = {"map": MapAtKUnit(MapAtK(num_classes, config.eval.k)),
+    units: dict[str, MetricUnit] = {"map": MapAtKUnit(MeanAveragePrecisionAtK(num_classes, config.eval.k)),
                                     "examples": ExampleKeeper(),
                                     "thresholds": ThresholdCounts(num_classes, config.eval.threshold_min_positives)}
     if baselines:

@@ -64,7 +64,7 @@ from pipeline.config.loading import apply_overrides, read_preset_or_file
 from pipeline.data import ShardStream, read_manifest
 from pipeline.data.demo.prepare import prepare_demo_data
 from pipeline.data.plan import Split, train_plan
-from pipeline.evaluation import MapAtK, map_at_k
+from pipeline.evaluation import MeanAveragePrecisionAtK, map_at_k
 from pipeline.models import build_model, xception_macs
 from pipeline.train.loop import next_batch, train
 from pipeline.train.ranks import WorkerContext
@@ -687,7 +687,7 @@ def best_seconds(call: Callable[[], float], device: torch.device, repeats: int =
 
 
 def part_map(part: Part) -> None:
-    """(d): one-shot MAP@100 at FastEval14k scale and the evaluator's streaming accumulator at JFT scale, on the
+    """(d): one-shot MAP@100 at FastEval14k scale and the evaluator's streaming metric at JFT scale, on the
     device against the CPU path, on the same scores."""
     one_shot_map(part)
     free_memory()
@@ -711,26 +711,26 @@ def one_shot_map(part: Part) -> None:
 
 
 def streamed_map(part: Part) -> None:
-    """Batches drawn on the device, each fed to a device accumulator and (copied) to a CPU one; only the updates
+    """Batches drawn on the device, each fed to a device metric and (copied) to a CPU one; only the updates
     and the final compute are timed. Past the part's cap both stop at the same image, and the row says how far."""
     (n, c), device, batch = part.scale.map_sizes[1], part.device, part.scale.map_batch
     part.running(f"MAP@100 streamed {n:,} x {c:,}")
     seconds = {"device": 0.0, "cpu": 0.0}
-    accumulators = {"device": MapAtK(c, K), "cpu": MapAtK(c, K)}
+    metrics = {"device": MeanAveragePrecisionAtK(c, K), "cpu": MeanAveragePrecisionAtK(c, K)}
     done = 0
     for start in range(0, n, batch):
         if part.left() < 15:
             break
         scores, targets = make_batch(start, min(batch, n - start), c, device=device)
         inputs = {"device": (scores, targets), "cpu": (scores.cpu(), targets.cpu())}
-        for where, accumulator in accumulators.items():
-            seconds[where] += best_seconds(lambda a=accumulator, i=inputs[where]: a.update(*i), device, 1)[0]
+        for where, metric in metrics.items():
+            seconds[where] += best_seconds(lambda m=metric, i=inputs[where]: m.update(*i), device, 1)[0]
         done += len(scores)
     values = {}
-    for where, accumulator in accumulators.items():
-        took, values[where] = best_seconds(lambda a=accumulator: a.compute().map_at_k, device, 1)
+    for where, metric in metrics.items():
+        took, values[where] = best_seconds(lambda m=metric: m.compute()[f"map@{K}"].item(), device, 1)
         seconds[where] += took
-    part.add(row(f"MAP@100 streamed {done:,} x {c:,} on {device.type} (MapAtK, batches of {batch:,})",
+    part.add(row(f"MAP@100 streamed {done:,} x {c:,} on {device.type} (MeanAveragePrecisionAtK, batches of {batch:,})",
                  seconds["device"], "s", f"CPU path, threads: {torch.get_num_threads()}", seconds["cpu"],
                  better="lower", note=f"MAP {values['device']:.6f} vs {values['cpu']:.6f}"
                  + ("" if done == n else f"; stopped at {done:,} of {n:,} images by the cap"),

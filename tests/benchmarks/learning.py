@@ -51,12 +51,12 @@ import torch
 
 from pipeline.config import Config, load_config, validate
 from pipeline.data.demo.prepare import prepare_demo_data
-from pipeline.evaluation.accumulator import evaluate_map_at_k
 from pipeline.evaluation.baselines import BaselineScorers
 from pipeline.evaluation.class_weights import class_prior, frequency_classes
 from pipeline.evaluation.evaluator import evaluate_checkpoint
 from pipeline.evaluation.frequency_thirds import FrequencyThirds
 from pipeline.evaluation.map_at_k import MapAtKResult
+from pipeline.evaluation.map_metric import evaluate_map_at_k
 from pipeline.models import build_model
 from pipeline.storage.checkpoints import committed_checkpoints
 from pipeline.train.loop import train
