@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit 
 
 from pipeline.cli import job_main
 from pipeline.config import config_argument_parser, load_config
-from pipeline.data.demo.shards import write_demo_shards
-from pipeline.data.manifest import read_vocabulary
-from pipeline.data.shard_writer import write_folder_shards
+from pipeline.data.demo import write_demo_shards
+from pipeline.data.format import read_vocabulary
+from pipeline.data.writing import write_folder_shards
 from pipeline.storage import require_bucket
 
 

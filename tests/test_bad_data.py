@@ -14,8 +14,8 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data import BadDataError, ShardStream
-from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
+from pipeline.data.format import Manifest, ShardInfo, write_manifest
+from pipeline.data.loading import BadDataError, ShardStream
 
 NUM_CLASSES = 4
 SHARD_SAMPLES = 1000
@@ -144,7 +144,7 @@ def _train_rank(rank: int, world: int, port: int, prefix: str, out: str) -> None
     import torch.distributed as dist
 
     from pipeline.config import load_config
-    from pipeline.data import stream
+    from pipeline.data.loading import stream
     from pipeline.train.loop import train
     from pipeline.train.ranks import WorkerContext
 
@@ -182,7 +182,7 @@ def test_bad_data_counts_in_the_log_and_records_are_the_whole_jobs(tmp_path: Pat
 
     import torch.multiprocessing as mp
 
-    from pipeline.data.manifest import ClassInfo, write_classes
+    from pipeline.data.format import ClassInfo, write_classes
 
     root = tmp_path / "bad"
     root.mkdir()
