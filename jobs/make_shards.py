@@ -13,7 +13,7 @@ sizes (ranks x loader workers) they support.
 How shards are cut and images normalised are the `shards.*` settings (e.g. shards.max_shard_mb=64
 shards.workers=8); storage is `storage.*` (credentials from the standard places: environment, AWS profile,
 instance role; storage.endpoint_url=... or AWS_ENDPOINT_URL for S3-compatible servers). Formats and rules:
-`pipeline/data/shard_writer.py`. Every setting and its default is listed below.
+`pipeline/data/writing/writer.py`. Every setting and its default is listed below.
 """
 
 from __future__ import annotations
