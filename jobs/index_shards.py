@@ -11,7 +11,7 @@ manifest then names them by absolute URL), without rewriting or downloading them
 ranged reads, only the label members are read. The label mapping is recorded in the manifest, so training
 (data.train=PREFIX) and the evaluator need no further settings. Shards: a prefix (its *.tar), a brace pattern, or
 a wids shard index (.json). The mapping and the indexing are the `index.*` settings, storage is `storage.*`;
-every setting and its default is listed below. Formats and rules: `pipeline/data/adopt.py`.
+every setting and its default is listed below. Formats and rules: `pipeline/data/adopt/`.
 """
 
 from __future__ import annotations

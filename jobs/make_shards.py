@@ -13,7 +13,7 @@ sizes (ranks x loader workers) they support.
 How shards are cut and images normalised are the `shards.*` settings (e.g. shards.max_shard_mb=64
 shards.workers=8); storage is `storage.*` (credentials from the standard places: environment, AWS profile,
 instance role; storage.endpoint_url=... or AWS_ENDPOINT_URL for S3-compatible servers). Formats and rules:
-`pipeline/data/shard_writer.py`. Every setting and its default is listed below.
+`pipeline/data/writing/writer.py`. Every setting and its default is listed below.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit 
 
 from pipeline.cli import job_main
 from pipeline.config import config_argument_parser, load_config
-from pipeline.data.demo.shards import write_demo_shards
-from pipeline.data.manifest import read_vocabulary
-from pipeline.data.shard_writer import write_folder_shards
+from pipeline.data.demo import write_demo_shards
+from pipeline.data.format import read_vocabulary
+from pipeline.data.writing import write_folder_shards
 from pipeline.storage import require_bucket
 
 

@@ -48,9 +48,9 @@ JobMain = Callable[[Sequence[str] | None], int]
 def refused_input() -> tuple[type[BaseException], ...]:
     """The exceptions that mean a refused input. ValueError covers ConfigError, ManifestError, ShardSplitError,
     LabelsFileError and the data-vs-config checks. Imported when needed: a job's `--help` never loads torch."""
-    from pipeline.data.demo.scene import DemoAssetsMissing
-    from pipeline.data.shard_writer import ShardWriteError
-    from pipeline.data.stream import BadDataError
+    from pipeline.data.demo import DemoAssetsMissing
+    from pipeline.data.loading import BadDataError
+    from pipeline.data.writing import ShardWriteError
     from pipeline.models.programs import ExportPackagesMissing
     from pipeline.storage.local_s3 import SeaweedFSMissing
     from pipeline.train.step import NonFiniteError
@@ -145,8 +145,8 @@ def stopped_by_signal(exc: BaseException, arrived: set[int]) -> int | None:
 def stop_fork_server() -> None:
     """End multiprocessing's fork server (DataLoader and shard-writer workers start from it) and the workers still
     running from it, as the job stops. Left alone, the workers end with this process (their watch on it,
-    `pipeline.data.workers`), and the server only after an interpreter shutdown of what it preloaded (torch among
-    it): 0.5 s on an idle machine, ~8 s on a loaded one, as an orphan of a job that had already exited. Workers go
+    `pipeline.data.loading.workers`), and the server only after an interpreter shutdown of what it preloaded (torch
+    among it): 0.5 s on an idle machine, ~8 s on a loaded one, as an orphan of a job that had already exited. Workers go
     first and by SIGKILL, as they would a moment later: with their server gone first they would start an orderly
     exit of their own, sending batches to a process that is going away. The server keeps no state; `_stop` (the
     stdlib's own, for its tests) then reaps it and forgets it, so a later worker in this process starts a new one.

@@ -52,8 +52,8 @@ class DemoShards:
 
 def _write_tiny_demo(root: str) -> DemoShards:
     from pipeline.config import ShardsConfig
-    from pipeline.data.demo.shards import write_demo_shards
-    from pipeline.data.manifest import read_classes, read_manifest
+    from pipeline.data.demo import write_demo_shards
+    from pipeline.data.format import read_classes, read_manifest
 
     options = ShardsConfig(samples_per_shard=40, workers=1, progress=False)
     train, evaluation = f"{root}/train", f"{root}/eval"

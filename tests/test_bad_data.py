@@ -14,8 +14,10 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data import BadDataError, ShardStream
-from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
+from pipeline.data.adopt.scan import scan_shard
+from pipeline.data.format import OWN_FORMAT, Manifest, ShardInfo, write_manifest
+from pipeline.data.loading import BadDataError, ShardStream
+from pipeline.inference.inputs import plan_parts, read_part
 
 NUM_CLASSES = 4
 SHARD_SAMPLES = 1000
@@ -108,15 +110,21 @@ def test_hopeless_data_stops_before_the_window_saying_why(tmp_path: Path) -> Non
         one_epoch(small)
 
 
-def test_a_truncated_shard_is_logged_with_its_url_and_where_it_broke(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def broken_dataset(root: Path) -> tuple[str, int]:
+    """Three shards, the manifest claiming 1,000 samples each: whole, cut inside sample 186, and not a tar at all;
+    and the byte the cut one ends at."""
     keys = [f"t{i:04d}" for i in range(SHARD_SAMPLES)]
     whole = _tar(keys, set())
     member = len(whole) // SHARD_SAMPLES // 2  # bytes per tar member (image or labels)
     cut_in_member = whole[: 372 * member + 700]  # inside sample 186
     garbage = b"this is not a tar archive" * 100
-    prefix = dataset(tmp_path / "broken", [0, 0, 0], tars={1: cut_in_member, 2: garbage})
+    return dataset(root, [0, 0, 0], tars={1: cut_in_member, 2: garbage}), len(cut_in_member)
+
+
+def test_a_truncated_shard_is_logged_with_its_url_and_where_it_broke(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix, cut_at = broken_dataset(tmp_path / "broken")
     with caplog.at_level(logging.WARNING):
         stream = one_epoch(prefix, max_bad_fraction=0.9)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -125,7 +133,7 @@ def test_a_truncated_shard_is_logged_with_its_url_and_where_it_broke(
     assert len(shard_lines) == 2, lines  # once per shard, not once per lost sample
     # tarfile ends the stream at the cut without an error: sample 186 arrives incomplete, then the tar ends
     assert re.fullmatch(rf"shard {re.escape(truncated)}: ended after sample 186 \(key t0186\), at byte "
-                        rf"{len(cut_in_member)}; 187 of 1000 samples delivered \(the other 813 are skipped\)",
+                        rf"{cut_at}; 187 of 1000 samples delivered \(the other 813 are skipped\)",
                         shard_lines[0]), shard_lines[0]
     assert re.fullmatch(rf"shard {re.escape(corrupt)}: unreadable before its first sample, at byte \d+: "
                         r"ReadError: .*; 0 of 1000 samples delivered \(the other 1000 are skipped\)", shard_lines[1])
@@ -133,6 +141,22 @@ def test_a_truncated_shard_is_logged_with_its_url_and_where_it_broke(
     metrics = stream.metrics()
     assert metrics["skipped_truncated_shard"] == 813 and metrics["skipped_corrupt_shard"] == 1000
     assert metrics["skipped"] == 813 + 1000 + 1  # and sample 186, which arrived incomplete
+
+
+def test_the_loader_prediction_and_the_indexer_read_a_broken_shard_alike(tmp_path: Path) -> None:
+    """One routine reads shards for all three (`pipeline.data.format.ShardSamples`): the same samples delivered
+    before the break, and a break where the loader finds one (its own words: test above)."""
+    prefix, _ = broken_dataset(tmp_path / "broken")
+    delivered, ends = {0: 1000, 1: 187, 2: 0}, []
+    for part in plan_parts(prefix, "shards", rows_per_part=100):
+        rows = [row for chunk in read_part(part) for row in chunk]
+        images = [row for row in rows if row["key"] not in (None, part["shard"])]
+        ends += [row["error"] for row in rows if row["key"] == part["shard"]]
+        scan = scan_shard(part["shard"], OWN_FORMAT)
+        assert len(images) == scan.samples == delivered[part["part"]], part
+    assert ends == ["corrupt shard: it ended after 187 of 1000 samples",
+                    "corrupt shard after 0 samples: ReadError: invalid header"]
+    assert scan.error == "ReadError: invalid header"
 
 
 def _train_rank(rank: int, world: int, port: int, prefix: str, out: str) -> None:
@@ -144,7 +168,7 @@ def _train_rank(rank: int, world: int, port: int, prefix: str, out: str) -> None
     import torch.distributed as dist
 
     from pipeline.config import load_config
-    from pipeline.data import stream
+    from pipeline.data.loading import stream
     from pipeline.train.loop import train
     from pipeline.train.ranks import WorkerContext
 
@@ -182,7 +206,7 @@ def test_bad_data_counts_in_the_log_and_records_are_the_whole_jobs(tmp_path: Pat
 
     import torch.multiprocessing as mp
 
-    from pipeline.data.manifest import ClassInfo, write_classes
+    from pipeline.data.format import ClassInfo, write_classes
 
     root = tmp_path / "bad"
     root.mkdir()

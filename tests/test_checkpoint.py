@@ -183,7 +183,7 @@ def test_tensorboard_events_reach_object_storage_at_every_checkpoint_and_on_fail
 
 
 def test_prepare_resolves_paths_and_refuses_impossible_launches(tiny_demo, tmp_path, monkeypatch):
-    from pipeline.data import ShardSplitError
+    from pipeline.data.loading import ShardSplitError
     from pipeline.train.launcher import prepare
 
     monkeypatch.chdir(tmp_path)

@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from pipeline.config import ShardsConfig, load_config
-from pipeline.data.demo.shards import write_demo_shards
-from pipeline.data.manifest import read_classes, read_manifest
+from pipeline.data.demo import write_demo_shards
+from pipeline.data.format import read_classes, read_manifest
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.step import build_train_state
 

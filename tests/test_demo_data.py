@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.data.demo import DemoAssetsMissing, DemoDataset, DemoSample, open_demo
 from pipeline.data.demo.openmoji import build_annotations, read_annotations
-from pipeline.data.demo.tiny import COLOURS
+from pipeline.data.demo.shapes import COLOURS
 
 TINY_SIZE = 96
 OPENMOJI_SIZE = 160  # smaller than the default 320 to keep the tests fast; the composition is the same

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.config import load_config
-from pipeline.data import read_manifest
+from pipeline.data.format import read_manifest
 from pipeline.storage import join_url, list_dir, open_read, read_bytes
 from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, read_checkpoint, read_commit
 from pipeline.train.loop import wrap_model

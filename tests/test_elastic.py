@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from pipeline.config import ConfigError, config_to_yaml, load_config
 from pipeline.config.batching import BatchSplitError
-from pipeline.data import ShardSplitError
+from pipeline.data.loading import ShardSplitError
 from pipeline.storage import join_url, list_dir, read_bytes, write_bytes
 from pipeline.storage.checkpoints import (
     checkpoint_url,
@@ -43,8 +43,9 @@ def test_the_split_at_each_world_size_keeps_the_global_batch(tmp_path):
     config = load_config("demo", ["cluster.num_workers=[1,4]", "train.global_batch_size=48",
                                   "train.max_micro_batch_size=8", "cluster.resize_check_s=5"])
     splits = [config.batch_split(size) for size in config.cluster.world_sizes]
-    assert [(s.world_size, s.per_rank, s.micro_batches, s.micro_batch_size) for s in splits] == [
+    assert [(s.world_size, s.per_rank, s.micro_batches, s.per_rank // s.micro_batches) for s in splits] == [
         (1, 48, 6, 8), (2, 24, 3, 8), (3, 16, 2, 8), (4, 12, 2, 6)]  # 12 in passes of <= 8: two of 6
+    assert all(s.per_rank % s.micro_batches == 0 for s in splits)  # every pass the same size (BatchNorm's batch)
     assert all(s.world_size * s.per_rank == 48 for s in splits)
     with pytest.raises(BatchSplitError, match=r"must be divisible by cluster\.num_workers=5"):
         config.batch_split(5)

@@ -17,8 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline.cluster import FORWARDED_ENV, connect_ray
 from pipeline.config import config_to_yaml, load_config
-from pipeline.data import ShardStream, read_manifest, to_device
-from pipeline.data.manifest import class_fingerprint, read_classes, write_classes
+from pipeline.data.format import class_fingerprint, read_classes, read_manifest, write_classes
+from pipeline.data.loading import ShardStream, to_device
 from pipeline.evaluation import evaluator
 from pipeline.evaluation.background import start_background_evaluator
 from pipeline.evaluation.class_weights import class_weights

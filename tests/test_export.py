@@ -11,7 +11,7 @@ from test_checkpoint import tiny_config
 from test_package import ARCHITECTURE
 
 from pipeline.config import ExportConfig
-from pipeline.data.manifest import class_fingerprint, read_classes, read_manifest
+from pipeline.data.format import class_fingerprint, read_classes, read_manifest
 from pipeline.inference.export import check_images, export_model
 from pipeline.inference.sources import load_model
 from pipeline.models import preprocess_input

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data import BadDataError
+from pipeline.data.loading import BadDataError
 from pipeline.train import launcher
 from pipeline.train.failure import clear_failure, raise_recorded_failure, record_failure
 from pipeline.train.step import NonFiniteError

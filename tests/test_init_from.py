@@ -14,7 +14,7 @@ from test_checkpoint import TINY_MODEL
 from torch import nn
 
 from pipeline.config import ShardsConfig, load_config
-from pipeline.data.manifest import read_manifest
+from pipeline.data.format import read_manifest
 from pipeline.models import Xception
 from pipeline.models.weights import (
     absolute_init_source,
@@ -33,7 +33,7 @@ from pipeline.train.loop import train
 @pytest.fixture(scope="module")
 def openmoji_subset(tmp_path_factory) -> tuple[str, int]:
     """160 OpenMoji training images over the 60 most common emoji: 20 classes, none of them the tiny demo's."""
-    from pipeline.data.demo.shards import write_demo_shards
+    from pipeline.data.demo import write_demo_shards
 
     root = str(tmp_path_factory.mktemp("openmoji-subset") / "train")
     options = ShardsConfig(samples_per_shard=40, workers=1, progress=False)

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data.demo import DemoDataset, open_demo
-from pipeline.data.demo.jft_like import FALSE_LABEL_RATE, LABEL_KEEP
-from pipeline.data.demo.prepare import prepare_demo_data
-from pipeline.data.manifest import read_classes, read_manifest
+from pipeline.data.demo import DemoDataset, open_demo, prepare_demo_data
+from pipeline.data.demo.shapes import JFT_LIKE_FALSE_LABEL_RATE, JFT_LIKE_LABEL_KEEP
+from pipeline.data.format import read_classes, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +73,11 @@ def test_training_labels_drop_true_labels_and_add_a_few_false_ones(jft: DemoData
         kept += len((labels - false) & dense)
         total += len(dense)
         dropped_objects_labels += len(dense - labels)
-    assert 0.8 * FALSE_LABEL_RATE < false_images / len(train) < 1.3 * FALSE_LABEL_RATE
-    # per object a label survives with LABEL_KEEP; an image loses a label only when every object carrying it does
+    assert 0.8 * JFT_LIKE_FALSE_LABEL_RATE < false_images / len(train) < 1.3 * JFT_LIKE_FALSE_LABEL_RATE
+    # per object a label survives with JFT_LIKE_LABEL_KEEP; an image loses a label only when every object carrying
+    # it does
     missing = dropped_objects_labels / total
-    assert 0.5 * (1 - LABEL_KEEP) < missing < 1 - LABEL_KEEP, missing
+    assert 0.5 * (1 - JFT_LIKE_LABEL_KEEP) < missing < 1 - JFT_LIKE_LABEL_KEEP, missing
 
 
 def test_eval_labels_are_dense_and_exact(jft: DemoDataset) -> None:

@@ -14,16 +14,15 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-import pipeline.data.stream as stream_module
-import pipeline.data.workers as workers_module
+import pipeline.data.loading.stream as stream_module
+import pipeline.data.loading.workers as workers_module
 from pipeline.config import DataConfig, ShardsConfig
-from pipeline.data import BadDataError, Batch, ShardSplitError, ShardStream, check_shard_split, to_device
-from pipeline.data.batch import SharedBuffers
-from pipeline.data.decode import _fast_scale, decode_image
-from pipeline.data.manifest import ClassInfo, Manifest, ShardInfo, read_manifest, write_manifest
-from pipeline.data.plan import Split, resumed_plan, train_plan
-from pipeline.data.shard_build import Sample
-from pipeline.data.shard_writer import ShardWriter
+from pipeline.data.format import ClassInfo, Manifest, ShardInfo, read_manifest, write_manifest
+from pipeline.data.loading import BadDataError, Batch, ShardSplitError, ShardStream, check_shard_split, to_device
+from pipeline.data.loading.batch import SharedBuffers
+from pipeline.data.loading.decode import _fast_scale, decode_image
+from pipeline.data.loading.plan import Split, resumed_plan, train_plan
+from pipeline.data.writing import Sample, ShardWriter
 from pipeline.storage import StorageError, join_url, write_bytes
 
 NUM_CLASSES = 10

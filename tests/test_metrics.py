@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.manifest import classes_from_tsv
+from pipeline.data.format import classes_from_tsv
 from pipeline.evaluation import (
     MeanAveragePrecisionAtK,
     average_precision_at_k,

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import PredictConfig, load_config
-from pipeline.data import ShardStream, read_manifest, to_device
-from pipeline.data.manifest import class_fingerprint, read_classes
+from pipeline.data.format import class_fingerprint, read_classes, read_manifest
+from pipeline.data.loading import ShardStream, to_device
 from pipeline.inference.export import export_model
 from pipeline.inference.inputs import input_kind, list_images, plan_parts, read_part, read_url_list
 from pipeline.inference.model_source import load_predictor

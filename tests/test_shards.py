@@ -20,12 +20,17 @@ import webdataset as wds
 from PIL import Image, ImageOps
 
 from pipeline.config import ShardsConfig
-from pipeline.data.images import BadImageError, prepare_image
-from pipeline.data.labels import LabelsFileError, read_labels_file
-from pipeline.data.manifest import ClassInfo, classes_from_tsv, classes_to_tsv, read_classes, read_manifest
-from pipeline.data.shard_build import Sample
-from pipeline.data.shard_sizing import planned_shard_bytes, record_bytes, tar_bytes
-from pipeline.data.shard_writer import ShardWriteError, ShardWriter, write_folder_shards
+from pipeline.data.format import ClassInfo, classes_from_tsv, classes_to_tsv, read_classes, read_manifest
+from pipeline.data.writing import (
+    LabelsFileError,
+    Sample,
+    ShardWriteError,
+    ShardWriter,
+    read_labels_file,
+    write_folder_shards,
+)
+from pipeline.data.writing.images import BadImageError, prepare_image
+from pipeline.data.writing.sizing import planned_shard_bytes, record_bytes, tar_bytes
 from pipeline.storage import filesystem, open_read, require_bucket
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from test_checkpoint import assert_trees_close, tiny_config
 
 from pipeline.cli import EXIT_REFUSED, job_main
-from pipeline.data import BadDataError
+from pipeline.data.loading import BadDataError
 from pipeline.storage import join_url, list_dir, read_bytes
 from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, read_checkpoint, read_commit
 from pipeline.train import loop, stopping

@@ -1,5 +1,6 @@
 """Typed configuration: one schema, YAML presets, `key.sub=value` overrides."""
 
+from pipeline.config.dataset_sections import IMAGE_EXTENSIONS
 from pipeline.config.loading import (
     ConfigError,
     apply_overrides,
@@ -34,6 +35,7 @@ from pipeline.config.schema import (
 )
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "AugmentConfig",
     "CheckpointConfig",
     "ClusterConfig",

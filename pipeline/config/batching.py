@@ -26,12 +26,7 @@ class BatchSplit:
 
     world_size: int
     per_rank: int  # images each rank loads per step (the loader's batch)
-    micro_batches: int  # forward/backward passes per rank per step, gradients accumulated
-
-    @property
-    def micro_batch_size(self) -> int:
-        """Images per forward pass (BatchNorm's statistics are over this many)."""
-        return self.per_rank // self.micro_batches
+    micro_batches: int  # forward/backward passes per rank per step (of per_rank // micro_batches images each)
 
 
 def micro_batch_count(per_rank: int, micro_batches: int = 1, max_micro_batch_size: int | None = None) -> int:

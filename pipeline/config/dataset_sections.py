@@ -6,15 +6,18 @@ apart because they configure the dataset jobs (`jobs/make_shards.py`, `jobs/inde
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, PositiveInt
 
 from pipeline.config.section import Section
 
+ImageExtension = Literal["jpg", "jpeg", "png", "webp"]
+IMAGE_EXTENSIONS: tuple[ImageExtension, ...] = get_args(ImageExtension)  # the members a shard sample's image may be
+
 
 class ShardsConfig(Section):
-    """How jobs/make_shards.py cuts WebDataset shards and normalises images (pipeline.data.shard_writer).
+    """How jobs/make_shards.py cuts WebDataset shards and normalises images (pipeline.data.writing.writer).
 
     max_image_side = 512: training crops are resized to 299 (the paper's), so a longer side of 512 keeps the
     shorter side >= 299 for aspect ratios up to 1.7:1, while decoding stays cheap (measured on a 2-core machine:
@@ -85,8 +88,8 @@ class IndexConfig(Section):
         "count", description="classes.tsv's train_frequency: count (read every label member), classes_file (copy "
         "the given classes.tsv's frequencies and weights, as for an eval set), skip (zeros; labels are not read, "
         "so with a wids index giving counts no shard is opened)")
-    image_extensions: list[Literal["jpg", "jpeg", "png", "webp"]] = Field(
-        default_factory=lambda: ["jpg", "jpeg", "png", "webp"], min_length=1,
+    image_extensions: list[ImageExtension] = Field(
+        default_factory=lambda: list(IMAGE_EXTENSIONS), min_length=1,
         description="members that hold the image, the first present is used")
     labels_kind: Literal["sparse", "dense"] = Field("sparse", description="sparse (training, noisy) or dense "
                                                     "(evaluation) labels, recorded in the manifest")

@@ -64,7 +64,7 @@ class DemoConfig(Section):
     variant: Literal["openmoji", "tiny", "jft_like"] = Field(
         "openmoji", description="openmoji: real emoji art on photo textures (needs the 'demo' extra); tiny: shapes; "
         "jft_like: shapes made hard as JFT is (colour-shape classes with Zipf frequencies, 20% of true training "
-        "labels dropped, 10% of training images with a false label; pipeline.data.demo.jft_like)"
+        "labels dropped, 10% of training images with a false label; pipeline.data.demo.shapes)"
     )
     train_images: PositiveInt = 3000
     eval_images: PositiveInt = 500

@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import Config, StorageConfig
-from pipeline.data import read_manifest
-from pipeline.data.manifest import MANIFEST_FILE
+from pipeline.data.format import MANIFEST_FILE, read_manifest
 from pipeline.evaluation.class_weights import frequency_source
 from pipeline.evaluation.frequency_thirds import FrequencyThirds
 from pipeline.evaluation.map_metric import MeanAveragePrecisionAtK

@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import Config
-from pipeline.data import read_manifest
-from pipeline.data.manifest import ClassInfo, read_classes
+from pipeline.data.format import ClassInfo, read_classes, read_manifest
 from pipeline.storage import join_url
 
 

@@ -24,8 +24,8 @@ import torch
 
 from pipeline.cluster import connect_ray
 from pipeline.config import Config, StorageConfig, validate
-from pipeline.data import ShardStream, read_manifest, to_device
-from pipeline.data.manifest import check_same_classes
+from pipeline.data.format import check_same_classes, read_manifest
+from pipeline.data.loading import ShardStream, to_device
 from pipeline.evaluation.baselines import baseline_key, read_cached, write_cached
 from pipeline.evaluation.class_weights import class_prior, class_weights
 from pipeline.evaluation.frequency_thirds import FrequencyThirds

@@ -40,7 +40,7 @@ from torch import Tensor
 from pipeline.models.thresholds import ClassThresholds
 
 if TYPE_CHECKING:
-    from pipeline.data import Batch
+    from pipeline.data.loading import Batch
     from pipeline.evaluation.frequency_thirds import FrequencyThirds
 
 BINS = 1024

@@ -22,7 +22,7 @@ from pipeline.evaluation.map_metric import MeanAveragePrecisionAtK
 from pipeline.evaluation.thresholds import ThresholdCounts
 
 if TYPE_CHECKING:
-    from pipeline.data import Batch
+    from pipeline.data.loading import Batch
 
 EXAMPLES = 8  # images kept (with their top predictions) for the report
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config, StorageConfig
-from pipeline.data import ShardStream
+from pipeline.data.loading import ShardStream
 from pipeline.inference.sources import package_from_checkpoint, resolve_checkpoint
 from pipeline.models import preprocess_input
 from pipeline.models.package import PROGRAM_FILES, ModelPackage, write_package

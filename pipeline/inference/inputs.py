@@ -8,11 +8,11 @@ parts whose contents moved are predicted again). Reading the images (`read_part`
     part, index (the row's position in its part), key, image (bytes or None), error (None or why the image could
     not be read), part_rows (-1)
 
-then one trailer row per part (key None, part_rows = the number of image rows it had), so whoever collects the
-results knows when a part is complete, and can put its rows back in input order (Ray Data does not keep it).
-Shards are parsed with webdataset's tar iterator straight from storage (never read whole into the driver); a
-corrupt or truncated shard gives one error row naming it and how many samples it delivered. Files are read with a
-few threads per part (object stores are latency-bound).
+then one trailer row per part (key None, part_rows = the number of image rows it had), so whoever collects the results
+knows when a part is complete, and can put its rows back in input order (Ray Data does not keep it). Shards are parsed
+by the loader's `pipeline.data.format.ShardSamples` straight from storage (never read whole into the driver); a corrupt
+or truncated shard gives one error row naming it and how many samples it delivered. Files are read with a few threads
+per part (object stores are latency-bound).
 """
 
 from __future__ import annotations
@@ -25,16 +25,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-from pipeline.config import StorageConfig
-from pipeline.data.manifest import MANIFEST_FILE, read_manifest
-from pipeline.data.sample_format import member
+from pipeline.config import IMAGE_EXTENSIONS, StorageConfig
+from pipeline.data.format import MANIFEST_FILE, SampleFormat, ShardSamples, image_member, read_manifest, tar_members
 from pipeline.storage import StorageError, exists, filesystem, join_url, open_read, read_bytes
 
 InputKind = Literal["shards", "folder", "urls"]
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-SHARD_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # a folder's files Pillow reads
+SHARD_IMAGES = SampleFormat(image=IMAGE_EXTENSIONS)  # a shard sample's image: the first of these members present
 READ_THREADS = 16
 ROWS_PER_TABLE = 256  # rows per table a reader yields (Ray Data splits its blocks along them)
 Row = dict[str, Any]
@@ -119,25 +116,26 @@ def _row(part: int, key: str, image: bytes | None = None, error: str | None = No
 def _shard_rows(planned: Row, storage: StorageConfig | None) -> Iterator[Row]:
     """A shard's samples; a shard that cannot be opened, breaks, or ends short of its manifest count adds one error
     row keyed by its URL (its missing samples have no keys to name)."""
-    part, url, delivered = planned["part"], planned["shard"], 0
+    part, url = planned["part"], planned["shard"]
     try:
         stream = open_read(url, storage, reopen=True)
     except StorageError as exc:
         yield _row(part, url, error=f"unreadable shard: {exc}")
         return
+    reading = ShardSamples(tar_members(stream, url), passthrough=())  # a shard that breaks is a row, never a crash
     try:
-        for sample in group_by_keys({**f, "__url__": url} for f in tar_file_iterator(stream)):
-            delivered += 1
-            # `member` also finds "KEY.a.jpg"-style names: webdataset's key ends at the first dot of the basename.
-            image = next((found[1] for ext in SHARD_IMAGE_MEMBERS if (found := member(sample, ext)) is not None), None)
-            error = None if image is not None else f"no image member ({'/'.join(SHARD_IMAGE_MEMBERS)}) in {url}"
+        for sample in reading:
+            # `image_member` also finds "KEY.a.jpg"-style names: webdataset's key ends at the first dot of the basename.
+            image = image_member(sample, SHARD_IMAGES)
+            error = None if image is not None else f"no image member ({'/'.join(IMAGE_EXTENSIONS)}) in {url}"
             yield _row(part, sample["__key__"], image, error)
-    except Exception as exc:  # truncated or corrupt tar: the rest of the shard is lost, named once
-        yield _row(part, url, error=f"corrupt shard after {delivered} samples: {type(exc).__name__}: {exc}")
-        return
     finally:
         stream.close()
-    if delivered < planned["rows"]:
+    ending, delivered = reading.ending(planned["rows"]), reading.samples
+    if ending == "corrupt":  # truncated or corrupt tar: the rest of the shard is lost, named once
+        yield _row(part, url, error=f"corrupt shard after {delivered} samples: {type(reading.error).__name__}: "
+                                    f"{reading.error}")
+    elif ending == "truncated":
         yield _row(part, url, error=f"corrupt shard: it ended after {delivered} of {planned['rows']} samples")
 
 

@@ -2,10 +2,10 @@
 
 The pipeline (`ray_results`), the same command on a laptop or a cluster::
 
-    from_items(parts) -> map_batches(read_parts)              Ray tasks: shard tars / files -> (key, bytes) rows
+    from_items(parts) -> map_batches(image_row_tables)        Ray tasks: shard tars / files -> (key, bytes) rows
                       -> map_batches(decode_batch)            Ray tasks: the evaluator's decode (center crop
                                                               data.augment.eval_crop_fraction, resize to
-                                                              data.image_size; pipeline.data.decode)
+                                                              data.image_size; pipeline.data.loading.decode)
                       -> map_batches(PredictBatches,          actors, predict.concurrency of them, each with
                                      ActorPoolStrategy)       predict.num_gpus / num_cpus, loading the model once
                       -> iter_batches on the driver           rows gathered per part; a complete part is written
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pipeline.cluster import connect_ray
 from pipeline.config import AugmentConfig, Config, PredictConfig, StorageConfig
-from pipeline.data.decode import BadSampleError, decode_image
+from pipeline.data.loading import BadSampleError, decode_image
 from pipeline.inference.inputs import input_kind, plan_parts, read_part
 from pipeline.inference.model_source import Predictor, load_predictor
 from pipeline.inference.output import OUTPUT_SCHEMA, check_identity, finished_parts, write_part, write_summary
@@ -45,10 +45,10 @@ READ_CPUS = 0.25  # reading is I/O-bound: a read task must never wait for the CP
 ROW_SCHEMA = pa.schema([("part", pa.int64()), ("index", pa.int64()), ("key", pa.string()), ("image", pa.binary()),
                         ("error", pa.string()), ("part_rows", pa.int64())])
 PASSED_ON = ("part", "index", "part_rows")  # the columns every stage hands on unchanged
-Batch = dict[str, np.ndarray]
+Columns = dict[str, np.ndarray]  # a batch as Ray Data's "numpy" format hands it over
 
 
-def read_parts(parts: pa.Table, storage: StorageConfig | None) -> Iterator[pa.Table]:
+def image_row_tables(parts: pa.Table, storage: StorageConfig | None) -> Iterator[pa.Table]:
     """Ray Data stage: planned parts -> their image rows (and one trailer row per part), in tables of <= 256."""
     for part in parts.to_pylist():
         for rows in read_part(part, storage):
@@ -60,7 +60,7 @@ def _texts(column: np.ndarray) -> list[str | None]:
     return [value if isinstance(value, str) else None for value in column]
 
 
-def decode_batch(batch: Batch, image_size: int, crop_fraction: float, decoder: str) -> Batch:
+def decode_batch(batch: Columns, image_size: int, crop_fraction: float, decoder: str) -> Columns:
     """Ray Data stage: image bytes -> uint8 (N, S, S, 3) pixels as the evaluator decodes them; a row that fails
     gets its error (and zero pixels)."""
     count = len(batch["key"])
@@ -99,7 +99,7 @@ class PredictBatches:
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             return torch.sigmoid(self.model(images).float()).cpu()
 
-    def __call__(self, batch: Batch) -> pa.Table:
+    def __call__(self, batch: Columns) -> pa.Table:
         count, errors = len(batch["key"]), _texts(batch["error"])
         good = (batch["part_rows"] < 0) & np.array([error is None for error in errors], dtype=bool)
         top_classes: list[list[str]] = [[] for _ in range(count)]
@@ -166,8 +166,8 @@ def ray_results(parts: list[dict], predictor: Predictor, settings: PredictConfig
     _check_cpus(settings, ray.cluster_resources().get("CPU", 0.0))
     ray.data.DataContext.get_current().enable_progress_bars = not settings.progress  # ours counts images
     dataset = ray.data.from_items(parts, override_num_blocks=max(1, len(parts)))
-    dataset = dataset.map_batches(read_parts, fn_kwargs={"storage": storage}, batch_size=1, batch_format="pyarrow",
-                                  num_cpus=READ_CPUS)
+    dataset = dataset.map_batches(image_row_tables, fn_kwargs={"storage": storage}, batch_size=1,
+                                  batch_format="pyarrow", num_cpus=READ_CPUS)
     dataset = dataset.map_batches(decode_batch, batch_size=settings.batch_size, batch_format="numpy",
                                   num_cpus=settings.decode_cpus, fn_kwargs=_decode_settings(predictor))
     dataset = dataset.map_batches(

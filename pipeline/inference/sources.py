@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from pipeline.config import Config, StorageConfig
-from pipeline.data.manifest import class_fingerprint, read_classes, read_manifest
+from pipeline.data.format import class_fingerprint, read_classes, read_manifest
 from pipeline.models import build_model
 from pipeline.models.package import MANIFEST_FILE, ModelPackage, architecture_options, new_package, read_package
 from pipeline.models.thresholds import ClassThresholds, read_thresholds, thresholds_url

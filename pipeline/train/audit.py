@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 
 from pipeline.config import Config
-from pipeline.data import Batch
+from pipeline.data.loading import Batch
 from pipeline.storage import join_url, list_dir, remove, write_bytes
 from pipeline.train.ranks import WorkerContext, barrier
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.config.batching import BatchSplitError, range_problem
-from pipeline.data import Manifest, ShardSplitError, check_shard_split
+from pipeline.data.format import Manifest
+from pipeline.data.loading import ShardSplitError, check_shard_split
 
 
 def check_world_sizes(config: Config, manifest: Manifest) -> None:

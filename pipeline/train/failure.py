@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 from pipeline.config import StorageConfig
-from pipeline.data import BadDataError
+from pipeline.data.loading import BadDataError
 from pipeline.storage import exists, join_url, read_bytes, remove, write_bytes
 from pipeline.train.step import NonFiniteError
 

@@ -30,8 +30,7 @@ import torch
 
 from pipeline.cluster import connect_ray
 from pipeline.config import Config, validate
-from pipeline.data import read_manifest
-from pipeline.data.manifest import check_same_classes, class_fingerprint
+from pipeline.data.format import check_same_classes, class_fingerprint, read_manifest
 from pipeline.models import build_model
 from pipeline.models.weights import absolute_init_source, check_init_source
 from pipeline.storage import absolute_url, is_local_url, local_path, s3_endpoint, s3_region
@@ -163,7 +162,7 @@ def prepare(config: Config) -> Config:
     local paths made absolute (Ray workers have their own working directories; a multi-node run needs object
     storage or a shared filesystem), then every pre-launch check (`preflight`)."""
     if config.data.train is None and config.data.demo is not None:
-        from pipeline.data.demo.prepare import prepare_demo_data
+        from pipeline.data.demo import prepare_demo_data
 
         config = prepare_demo_data(config)
     raw = config.model_dump(mode="json")

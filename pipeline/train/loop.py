@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from pipeline.config import Config
-from pipeline.data import BadDataError, Batch, ShardStream, read_manifest, to_device
-from pipeline.data.manifest import Manifest, class_fingerprint, read_classes
+from pipeline.data.format import Manifest, class_fingerprint, read_classes, read_manifest
+from pipeline.data.loading import BadDataError, Batch, ShardStream, to_device
 from pipeline.models import preprocess_input
 from pipeline.storage.checkpoints import checkpoint_url
 from pipeline.train.audit import SampleAudit

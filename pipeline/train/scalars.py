@@ -33,8 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from pipeline.config import Config
-from pipeline.data import ShardStream
-from pipeline.data.stream import job_metrics
+from pipeline.data.loading import ShardStream, job_metrics
 from pipeline.storage import is_local_url, join_url, local_path
 from pipeline.storage.mirror import DirectoryMirror, staging_directory
 from pipeline.tracking import Tracker, start_tracking

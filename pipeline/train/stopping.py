@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.data import BadDataError
+from pipeline.data.loading import BadDataError
 from pipeline.train.ranks import WorkerContext, gather_ranks
 from pipeline.train.ray_internals import Preempted
 

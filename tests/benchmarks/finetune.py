@@ -26,7 +26,7 @@ import torch
 from learning import run_pipeline
 
 from pipeline.config import load_config, validate
-from pipeline.data.demo.prepare import prepare_demo_data
+from pipeline.data.demo import prepare_demo_data
 from pipeline.train.loop import train
 
 SOURCE = ["data.demo.catalog_size=null", "data.demo.min_tag_count=5"]  # the whole OpenMoji catalogue

@@ -61,9 +61,9 @@ from train_step import correct, matmul_rate
 
 from pipeline.config import Config, load_config, validate
 from pipeline.config.loading import apply_overrides, read_preset_or_file
-from pipeline.data import ShardStream, read_manifest
-from pipeline.data.demo.prepare import prepare_demo_data
-from pipeline.data.plan import Split, train_plan
+from pipeline.data.demo import prepare_demo_data
+from pipeline.data.format import read_manifest
+from pipeline.data.loading import ShardStream, Split, train_plan
 from pipeline.evaluation import MeanAveragePrecisionAtK, map_at_k
 from pipeline.models import build_model, xception_macs
 from pipeline.train.loop import next_batch, train

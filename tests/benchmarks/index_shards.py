@@ -1,4 +1,4 @@
-"""Indexing existing shards: the ranged header walk (`pipeline.data.tar_index.scan_shard`) against reading each
+"""Indexing existing shards: the ranged header walk (`pipeline.data.adopt.scan.scan_shard`) against reading each
 shard whole (the peer: what counting with webdataset's tar iterator costs), on the embedded S3 server.
 
 For each image size (JPEG of random-textured photos-like content; `webdataset.ShardWriter`, `.cls` labels) and

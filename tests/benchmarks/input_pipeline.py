@@ -90,9 +90,8 @@ def write_dataset(prefix: str, size: tuple[int, int], count: int, shards: int, p
     """Shards written with the project's ShardWriter; returns the mean JPEG size in bytes. With `distinct`, only
     that many JPEGs are encoded and the rest repeat them: decoding costs the same, writing many images far less."""
     from pipeline.config import ShardsConfig
-    from pipeline.data.manifest import ClassInfo
-    from pipeline.data.shard_build import Sample
-    from pipeline.data.shard_writer import ShardWriter
+    from pipeline.data.format import ClassInfo
+    from pipeline.data.writing import Sample, ShardWriter
 
     rng = random.Random(0)
     samples = []
@@ -123,7 +122,7 @@ def _plain_pil(sample: dict, rng: random.Random, to_float: bool = True) -> objec
     """open_clip's train transform with torchvision's default (bilinear) resize and a flip; `to_float`: ToTensor
     (open_clip), else PILToTensor's uint8 (timm's fast_collate path, normalising on the GPU)."""
     from pipeline.config import AugmentConfig
-    from pipeline.data.decode import random_resized_crop_box
+    from pipeline.data.loading.decode import random_resized_crop_box
 
     json.loads(sample["json"])
     image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")  # full-size decode
@@ -242,7 +241,7 @@ def run_baseline(kind: str, urls: list[str], processes: int, passes: int) -> dic
 
 def run_loader(prefix: str, decoder: str, processes: int, passes: int) -> dict:
     from pipeline.config import DataConfig
-    from pipeline.data import ShardStream
+    from pipeline.data.loading import ShardStream
 
     torch.set_num_threads(1)
     data = DataConfig(image_size=IMAGE_SIZE, loader_workers=processes, decoder=decoder, shuffle_buffer=64)
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {"500x375": 256, "1024x768": 128} if args.quick else {"500x375": 1024, "1024x768": 512}
     processes = [int(p) for p in args.processes.split(",")]
 
-    from pipeline.data.manifest import read_manifest
+    from pipeline.data.format import read_manifest
     from pipeline.storage.local_s3 import LocalS3
 
     source, photos = photo_source()

@@ -1,7 +1,7 @@
 """Learning benchmark: does the pipeline train a model that sees the images, and as fast as a plain PyTorch loop?
 
 On built-in data (a preset's `data.demo`, generated on first use; `--datasets`: `demo`, the preset's own, and
-`jft_like`, JFT's long tail, missing labels and combination classes in small, `pipeline.data.demo.jft_like`),
+`jft_like`, JFT's long tail, missing labels and combination classes in small, `pipeline.data.demo.shapes`),
 for a fixed budget of steps:
 
 - **pipeline** runs: the project's training loop (`pipeline.train.loop.train`, in this process), its streaming
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, load_config, validate
-from pipeline.data.demo.prepare import prepare_demo_data
+from pipeline.data.demo import prepare_demo_data
 from pipeline.evaluation.baselines import BaselineScorers
 from pipeline.evaluation.class_weights import class_prior, frequency_classes
 from pipeline.evaluation.evaluator import evaluate_checkpoint

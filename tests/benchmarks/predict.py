@@ -2,11 +2,11 @@
 same images, same model, same decode, in the same run; images/s and images/s per CPU core.
 
 The peer is what one writes by hand: one process iterating the shards' tars (webdataset), decoding each image with
-`pipeline.data.decode.decode_image` (the evaluator's center crop) into a batch, and running the model in eval mode
-with `torch.set_num_threads(cores)`, top-k on the sigmoid scores; nothing written. The Ray Data job is
-`run_prediction` on a local Ray of `cores` CPUs (started outside the timing), end to end: planning, actor start-up
-and model load, reading, decoding, the model, and writing Parquet parts with their progress markers. Both use the
-`demo` preset's model (width x0.25, 2 middle blocks, 128 px; weights do not change the speed), fp32.
+`pipeline.data.loading.decode.decode_image` (the evaluator's center crop) into a batch, and running the model in eval
+mode with `torch.set_num_threads(cores)`, top-k on the sigmoid scores; nothing written. The Ray Data job is
+`run_prediction` on a local Ray of `cores` CPUs (started outside the timing), end to end: planning, actor start-up and
+model load, reading, decoding, the model, and writing Parquet parts with their progress markers. Both use the `demo`
+preset's model (width x0.25, 2 middle blocks, 128 px; weights do not change the speed), fp32.
 
     python tests/benchmarks/predict.py --out benchmark-results/predict.json
     python tests/benchmarks/predict.py --input s3://bucket/some/shards --images 2000
@@ -31,8 +31,8 @@ import torch
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.config import Config, load_config
-from pipeline.data import read_manifest
-from pipeline.data.decode import decode_image, empty_image
+from pipeline.data.format import read_manifest
+from pipeline.data.loading import decode_image, empty_image
 from pipeline.inference.predict import run_prediction
 from pipeline.models import build_model, preprocess_input
 from pipeline.storage import open_read

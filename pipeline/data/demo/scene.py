@@ -118,10 +118,6 @@ class SceneConfig:
         if not 0 <= self.train_false_label_rate <= 1:
             raise ValueError(f"train_false_label_rate must be in [0, 1], got {self.train_false_label_rate}")
 
-    @property
-    def max_objects(self) -> int:
-        return len(self.object_count_weights)
-
 
 @dataclass
 class _Placed:

@@ -2,10 +2,10 @@
 
 Shards written by other tools (img2dataset, `webdataset.ShardWriter`, a dataset hub's export) keep their images
 as `KEY.jpg`/`.png`/`.webp` and their labels in `KEY.cls`, a field of `KEY.json`, or `KEY.txt`. `index_shards`
-finds the shards (`pipeline.data.shard_sources`: a prefix, a brace pattern or a wids index), walks every tar's
-headers in parallel with ranged reads (`pipeline.data.tar_index`: samples counted, label members read, images
+finds the shards (`pipeline.data.adopt.sources`: a prefix, a brace pattern or a wids index), walks every tar's
+headers in parallel with ranged reads (`pipeline.data.adopt.scan`: samples counted, label members read, images
 skipped), builds the class list (a given classes file, else by frequency), and writes classes.tsv then
-manifest.json (last) with the label mapping as its `sample_format` (`pipeline.data.sample_format`). The loader
+manifest.json (last) with the label mapping as its `sample_format` (`pipeline.data.format.sample_format`). The loader
 then reads the shards as they are, with its usual guarantees.
 
 Where: beside the shards (`out` None: the prefix, or the wids index's folder), or under another prefix when the
@@ -31,20 +31,22 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import IndexConfig, StorageConfig
-from pipeline.data.manifest import (
+from pipeline.data.adopt.scan import ShardScan, scan_shard
+from pipeline.data.adopt.sources import ShardList, list_shards
+from pipeline.data.format import (
     MANIFEST_FILE,
     ClassInfo,
+    LabelError,
     Manifest,
     ManifestError,
+    RawLabel,
+    SampleFormat,
     ShardInfo,
     classes_from_tsv,
     read_manifest,
     write_classes,
     write_manifest,
 )
-from pipeline.data.sample_format import LabelError, RawLabel, SampleFormat
-from pipeline.data.shard_sources import ShardList, list_shards
-from pipeline.data.tar_index import ShardScan, scan_shard
 from pipeline.storage import absolute_url, exists, join_url, read_bytes
 
 log = logging.getLogger(__name__)
@@ -242,7 +244,7 @@ def _refuse_own_dataset(out: str, storage: StorageConfig | None) -> None:
                          "or another tool's): write the index elsewhere (--out)")
 
 
-def shard_name(url: str, out: str) -> str:
+def manifest_shard_name(url: str, out: str) -> str:
     """How the manifest names a shard: relative to `out` when it lies under it, else its absolute URL."""
     base = out.rstrip("/") + "/"
     return url[len(base):] if url.startswith(base) else url
@@ -277,7 +279,7 @@ def index_shards(source: str, out: str | None = None, options: IndexConfig | Non
     examples = _examples(scans)
     manifest = Manifest(
         num_classes=len(classes), labels=options.labels_kind, sample_format=fmt,
-        shards=[ShardInfo(shard_name(s.url, out), s.samples, s.bytes) for s in scans if s.samples],
+        shards=[ShardInfo(manifest_shard_name(s.url, out), s.samples, s.bytes) for s in scans if s.samples],
         extra={"index": _index_record(shards, scans, options, examples)})
     if not manifest.shards:
         raise AdoptError(f"{source}: the shards hold no samples")

@@ -9,7 +9,7 @@ manifest.json (format version 1)::
      "labels": "sparse" | "dense", "attribution": "...", "extra": {...}}
 
 Version 2 adds `"sample_format"`: where each sample keeps its image and labels, for shards written by other tools
-(`pipeline.data.sample_format`; written by `pipeline.data.adopt`). A manifest without it is written as version 1
+(`pipeline.data.format.sample_format`; written by `pipeline.data.adopt`). A manifest without it is written as version 1
 (the project's own `KEY.jpg` + `KEY.json` samples), so readers of version 1 keep reading the project's shards and
 refuse, by version, the shards they could not read.
 
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.config import StorageConfig
-from pipeline.data.sample_format import OWN_FORMAT, SampleFormat
+from pipeline.data.format.sample_format import OWN_FORMAT, SampleFormat
 from pipeline.storage import join_url, read_bytes, write_bytes
 
 FORMAT_NAME = "xception-pipeline-shards"

@@ -26,9 +26,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from pipeline.config import IMAGE_EXTENSIONS
+
 LabelMember = Literal["cls", "json", "txt"]
 LabelValues = Literal["ids", "names"]
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 RawLabel = int | str
 
 

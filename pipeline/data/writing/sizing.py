@@ -16,8 +16,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import ShardsConfig, StorageConfig
-from pipeline.data.images import open_image, reencode_reason, target_size
-from pipeline.data.shard_build import Sample, sample_json
+from pipeline.data.writing.build import Sample, sample_json
+from pipeline.data.writing.images import open_image, reencode_reason, target_size
 from pipeline.storage import open_read
 
 _TAR_BLOCK = 512

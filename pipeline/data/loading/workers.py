@@ -1,7 +1,7 @@
 """The DataLoader-worker side of the loader: each worker is one slot that turns its planned samples into batches.
 
 - Slots. Each (rank, DataLoader worker) pair is a slot that reads its own shards, as the epoch plan
-  (`pipeline.data.plan`) assigns them, in the plan's order. Batches are built inside the workers (per-rank batch
+  (`pipeline.data.loading.plan`) assigns them, in the plan's order. Batches are built inside the workers (per-rank batch
   size; DataLoader(batch_size=None)). The split is our own rather than webdataset's `split_by_node`/
   `split_by_worker`, which deal shards round-robin and cannot give exact, equal per-rank batch counts or a
   computable position. The main process computes the plan of the segment the workers start in and hands it to
@@ -13,7 +13,8 @@
   not deliver ("truncated_shard" when it died midway or ended early, "corrupt_shard" when no sample could be read)
   are skipped, counted, and logged with shard URL and key (first 10, then every 100th per worker); a shard that
   ends early is logged once, naming where (the last sample and key it delivered, the byte offset) and why. The
-  counts travel in the items to the main process, which decides whether there are too many (`pipeline.data.stream`).
+  counts travel in the items to the main process, which decides whether there are too many
+  (`pipeline.data.loading.stream`).
 - Short slots (training). Quotas are fixed up front, so batch counts never change: a slot first spends the
   samples it would otherwise drop at the epoch end; if bad samples still leave it short, it replays its own
   stream from the start and fills its last batches with its earliest good samples, counted as "refilled" (a
@@ -41,12 +42,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import AugmentConfig, StorageConfig
-from pipeline.data.batch import Batch, BatchBuilder, SharedBuffers
-from pipeline.data.cache import ShardCache
-from pipeline.data.decode import BadSampleError, Decoder, decode_image
-from pipeline.data.plan import EpochPlan, train_plan
-from pipeline.data.sample_format import LabelError, LabelReader, image_member
-from pipeline.data.shard_reader import PartEnd, ShardOpener, planned_samples, shard_opener
+from pipeline.data.format import LabelError, LabelReader, image_member
+from pipeline.data.loading.batch import Batch, BatchBuilder, SharedBuffers
+from pipeline.data.loading.cache import ShardCache
+from pipeline.data.loading.decode import BadSampleError, Decoder, decode_image
+from pipeline.data.loading.plan import EpochPlan, train_plan
+from pipeline.data.loading.shard_reader import PartEnd, ShardOpener, planned_samples, shard_opener
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import StorageConfig
-from pipeline.data.manifest import ClassInfo
-from pipeline.data.shard_build import MAX_KEY_LEN, Sample
+from pipeline.data.format import ClassInfo
+from pipeline.data.writing.build import MAX_KEY_LEN, Sample
 from pipeline.storage import join_url, read_bytes
 
 

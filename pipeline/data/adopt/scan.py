@@ -8,9 +8,10 @@ are about `block_size` per image instead of the image. Label members (`.cls`, `.
 are read. Compressed tars (`.tar.gz`) cannot be walked that way; they are streamed whole, with a warning.
 
 Samples are grouped exactly as the loader groups them (the same member filter as webdataset's
-`tar_file_iterator`, then its `group_by_keys`: the key is the member name up to the first dot of its basename), so
-the count is the count the loader will see. Each sample is checked the way the loader checks it: an image member
-present (`pipeline.data.sample_format`), labels readable by the mapping; a bad one is counted with its key.
+`tar_file_iterator`, then the loader's `pipeline.data.format.ShardSamples`: the key is the member name up to the
+first dot of its basename), so the count is the count the loader will see. Each sample is checked the way the
+loader checks it: an image member present (`pipeline.data.format.sample_format`), labels readable by the mapping;
+a bad one is counted with its key.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
-from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
+from webdataset.tariterators import meta_prefix, meta_suffix
 
 from pipeline.config import StorageConfig
-from pipeline.data.sample_format import LabelError, RawLabel, SampleFormat, image_member, raw_labels
+from pipeline.data.format import LabelError, RawLabel, SampleFormat, ShardSamples, image_member, raw_labels
 from pipeline.storage import filesystem, with_retries
 
 log = logging.getLogger(__name__)
@@ -123,12 +124,14 @@ def _check_sample(scan: ShardScan, sample: dict[str, Any], fmt: SampleFormat, va
 def _walk(scan: ShardScan, handle: _CountingFile, fmt: SampleFormat, values: str,
           check: Callable[[Sequence[RawLabel]], object] | None, ranged: bool) -> None:
     wanted = _label_member(fmt) if check is not None else (lambda name: False)
-    try:
-        for sample in group_by_keys(_regular_members(handle, scan.url, wanted, ranged)):
-            scan.samples += 1
-            _check_sample(scan, sample, fmt, values, check)
-    except (tarfile.TarError, ValueError, EOFError) as exc:  # a broken tar; storage errors propagate (retried)
-        scan.error = f"{type(exc).__name__}: {exc}"
+    # a broken tar ends the walk; storage errors propagate (the shard is retried)
+    reading = ShardSamples(_regular_members(handle, scan.url, wanted, ranged),
+                           broken=(tarfile.TarError, ValueError, EOFError), passthrough=())
+    for sample in reading:
+        scan.samples += 1
+        _check_sample(scan, sample, fmt, values, check)
+    if reading.error is not None:
+        scan.error = f"{type(reading.error).__name__}: {reading.error}"
 
 
 def scan_shard(url: str, fmt: SampleFormat, *, values: Literal["ids", "names", "auto"] | None = None,

@@ -1,6 +1,6 @@
 """Build one shard: read its inputs, prepare each image, write the tar locally, publish it, then its sidecar.
 
-Output under the dataset prefix (the manifest and classes file: `pipeline.data.manifest`):
+Output under the dataset prefix (the manifest and classes file: `pipeline.data.format.manifest`):
 
 - `shard-000000.tar`, ...: per sample `KEY.jpg` (an RGB JPEG) and `KEY.json` (`{"labels": [class ids], ...meta}`),
   written with `webdataset.TarWriter` (members sorted, mtime 0, so the same input gives byte-identical tars);
@@ -28,7 +28,7 @@ from typing import Any
 import webdataset as wds
 
 from pipeline.config import ShardsConfig, StorageConfig
-from pipeline.data.images import BadImageError, prepare_image
+from pipeline.data.writing.images import BadImageError, prepare_image
 from pipeline.storage import StorageError, join_url, read_bytes, upload_file, write_bytes
 
 logger = logging.getLogger(__name__)

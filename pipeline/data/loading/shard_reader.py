@@ -1,13 +1,13 @@
 """Reading a slot's shards: open each (storage or local cache), parse its tars ahead of decoding, in plan order.
 
-Tars are parsed with webdataset's `tar_file_iterator`/`group_by_keys` from `pipeline.storage.open_read` streams
-(or the local shard cache, `pipeline.data.cache`), in a thread per slot that reads ahead of decoding (network reads
-release the GIL); it holds at most the current window plus `shuffle_buffer` raw samples, which `planned_samples`
-hands out in the plan's order. Restarted at a position, consumed samples of the current window are read past
-without decoding and finished shards are never opened. Permanent storage errors (missing shard, access denied)
-raise, naming the URL; reads that fail midway re-open the object at the same offset with the storage layer's
-retries. A shard that dies midway or ends early ends its part with the number of samples it delivered and why
-(`PartEnd`); the caller counts the rest as bad.
+Tars are parsed by `pipeline.data.format.ShardSamples` (webdataset's tar iterator and grouping) from
+`pipeline.storage.open_read` streams (or the local shard cache, `pipeline.data.loading.cache`), in a thread per slot
+that reads ahead of decoding (network reads release the GIL); it holds at most the current window plus
+`shuffle_buffer` raw samples, which `planned_samples` hands out in the plan's order. Restarted at a position,
+consumed samples of the current window are read past without decoding and finished shards are never opened.
+Permanent storage errors (missing shard, access denied) raise, naming the URL; reads that fail midway re-open the
+object at the same offset with the storage layer's retries. A shard that dies midway or ends early ends its part
+with the number of samples it delivered and why (`PartEnd`); the caller counts the rest as bad.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from webdataset.tariterators import group_by_keys, tar_file_iterator
-
 from pipeline.config import StorageConfig
-from pipeline.data.cache import ShardCache
-from pipeline.data.plan import EpochPlan
-from pipeline.storage import StorageError, open_read
+from pipeline.data.format import ShardSamples, tar_members
+from pipeline.data.loading.cache import ShardCache
+from pipeline.data.loading.plan import EpochPlan
+from pipeline.storage import open_read
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ class PartEnd:
     error: str | None  # why it stopped early, if it did: where (sample, key, byte) and the cause
 
 
-def _tar_error(exc: Exception) -> str:
+def _tar_error(exc: BaseException) -> str:
     """"Type: message" of a tar parsing error, without the " @ <stream>" webdataset appends to the message."""
     return f"{type(exc).__name__}: {str(exc).split(' @ ', 1)[0]}"
 
@@ -90,35 +89,32 @@ def _shard_samples(pi: int, url: str, count: int, keep: set[int] | None, want: s
                    stream: BinaryIO) -> Generator[tuple[int, int, dict], None, tuple[int, str | None]]:
     """Yield part `pi`'s wanted samples from its open shard `stream`; return (samples delivered, why it ended
     early or None)."""
-    delivered, last_key = 0, None
-    try:
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-        for sample in group_by_keys(files):
-            k, delivered, last_key = delivered, delivered + 1, sample.get("__key__")
-            if k >= count:
-                if k == count:
-                    log.warning("%s holds more samples than the manifest's %d; the extra ones are ignored", url, count)
-                continue
-            if (keep is None or k in keep) and (want is None or k in want):
-                yield pi, k, sample
-        if hasattr(stream, "drain"):
-            stream.drain()  # let the cache publish its copy
-    except StorageError:
-        raise
-    except Exception as exc:  # truncated or corrupt tar
-        return delivered, f"unreadable {_where(delivered, last_key, stream)}: {_tar_error(exc)}"
-    if delivered < count:  # an end-of-archive where the manifest promised more
-        return delivered, f"ended {_where(delivered, last_key, stream)}"
-    return delivered, None
+    reading = ShardSamples(tar_members(stream, url), finish=getattr(stream, "drain", None))  # drain: cache publishes
+    for sample in reading:
+        k = reading.samples - 1
+        if k >= count:
+            if k == count:
+                log.warning("%s holds more samples than the manifest's %d; the extra ones are ignored", url, count)
+            continue
+        if (keep is None or k in keep) and (want is None or k in want):
+            yield pi, k, sample
+    ending = reading.ending(count)
+    if ending == "corrupt":
+        assert reading.error is not None
+        return reading.samples, f"unreadable {_where(reading, stream)}: {_tar_error(reading.error)}"
+    if ending == "truncated":  # an end-of-archive where the manifest promised more
+        return reading.samples, f"ended {_where(reading, stream)}"
+    return reading.samples, None
 
 
-def _where(delivered: int, last_key: str | None, stream: BinaryIO) -> str:
+def _where(reading: ShardSamples, stream: BinaryIO) -> str:
     """Where a shard's reading stopped: after which sample (index and key), at which byte."""
     try:
         at = f", at byte {int(stream.tell())}"
     except Exception:  # a stream that cannot say
         at = ""
-    return (f"after sample {delivered - 1} (key {last_key})" if delivered else "before its first sample") + at
+    delivered = reading.samples
+    return (f"after sample {delivered - 1} (key {reading.last_key})" if delivered else "before its first sample") + at
 
 
 def _part_end(part: int, url: str, delivered: int, expected: int, error: str | None, log_end: bool) -> PartEnd:

@@ -1,12 +1,12 @@
 """The resumable shard writer: samples -> shards of a target size, then classes.tsv and manifest.json last.
 
-Formats: shards and sidecars `pipeline.data.shard_build`, the manifest and classes file `pipeline.data.manifest`.
-Sources: `write_folder_shards` (a folder of images + a labels file, `pipeline.data.labels`), the demo
-(`pipeline.data.demo.shards`), or `ShardWriter.write` with any iterable of `Sample`s. Settings: `ShardsConfig`
-(the config's `shards` section). What a write did: `pipeline.data.shard_report`.
+Formats: shards and sidecars `pipeline.data.writing.build`, the manifest and classes file
+`pipeline.data.format.manifest`. Sources: `write_folder_shards` (a folder of images + a labels file,
+`pipeline.data.writing.labels`), the demo (`pipeline.data.demo.prepare`), or `ShardWriter.write` with any iterable of
+`Sample`s. Settings: `ShardsConfig` (the config's `shards` section). What a write did: `pipeline.data.writing.report`.
 
 Shard boundaries are planned in input order, greedily, by each sample's estimated tar record size
-(`pipeline.data.shard_sizing`); `samples_per_shard` plans by count instead (no size pass). The size aimed at is
+(`pipeline.data.writing.sizing`); `samples_per_shard` plans by count instead (no size pass). The size aimed at is
 `max_shard_mb`, lowered for an input sized beforehand (a sequence) so that it makes at least `min_shards` shards
 (`planned_shard_bytes`; recorded in the sidecars as `target_bytes`, which a resumed run reuses). The plan depends
 only on the input and the settings, which makes output deterministic and runs resumable: a re-run skips every
@@ -36,9 +36,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import ShardsConfig, StorageConfig
-from pipeline.data.labels import LabelsFileError, build_vocabulary, folder_samples, read_labels_file
-from pipeline.data.manifest import MANIFEST_FILE, ClassInfo, Manifest, ShardInfo, write_classes, write_manifest
-from pipeline.data.shard_build import (
+from pipeline.data.format import MANIFEST_FILE, ClassInfo, Manifest, ShardInfo, write_classes, write_manifest
+from pipeline.data.writing.build import (
     KEY_RE,
     MAX_KEY_LEN,
     SHARD_FILE_RE,
@@ -53,8 +52,9 @@ from pipeline.data.shard_build import (
     sidecar_name,
     write_shard,
 )
-from pipeline.data.shard_report import RejectedInput, ShardReport
-from pipeline.data.shard_sizing import estimate_record, estimate_records, planned_shard_bytes, tar_bytes
+from pipeline.data.writing.labels import LabelsFileError, build_vocabulary, folder_samples, read_labels_file
+from pipeline.data.writing.report import RejectedInput, ShardReport
+from pipeline.data.writing.sizing import estimate_record, estimate_records, planned_shard_bytes, tar_bytes
 from pipeline.storage import StorageError, absolute_url, filesystem, join_url, read_bytes, remove, with_retries
 
 logger = logging.getLogger(__name__)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.data.manifest import ShardInfo
-from pipeline.data.plan import ShardSplitError, check_shard_split
+from pipeline.data.format import ShardInfo
+from pipeline.data.loading import ShardSplitError, check_shard_split
 
 LOADER_WORKER_CHOICES = (1, 2, 4, 8)  # the data.loader_workers values the summary names cluster sizes for
 

@@ -144,7 +144,7 @@ class BatchBuilder:
 
     @property
     def images(self) -> torch.Tensor:
-        """(B, 3, H, W) uint8 in channels-last memory, the layout images decode in (`pipeline.data.decode`)."""
+        """(B, 3, H, W) uint8 in channels-last memory, the layout images decode in (`pipeline.data.loading.decode`)."""
         if self._images is None:
             side = self.image_size
             if self._buffers is not None:  # a DataLoader worker: build the batch in one of its shared buffers,

@@ -1,9 +1,9 @@
 """One rank's stream of batches (`ShardStream`): exact epochs, a resumable position, metrics, the bad-data check.
 
-WebDataset shards go from object storage to uint8 batches: the epoch plan (`pipeline.data.plan`) says which
-samples each (rank, loader worker) slot reads in which order; the workers (`pipeline.data.workers`) read
-(`pipeline.data.shard_reader`), decode and batch them (`pipeline.data.batch`); this module is the main process's
-side: it plans each epoch segment once, starts the workers, and keeps the position and the counters.
+WebDataset shards go from object storage to uint8 batches: the epoch plan (`pipeline.data.loading.plan`) says which
+samples each (rank, loader worker) slot reads in which order; the workers (`pipeline.data.loading.workers`) read
+(`pipeline.data.loading.shard_reader`), decode and batch them (`pipeline.data.loading.batch`); this module is the main
+process's side: it plans each epoch segment once, starts the workers, and keeps the position and the counters.
 
 - Position. Each batch carries (epoch, segment, slot, batch index, position = planned samples the slot has emitted).
   The main process records what it has handed to the training loop, so prefetched batches are not counted;
@@ -13,11 +13,11 @@ side: it plans each epoch segment once, starts the workers, and keeps the positi
   samples not yet consumed (every old slot's consumed set is computable from its position) are re-split as a new
   segment of the same epoch, with its own quotas; the next epoch uses the new split. Needs every old rank's state,
   i.e. `{"ranks": [state of rank 0, ...]}`. Only batches delivered after the checkpoint (in flight) can repeat.
-- Bad data. Workers skip and count bad samples (`pipeline.data.workers`); the counts travel in the batches to the
-  main process, which raises `BadDataError` when the bad fraction of the samples the rank has read exceeds
-  `data.max_bad_fraction`, judged once it has read `data.bad_data_window` samples (bad ones cluster by shard: a
-  fair verdict needs several shards), at every epoch end, and earlier only when more samples are bad than a full
-  window may hold (the window's verdict is then certain). The message states what it was judged on.
+- Bad data. Workers skip and count bad samples (`pipeline.data.loading.workers`); the counts travel in the batches to
+  the main process, which raises `BadDataError` when the bad fraction of the samples the rank has read exceeds
+  `data.max_bad_fraction`, judged once it has read `data.bad_data_window` samples (bad ones cluster by shard: a fair
+  verdict needs several shards), at every epoch end, and earlier only when more samples are bad than a full window may
+  hold (the window's verdict is then certain). The message states what it was judged on.
 - Evaluation. Manifest order, every sample once, batches padded with `valid=False` entries so that every rank
   yields the same number of batches (big_vision style); bad samples become padding too.
 """
@@ -30,15 +30,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pipeline.config import DataConfig, StorageConfig
-from pipeline.data.batch import Batch, own_batch
-from pipeline.data.manifest import Manifest, read_classes, read_manifest
-from pipeline.data.plan import EpochPlan, Split, check_shard_split, eval_plan, resumed_plan
-from pipeline.data.sample_format import LabelReader
-from pipeline.data.workers import Filler, WorkerSpec, WorkerStart, start_workers
+from pipeline.data.format import LabelReader, Manifest, read_classes, read_manifest
+from pipeline.data.loading.batch import Batch, own_batch
+from pipeline.data.loading.plan import EpochPlan, Split, check_shard_split, eval_plan, resumed_plan
+from pipeline.data.loading.workers import Filler, WorkerSpec, WorkerStart, start_workers
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "pipeline.data.ShardStream"
+STATE_FORMAT = "pipeline.data.ShardStream"  # saved in checkpoints: a format name, not where the class lives
 STATE_VERSION = 1
 
 History = tuple[tuple[Split, Mapping[int, int]], ...]  # (split, {slot: position}) of earlier segments of the epoch
