@@ -15,6 +15,8 @@ import torch
 from conftest import copy_with_swapped_classes, restarted_after
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pipeline.checkpoint.checkpointer import Checkpointer
+from pipeline.checkpoint.format import COMMIT, step_dir_name
 from pipeline.cluster import FORWARDED_ENV, connect_ray
 from pipeline.config import config_to_yaml, load_config
 from pipeline.data import ShardStream, read_manifest, to_device
@@ -30,8 +32,6 @@ from pipeline.evaluation.watcher import CheckpointWatcher
 from pipeline.models import preprocess_input
 from pipeline.models.thresholds import read_thresholds, thresholds_url
 from pipeline.storage import StorageError, join_url, read_bytes, write_bytes
-from pipeline.storage.checkpoints import COMMIT, step_dir_name
-from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.step import build_train_state, train_step
 
 

@@ -32,6 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.checkpoint.format import (
+    CheckpointRef,
+    committed_checkpoints,
+    is_committed,
+    scheduled_steps,
+    step_dirs,
+)
 from pipeline.config import Config
 from pipeline.evaluation.class_weights import frequency_classes
 from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, eval_settings, evaluate_checkpoint
@@ -39,13 +46,6 @@ from pipeline.evaluation.frequency_thirds import THIRDS
 from pipeline.evaluation.report import append_record, headline, read_records, write_report
 from pipeline.models.thresholds import thresholds_url, write_thresholds
 from pipeline.storage import StorageError, exists, is_local_url, join_url, list_dir, local_path, outlasting_outages
-from pipeline.storage.checkpoints import (
-    CheckpointRef,
-    committed_checkpoints,
-    is_committed,
-    scheduled_steps,
-    step_dirs,
-)
 from pipeline.tracking import Tracker, start_tracking
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from pipeline.checkpoint.format import step_dir_name
 from pipeline.config import StorageConfig
 from pipeline.storage import join_url, read_bytes, write_bytes
-from pipeline.storage.checkpoints import step_dir_name
 
 FORMAT = "xception-pipeline-thresholds"
 VERSION = 1

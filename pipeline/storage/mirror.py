@@ -28,10 +28,10 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.config import StorageConfig
 from pipeline.storage.errors import StorageError
 from pipeline.storage.files import upload_file
 from pipeline.storage.paths import join_url
+from pipeline.storage.settings import StorageConfig
 
 log = logging.getLogger(__name__)
 

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.checkpoint.format import committed_checkpoints
 from pipeline.config import Config, load_config, validate
 from pipeline.data.demo.prepare import prepare_demo_data
 from pipeline.evaluation.accumulator import evaluate_map_at_k
@@ -58,7 +59,6 @@ from pipeline.evaluation.evaluator import evaluate_checkpoint
 from pipeline.evaluation.frequency_thirds import FrequencyThirds
 from pipeline.evaluation.map_at_k import MapAtKResult
 from pipeline.models import build_model
-from pipeline.storage.checkpoints import committed_checkpoints
 from pipeline.train.loop import train
 from pipeline.train.ranks import WorkerContext
 

@@ -2,8 +2,9 @@
 
 A checkpoint holds every component's `state_dict()` (torchtitan's manner): the train state (model, EMA, optimizer,
 counters), and per rank the data position (`ShardStream`) and the random generators (`RankRng`), gathered across
-ranks in rank order. Rank 0 writes it through `pipeline.storage.checkpoints`, the format's one owner (file names,
-COMMIT publication, layout); every rank restores from the newest committed one.
+ranks in rank order (through the `gather` the training loop passes: its collective). Rank 0 writes it through
+`pipeline.checkpoint.format`, the format's one owner (file names, COMMIT publication, layout); every rank restores
+from the newest committed one.
 
 Background saving: `save()` snapshots the state to CPU tensors synchronously (so training may mutate the live
 tensors right away), then serialises and uploads in a worker thread; `wait()` joins it. At most one upload is in
@@ -20,9 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.config import Config, StorageConfig
-from pipeline.storage import outlasting_outages, remove
-from pipeline.storage.checkpoints import (
+from pipeline.checkpoint.format import (
     CheckpointRef,
     checkpoint_url,
     committed_checkpoints,
@@ -33,7 +32,8 @@ from pipeline.storage.checkpoints import (
     step_dirs,
     write_checkpoint,
 )
-from pipeline.train.ranks import WorkerContext, gather_ranks
+from pipeline.config import Config, StorageConfig
+from pipeline.storage import outlasting_outages, remove
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,18 @@ class Checkpointer:
     """A run's checkpoints: saved by rank 0 at the configured steps, with retention; restored on every rank.
 
     `train_state`, `loader` and `rng` are the components `restore` and `maybe_save` act on (the loop's); `save`,
-    `wait` and `latest` alone need none of them.
+    `wait` and `latest` alone need none of them. `rank`, `device` and `gather` (every rank's value in rank order,
+    collective: `pipeline.train.ranks.gather_ranks`) say where this process sits; the defaults are one process.
     """
 
-    def __init__(self, run_dir: str, config: Config, storage: StorageConfig | None = None, *,
-                 ctx: WorkerContext | None = None, train_state: Stateful | None = None,
-                 loader: Stateful | None = None, rng: Stateful | None = None) -> None:
+    def __init__(self, run_dir: str, config: Config, storage: StorageConfig | None = None, *, rank: int = 0,
+                 device: torch.device | str = "cpu", gather: Callable[[Any], list] = lambda value: [value],
+                 train_state: Stateful | None = None, loader: Stateful | None = None,
+                 rng: Stateful | None = None) -> None:
         self.run_dir = run_dir
         self.config = config
         self.storage = storage
-        self.ctx = ctx or WorkerContext()
+        self.rank, self.device, self.gather = rank, device, gather
         self.train_state, self.loader, self.rng = train_state, loader, rng
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -87,7 +89,7 @@ class Checkpointer:
         ref = self.latest()
         if ref is None:
             return None
-        checkpoint = read_checkpoint(ref.url, self.storage, map_location=self.ctx.device)
+        checkpoint = read_checkpoint(ref.url, self.storage, map_location=self.device)
         self.train_state.load_state_dict(checkpoint["state"])
         if checkpoint["loader"] is not None:
             self.loader.load_state_dict(checkpoint["loader"]["ranks"])
@@ -104,8 +106,8 @@ class Checkpointer:
         if not (self.is_checkpoint_step(step) or (now and step != self.saved_step)):
             return False
         self.saved_step = step  # on every rank: they must agree on the next `now`
-        ranks = gather_ranks((self.loader.state_dict(), self.rng.state_dict()), self.ctx)
-        if self.ctx.rank == 0:
+        ranks = self.gather((self.loader.state_dict(), self.rng.state_dict()))
+        if self.rank == 0:
             self.save(step, {**self.train_state.state_dict(), "rng": [rng for _, rng in ranks]},
                       {"ranks": [loader for loader, _ in ranks]}, extra=extra)
         return True
