@@ -7,20 +7,20 @@ ranks in rank order (through the `gather` the training loop passes: its collecti
 from the newest committed one.
 
 Background saving: `save()` snapshots the state to CPU tensors synchronously (so training may mutate the live
-tensors right away), then serialises and uploads in a worker thread; `wait()` joins it. At most one upload is in
-flight; a second save waits for the first (bounded memory).
+tensors right away), then serialises and uploads on a `BackgroundWorker`; `wait()` waits for it and raises its
+error in the training loop. At most one upload is in flight; a second save waits for the first (bounded memory).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
+from pipeline.background import BackgroundWorker
 from pipeline.checkpoint.format import (
     CheckpointRef,
     checkpoint_url,
@@ -72,8 +72,7 @@ class Checkpointer:
         self.storage = storage
         self.rank, self.device, self.gather = rank, device, gather
         self.train_state, self.loader, self.rng = train_state, loader, rng
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._uploads: BackgroundWorker | None = None  # started by the first background save
         self.last_save_stall_s = 0.0  # time save() blocked the training loop
         self.last_upload_s = 0.0
         self.saved_step: int | None = None  # the step of the checkpoint restored or saved last
@@ -122,8 +121,8 @@ class Checkpointer:
         cpu_state = snapshot(state)
         job = lambda: self._write(step, cpu_state, loader_state, extra or {})  # noqa: E731
         if self.config.checkpoint.background:
-            self._thread = threading.Thread(target=self._guarded, args=(job,), name=f"checkpoint-{step}", daemon=True)
-            self._thread.start()
+            self._uploads = self._uploads or BackgroundWorker(f"checkpoint uploads to {self.run_dir}")
+            self._uploads.submit(job)  # the queue is empty: wait() above
         else:
             job()
         self.last_save_stall_s = time.perf_counter() - start
@@ -139,18 +138,12 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the in-flight upload finishes; re-raise its error here, in the training loop."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"checkpoint upload to {self.run_dir} failed: {error}") from error
-
-    def _guarded(self, job: Callable[[], None]) -> None:
+        if self._uploads is None:
+            return
         try:
-            job()
-        except BaseException as exc:  # surfaced by wait() in the training thread
-            self._error = exc
+            self._uploads.wait()
+        except Exception as error:  # the upload's (a signal's SystemExit or KeyboardInterrupt passes as it is)
+            raise RuntimeError(f"checkpoint upload to {self.run_dir} failed: {error}") from error
 
     def _write(self, step: int, state: dict, loader_state: dict | None, extra: dict) -> None:
         start = time.perf_counter()
