@@ -23,12 +23,11 @@ from pipeline.data import ShardStream, read_manifest, to_device
 from pipeline.data.manifest import class_fingerprint, read_classes, write_classes
 from pipeline.evaluation import evaluator
 from pipeline.evaluation.accumulator import evaluate_map_at_k
-from pipeline.evaluation.background import start_background_evaluator
 from pipeline.evaluation.class_weights import class_weights
 from pipeline.evaluation.evaluator import evaluate_checkpoint, load_weights, ray_options, resolve_config
 from pipeline.evaluation.report import append_record, read_records, render_html
-from pipeline.evaluation.thresholds import ThresholdCounts
-from pipeline.evaluation.watcher import CheckpointWatcher
+from pipeline.evaluation.threshold_fit import ThresholdCounts
+from pipeline.evaluation.watcher import CheckpointWatcher, start_background_evaluator
 from pipeline.models import preprocess_input
 from pipeline.models.thresholds import read_thresholds, thresholds_url
 from pipeline.storage import StorageError, join_url, read_bytes, write_bytes

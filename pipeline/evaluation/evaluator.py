@@ -30,7 +30,7 @@ from pipeline.evaluation.baselines import baseline_key, read_cached, write_cache
 from pipeline.evaluation.class_weights import class_prior, class_weights
 from pipeline.evaluation.frequency_thirds import FrequencyThirds
 from pipeline.evaluation.map_at_k import MapAtKResult
-from pipeline.evaluation.thresholds import ThresholdFit
+from pipeline.evaluation.threshold_fit import ThresholdFit
 from pipeline.evaluation.units import MetricUnit, merged_units, metric_units
 from pipeline.models import build_model, preprocess_input
 
