@@ -5,8 +5,8 @@ Training's rank 0 logs its config and scalars, the evaluator its MAP@K metrics a
 tracked run: its id is kept in `<run>/tracking.json` (`run_file`), so a resumed training and a restarted evaluator
 continue it. Modules: `tracker` (the interface, the background sender, the run-id file), `mlflow_backend`,
 `wandb_backend` (imported only when chosen, here: neither package is a core dependency; the backends import
-`tracker`, never the other way). This package imports only `pipeline.config` and `pipeline.storage`;
-`pipeline.train` and `pipeline.evaluation` import it.
+`tracker`, never the other way). This package imports only `pipeline.config`, `pipeline.storage` and
+`pipeline.background`; `pipeline.train` and `pipeline.evaluation` import it.
 """
 
 from __future__ import annotations
