@@ -114,7 +114,7 @@ def pick_weights(state: dict[str, Any], weights: Weights, where: str) -> dict[st
         return state["model"]
     if state.get("ema") is None:
         raise MissingEmaWeights(f"{where} has no EMA weights (it was trained with train.ema_decay=null): ask for its "
-                                "raw weights (eval.weights=raw, export.weights=raw, predict --weights raw, "
+                                "raw weights (eval.weights=raw, export.weights=raw, predict.weights=raw, "
                                 "model.init_weights=raw)")
     return state["ema"]["shadow"]
 
