@@ -72,7 +72,7 @@ class Checkpointer:
         self.storage = storage
         self.rank, self.device, self.gather = rank, device, gather
         self.train_state, self.loader, self.rng = train_state, loader, rng
-        self._uploads: BackgroundWorker | None = None  # started by the first background save
+        self._upload: BackgroundWorker | None = None  # the in-flight background save's
         self.last_save_stall_s = 0.0  # time save() blocked the training loop
         self.last_upload_s = 0.0
         self.saved_step: int | None = None  # the step of the checkpoint restored or saved last
@@ -121,8 +121,8 @@ class Checkpointer:
         cpu_state = snapshot(state)
         job = lambda: self._write(step, cpu_state, loader_state, extra or {})  # noqa: E731
         if self.config.checkpoint.background:
-            self._uploads = self._uploads or BackgroundWorker(f"checkpoint uploads to {self.run_dir}")
-            self._uploads.submit(job)  # the queue is empty: wait() above
+            self._upload = BackgroundWorker(f"checkpoint-{step}")  # one per save, ended by wait(): no idle thread
+            self._upload.submit(job)
         else:
             job()
         self.last_save_stall_s = time.perf_counter() - start
@@ -138,12 +138,14 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the in-flight upload finishes; re-raise its error here, in the training loop."""
-        if self._uploads is None:
+        if self._upload is None:
             return
         try:
-            self._uploads.wait()
-        except Exception as error:  # the upload's (a signal's SystemExit or KeyboardInterrupt passes as it is)
+            self._upload.close()  # a signal's SystemExit or KeyboardInterrupt leaves it in flight, to wait for again
+        except Exception as error:  # the upload's
+            self._upload = None
             raise RuntimeError(f"checkpoint upload to {self.run_dir} failed: {error}") from error
+        self._upload = None
 
     def _write(self, step: int, state: dict, loader_state: dict | None, extra: dict) -> None:
         start = time.perf_counter()
