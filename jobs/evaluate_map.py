@@ -44,8 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
+    from pipeline.checkpoint.format import run_dir_of
     from pipeline.evaluation.watcher import CheckpointWatcher, summarize
-    from pipeline.storage.checkpoints import run_dir_of
 
     run_dir = run_dir_of(args.checkpoint) if args.checkpoint else config.run_dir
     watcher = CheckpointWatcher(run_dir, config, workers=args.workers)

@@ -32,8 +32,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)  # validated before any cluster resource is requested
-    from pipeline.evaluation.background import start_background_evaluator
-    from pipeline.evaluation.watcher import evaluate_latest
+    from pipeline.evaluation.watcher import evaluate_latest, start_background_evaluator
     from pipeline.storage import require_bucket
     from pipeline.train.launcher import launch, prepare
 

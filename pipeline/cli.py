@@ -1,5 +1,6 @@
 """The start-up every job shares: one log format, a refused input reported as one line with exit code 2, and an
-orderly stop on SIGTERM.
+orderly stop on SIGTERM. Which exceptions are refused inputs, the exit codes, and what SIGTERM means in a training
+worker instead: `pipeline.train.faults`, the one fault story.
 
 A job's `main(argv) -> int` is wrapped with `job_main`. Exceptions that mean "the input is wrong or unreachable"
 (bad config, a dataset that does not fit the config, a missing manifest, storage that refuses or stays down after
@@ -35,28 +36,13 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from pipeline.cluster import keep_fault_lines_whole
-from pipeline.storage import StorageError
+from pipeline.train.faults import EXIT_INTERRUPTED, EXIT_REFUSED, EXIT_TERMINATED, refused_input
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
-EXIT_REFUSED = 2
 
 log = logging.getLogger(__name__)
 
 JobMain = Callable[[Sequence[str] | None], int]
-
-
-def refused_input() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean a refused input. ValueError covers ConfigError, ManifestError, ShardSplitError,
-    LabelsFileError and the data-vs-config checks. Imported when needed: a job's `--help` never loads torch."""
-    from pipeline.data.demo import DemoAssetsMissing
-    from pipeline.data.loading import BadDataError
-    from pipeline.data.writing import ShardWriteError
-    from pipeline.models.programs import ExportPackagesMissing
-    from pipeline.storage.local_s3 import SeaweedFSMissing
-    from pipeline.train.step import NonFiniteError
-
-    return (ValueError, StorageError, DemoAssetsMissing, ShardWriteError, ExportPackagesMissing, BadDataError,
-            NonFiniteError, SeaweedFSMissing)
 
 
 def refusal_line(exc: BaseException) -> str:
@@ -135,10 +121,10 @@ def stopped_by_signal(exc: BaseException, arrived: set[int]) -> int | None:
     if isinstance(exc, KeyboardInterrupt) or signal.SIGINT in arrived:
         log.debug("interrupted", exc_info=exc)
         print("interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return EXIT_INTERRUPTED
     if isinstance(exc, Terminated) or signal.SIGTERM in arrived:
         log.debug("terminated", exc_info=exc)
-        return 128 + signal.SIGTERM
+        return EXIT_TERMINATED
     return None
 
 

@@ -21,12 +21,12 @@ from PIL import Image
 from test_checkpoint import tiny_config
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from pipeline.checkpoint.format import committed_checkpoints
 from pipeline.config import AugmentConfig, DataConfig, IndexConfig
 from pipeline.data.adopt import AdoptError, index_shards
 from pipeline.data.format import SampleFormat, read_classes, read_manifest
 from pipeline.data.loading import ShardStream, decode_image
 from pipeline.storage import join_url, list_dir, upload_file
-from pipeline.storage.checkpoints import committed_checkpoints
 from pipeline.train.loop import train
 
 JOB = Path(__file__).resolve().parents[1] / "jobs/index_shards.py"

@@ -11,17 +11,17 @@ import pytest
 import torch
 from conftest import copy_with_swapped_classes, restarted_after
 
-from pipeline.config import load_config
-from pipeline.storage import StorageError, exists, join_url, list_dir, read_bytes, write_bytes
-from pipeline.storage.checkpoints import (
+from pipeline.checkpoint.checkpointer import Checkpointer
+from pipeline.checkpoint.format import (
     checkpoint_url,
     committed_checkpoints,
     latest_checkpoint,
     read_checkpoint,
     step_dirs,
 )
+from pipeline.config import load_config
+from pipeline.storage import StorageError, exists, join_url, list_dir, read_bytes, write_bytes
 from pipeline.train import loop
-from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.loop import train
 from pipeline.train.step import build_train_state
 
@@ -207,7 +207,7 @@ def test_prepare_resolves_paths_and_refuses_impossible_launches(tiny_demo, tmp_p
 
 
 def test_scheduled_steps_are_the_steps_training_checkpoints_at():
-    from pipeline.storage.checkpoints import is_checkpoint_step, scheduled_steps
+    from pipeline.checkpoint.format import is_checkpoint_step, scheduled_steps
 
     assert scheduled_steps(2, 7, 7) == [2, 4, 6, 7] and scheduled_steps(2, 7, 5) == [2, 4]
     for every in (1, 2, 3, 5):
@@ -243,7 +243,7 @@ def test_logged_throughput_counts_the_time_spent_logging_and_ray_hears_only_at_c
 
 def test_format_round_trip_and_deletion_unpublishes_first(tmp_path, monkeypatch):
     """The format owner's writer and readers agree; a deletion removes COMMIT before anything else."""
-    from pipeline.storage import checkpoints
+    from pipeline.checkpoint import format as checkpoints
 
     config = load_config("demo", [*TINY_MODEL, "model.num_classes=5", f"run.storage={tmp_path}"])
     state = {"counters": {"step": 3, "samples_seen": 24}, "weights": torch.arange(4.0)}
@@ -261,9 +261,10 @@ def test_format_round_trip_and_deletion_unpublishes_first(tmp_path, monkeypatch)
     assert removed == [join_url(url, "COMMIT"), url]
 
 
-def test_find_checkpoint_and_saved_weights_read_the_format(tmp_path):
-    """A URL names a committed checkpoint itself, or a run directory's newest one; EMA or raw weights by layout."""
-    from pipeline.storage import checkpoints
+def test_find_checkpoint_and_pick_weights_read_the_format(tmp_path):
+    """A URL names a committed checkpoint itself, or a run directory's newest one; EMA or raw weights by layout, and
+    EMA weights asked of a run that kept none are refused (the package's one policy), naming the checkpoint."""
+    from pipeline.checkpoint import format as checkpoints
 
     config = load_config("demo", [*TINY_MODEL, "model.num_classes=5", f"run.storage={tmp_path}"])
     for step in (2, 4):
@@ -276,9 +277,11 @@ def test_find_checkpoint_and_saved_weights_read_the_format(tmp_path):
     assert checkpoints.find_checkpoint(torn) is None and checkpoints.is_step_dir(torn)
     assert checkpoints.find_checkpoint(str(tmp_path / "nothing")) is None and not checkpoints.is_step_dir(str(tmp_path))
     state = {"model": {"w": torch.zeros(1)}, "ema": {"shadow": {"w": torch.ones(1)}}}
-    assert checkpoints.saved_weights(state, "raw") is state["model"]
-    assert checkpoints.saved_weights(state, "ema") is state["ema"]["shadow"]
-    assert checkpoints.saved_weights({**state, "ema": None}, "ema") is None
+    assert checkpoints.pick_weights(state, "raw", "here") is state["model"]
+    assert checkpoints.pick_weights(state, "ema", "here") is state["ema"]["shadow"]
+    with pytest.raises(checkpoints.MissingEmaWeights, match=r"here has no EMA weights.*raw weights"):
+        checkpoints.pick_weights({**state, "ema": None}, "ema", "here")
+    assert issubclass(checkpoints.MissingEmaWeights, ValueError)  # a refused input: one line, exit code 2
 
 
 def test_rank_rng_restores_its_own_state_only_with_the_same_world_size():

@@ -12,10 +12,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipeline.checkpoint.checkpointer import Checkpointer
 from pipeline.config import ShardsConfig, load_config
 from pipeline.data.demo import write_demo_shards
 from pipeline.data.format import read_classes, read_manifest
-from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.step import build_train_state
 
 REPO = Path(__file__).resolve().parents[1]

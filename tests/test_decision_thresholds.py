@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation.thresholds import BINS, EDGES, ThresholdCounts, fit_thresholds
+from pipeline.evaluation.threshold_fit import BINS, EDGES, ThresholdCounts, fit_thresholds
 
 
 def exact_optimum(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, int]:

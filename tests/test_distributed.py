@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.checkpoint.format import committed_checkpoints, latest_checkpoint, read_checkpoint, read_commit
 from pipeline.config import load_config
 from pipeline.data.format import read_manifest
 from pipeline.storage import join_url, list_dir, open_read, read_bytes
-from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, read_checkpoint, read_commit
 from pipeline.train.loop import wrap_model
 from pipeline.train.ranks import WorkerContext
 from pipeline.train.step import NonFiniteError, build_train_state, train_step
@@ -313,8 +313,8 @@ def test_a_frozen_worker_is_declared_dead_after_the_stall_timeout_and_the_run_go
 
 
 def test_evaluator_with_two_ray_workers_counts_each_eval_image_once(two_node_cluster, tiny_demo, tmp_path):
+    from pipeline.checkpoint.checkpointer import Checkpointer
     from pipeline.evaluation.evaluator import evaluate_checkpoint
-    from pipeline.train.checkpoint import Checkpointer
 
     config = load_config("demo", ["model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71",
                                   f"data.train={tiny_demo.train}", f"data.eval={tiny_demo.eval}",

@@ -28,9 +28,9 @@ from pydantic import BaseModel
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
+from pipeline.checkpoint.checkpointer import Checkpointer
 from pipeline.config import Config, load_config
 from pipeline.evaluation.watcher import CheckpointWatcher
-from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.step import build_train_state
 
 REPO = Path(__file__).resolve().parents[1]

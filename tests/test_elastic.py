@@ -17,17 +17,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.config import ConfigError, config_to_yaml, load_config
-from pipeline.config.batching import BatchSplitError
-from pipeline.data.loading import ShardSplitError
-from pipeline.storage import join_url, list_dir, read_bytes, write_bytes
-from pipeline.storage.checkpoints import (
+from pipeline.checkpoint.format import (
     checkpoint_url,
     committed_checkpoints,
     latest_checkpoint,
     read_checkpoint,
     read_commit,
 )
+from pipeline.config import ConfigError, config_to_yaml, load_config
+from pipeline.config.batching import BatchSplitError
+from pipeline.data.loading import ShardSplitError
+from pipeline.storage import join_url, list_dir, read_bytes, write_bytes
 from pipeline.train.audit import SampleAudit
 from pipeline.train.elastic import scaling_arguments
 from pipeline.train.loop import wrap_model

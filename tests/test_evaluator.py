@@ -15,23 +15,22 @@ import torch
 from conftest import copy_with_swapped_classes, restarted_after
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pipeline.checkpoint.checkpointer import Checkpointer
+from pipeline.checkpoint.format import COMMIT, step_dir_name
 from pipeline.cluster import FORWARDED_ENV, connect_ray
 from pipeline.config import config_to_yaml, load_config
 from pipeline.data.format import class_fingerprint, read_classes, read_manifest, write_classes
 from pipeline.data.loading import ShardStream, to_device
 from pipeline.evaluation import evaluator
-from pipeline.evaluation.background import start_background_evaluator
 from pipeline.evaluation.class_weights import class_weights
 from pipeline.evaluation.evaluator import evaluate_checkpoint, load_weights, ray_options, resolve_config
 from pipeline.evaluation.map_metric import evaluate_map_at_k
 from pipeline.evaluation.report import append_record, read_records, render_html
-from pipeline.evaluation.thresholds import ThresholdCounts
-from pipeline.evaluation.watcher import CheckpointWatcher
+from pipeline.evaluation.threshold_fit import ThresholdCounts
+from pipeline.evaluation.watcher import CheckpointWatcher, start_background_evaluator
 from pipeline.models import preprocess_input
 from pipeline.models.thresholds import read_thresholds, thresholds_url
 from pipeline.storage import StorageError, join_url, read_bytes, write_bytes
-from pipeline.storage.checkpoints import COMMIT, step_dir_name
-from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.step import build_train_state, train_step
 
 

@@ -10,16 +10,16 @@ from conftest import copy_with_swapped_classes
 from test_checkpoint import tiny_config
 from test_package import ARCHITECTURE
 
+from pipeline.checkpoint.format import checkpoint_url, read_checkpoint_state, write_checkpoint
 from pipeline.config import ExportConfig
 from pipeline.data.format import class_fingerprint, read_classes, read_manifest
 from pipeline.inference.export import check_images, export_model
-from pipeline.inference.sources import load_model
+from pipeline.inference.model_source import load_model
 from pipeline.models import preprocess_input
 from pipeline.models.package import build_architecture, program_url, read_package
 from pipeline.models.programs import ProgramMismatch, check_program, load_program, max_logit_difference
 from pipeline.models.thresholds import ClassThresholds, write_thresholds
 from pipeline.storage import join_url
-from pipeline.storage.checkpoints import checkpoint_url, read_checkpoint_state, write_checkpoint
 from pipeline.train.loop import train
 from pipeline.train.step import build_train_state
 
@@ -87,7 +87,7 @@ def test_a_runs_checkpoint_exports_with_its_classes_thresholds_and_programs_matc
 
 
 def test_the_job_exports_a_named_checkpoint_with_raw_weights_and_no_thresholds(tiny_run, tmp_path, capsys, caplog):
-    caplog.set_level(logging.INFO, logger="pipeline.inference.sources")
+    caplog.set_level(logging.INFO, logger="pipeline.inference.model_source")
     checkpoint = checkpoint_url(tiny_run.run_dir, 2)
     out = str(tmp_path / "package")
     code = export_job()(["--checkpoint", checkpoint, "--out", out, "export.formats=[safetensors]",

@@ -10,7 +10,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.data.loading import BadDataError
 from pipeline.train import launcher
-from pipeline.train.failure import clear_failure, raise_recorded_failure, record_failure
+from pipeline.train.faults import clear_failure, raise_recorded_failure, record_failure
 from pipeline.train.step import NonFiniteError
 
 

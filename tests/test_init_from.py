@@ -13,6 +13,13 @@ import torch
 from test_checkpoint import TINY_MODEL
 from torch import nn
 
+from pipeline.checkpoint.format import (
+    MissingEmaWeights,
+    checkpoint_url,
+    latest_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from pipeline.config import ShardsConfig, load_config
 from pipeline.data.format import read_manifest
 from pipeline.models import Xception
@@ -24,7 +31,6 @@ from pipeline.models.weights import (
     timm_to_model_name,
 )
 from pipeline.models.xception import is_head
-from pipeline.storage.checkpoints import checkpoint_url, latest_checkpoint, read_checkpoint
 from pipeline.train import loop
 from pipeline.train.ema import unwrap
 from pipeline.train.loop import train
@@ -112,6 +118,12 @@ def test_run_weights_raw_on_request_and_source_detection(tiny_demo, tmp_path):
     assert absolute_init_source("weights.pth") == f"timm:{os.path.abspath('weights.pth')}"
     with pytest.raises(FileNotFoundError, match="no COMMIT"):
         read_init_weights(str(tmp_path / "nothing-here"))
+    # A run that kept no EMA: its EMA weights are refused (pipeline.checkpoint's one policy), its raw ones load.
+    plain = run_config(tiny_demo.train, tiny_demo.num_classes, tmp_path, "plain", "train.ema_decay=null")
+    write_checkpoint(plain.run_dir, 1, {**saved, "ema": None}, plain)
+    with pytest.raises(MissingEmaWeights, match=r"has no EMA weights .*model.init_weights=raw"):
+        read_init_weights(plain.run_dir)
+    assert read_init_weights(plain.run_dir, weights="raw").source["weights"] == "raw"
 
 
 class _Separable(nn.Module):  # the timm layout written out: depthwise `conv1`, then `pointwise`

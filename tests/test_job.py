@@ -56,8 +56,8 @@ def test_init_weights_that_do_not_fit_the_model_are_refused_before_any_worker_st
     import torch
     from test_init_from import timm_layout_state
 
+    from pipeline.checkpoint.checkpointer import Checkpointer
     from pipeline.config import load_config
-    from pipeline.train.checkpoint import Checkpointer
     from pipeline.train.step import build_train_state
 
     full_width = tmp_path / "legacy_xception.pth"

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.checkpoint.format import latest_checkpoint
 from pipeline.config import ShardsConfig, load_config
 from pipeline.data.demo import write_demo_shards
 from pipeline.data.format import read_classes, read_manifest
 from pipeline.evaluation.evaluator import evaluate_checkpoint
-from pipeline.storage.checkpoints import latest_checkpoint
 from pipeline.train.loop import train
 
 pytestmark = pytest.mark.slow  # minutes of training on the CPU

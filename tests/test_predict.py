@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.checkpoint.checkpointer import Checkpointer
 from pipeline.config import PredictConfig, load_config
 from pipeline.data.format import class_fingerprint, read_classes, read_manifest
 from pipeline.data.loading import ShardStream, to_device
@@ -24,7 +25,6 @@ from pipeline.inference.output import OUTPUT_SCHEMA
 from pipeline.inference.predict import _check_cpus, run_prediction, stalls
 from pipeline.models import preprocess_input
 from pipeline.models.thresholds import ClassThresholds, thresholds_url, write_thresholds
-from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.step import build_train_state, train_step
 
 

@@ -113,10 +113,10 @@ _TRAINER = """
 import json, logging, sys
 from pipeline.config import load_config
 from pipeline.train.loop import train
-from pipeline.train.stopping import install_sigterm_handler
+from pipeline.train.faults import PreemptionNotice
 
 logging.basicConfig(level=logging.INFO)
-install_sigterm_handler()
+PreemptionNotice.install()
 train(load_config("demo", json.loads(sys.argv[1])))
 """
 

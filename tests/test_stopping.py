@@ -13,12 +13,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_checkpoint import assert_trees_close, tiny_config
 
+from pipeline.checkpoint.format import committed_checkpoints, latest_checkpoint, read_checkpoint, read_commit
 from pipeline.cli import EXIT_REFUSED, job_main
 from pipeline.data.loading import BadDataError
 from pipeline.storage import join_url, list_dir, read_bytes
-from pipeline.storage.checkpoints import committed_checkpoints, latest_checkpoint, read_checkpoint, read_commit
 from pipeline.train import loop, stopping
-from pipeline.train.failure import raise_recorded_failure, record_failure
+from pipeline.train.faults import (
+    PreemptionNotice,
+    accepting_notices,
+    preemption_noticed,
+    raise_recorded_failure,
+    record_failure,
+)
 from pipeline.train.ranks import WorkerContext, mean_over_ranks
 from pipeline.train.ray_internals import Preempted
 from pipeline.train.step import NonFiniteError
@@ -29,11 +35,9 @@ from pipeline.train.stopping import StopAgreement, StopReason
 def sigterm_handler():
     """The preemption handler in this (main) thread, and the process's own handler back afterwards."""
     previous = signal.getsignal(signal.SIGTERM)
-    stopping.clear_preemption_notice()
-    assert stopping.install_sigterm_handler()
+    assert PreemptionNotice.install()
     yield
     signal.signal(signal.SIGTERM, previous)
-    stopping.clear_preemption_notice()
 
 
 def sigterm_after_step(monkeypatch, at_step: int) -> None:
@@ -67,7 +71,7 @@ def test_sigterm_checkpoints_the_last_completed_step_and_the_resume_redoes_nothi
     assert read_commit(latest_checkpoint(config.run_dir).url)["stopped"] == "preempted"
 
     monkeypatch.undo()  # no more signals
-    stopping.clear_preemption_notice()
+    assert PreemptionNotice.install()  # a new worker process: no notice yet
     resumed = loop.train(config)
     assert resumed["step"] == 6
     rank_info = json.loads(read_bytes(join_url(config.run_dir, "workers", "rank-00000.json")))
@@ -88,28 +92,26 @@ def test_sigterm_outside_training_and_a_second_one_go_to_the_previous_handler():
     previous_calls = []
     original = signal.signal(signal.SIGTERM, lambda signum, frame: previous_calls.append(signum))
     try:
-        stopping.clear_preemption_notice()
-        assert stopping.install_sigterm_handler()
+        assert PreemptionNotice.install()
         os.kill(os.getpid(), signal.SIGTERM)  # no training loop yet: as before (Ray's handler ends the process)
-        assert not stopping.preemption_noticed() and previous_calls == [signal.SIGTERM]
+        assert not preemption_noticed() and previous_calls == [signal.SIGTERM]
         stops = StopAgreement(WorkerContext())
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stopping.preemption_noticed() and previous_calls == [signal.SIGTERM]
+        assert preemption_noticed() and previous_calls == [signal.SIGTERM]
         os.kill(os.getpid(), signal.SIGTERM)  # "now"
         assert previous_calls == [signal.SIGTERM] * 2
         stops.close()
-        stopping.clear_preemption_notice()
+        assert PreemptionNotice.install()  # a fresh handler: its earlier notice forgotten, the same previous one
         os.kill(os.getpid(), signal.SIGTERM)  # the loop is over: Ray ending the worker group is no notice
-        assert not stopping.preemption_noticed() and previous_calls == [signal.SIGTERM] * 3
-        with stopping.accepting_notices():  # a Ray worker's whole training function: its start-up too
+        assert not preemption_noticed() and previous_calls == [signal.SIGTERM] * 3
+        with accepting_notices():  # a Ray worker's whole training function: its start-up too
             os.kill(os.getpid(), signal.SIGTERM)  # while it restores, before the loop's agreement exists
-            assert stopping.preemption_noticed() and previous_calls == [signal.SIGTERM] * 3
+            assert preemption_noticed() and previous_calls == [signal.SIGTERM] * 3
             stops = StopAgreement(WorkerContext())
             assert stops.agree() is StopReason.PREEMPTED, "the first step acts on it"
             stops.close()
     finally:
         signal.signal(signal.SIGTERM, original)
-        stopping.clear_preemption_notice()
 
 
 def _agreeing_rank(rank: int, port: int, out: str) -> None:
@@ -117,7 +119,7 @@ def _agreeing_rank(rank: int, port: int, out: str) -> None:
     for Ray's drain notices every step, rank 1's never: both ask at the same steps (Ray's call is a barrier)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    stopping.install_sigterm_handler()
+    PreemptionNotice.install()
     polls = []
     stops = StopAgreement(WorkerContext(rank=rank, world_size=2), poll_drains=lambda: polls.append(1),
                           poll_interval_s=0.0 if rank == 0 else 1e9)
@@ -125,7 +127,7 @@ def _agreeing_rank(rank: int, port: int, out: str) -> None:
     if rank == 0:
         os.kill(os.getpid(), signal.SIGTERM)
     outcome["step1"] = stops.agree().name
-    stopping.clear_preemption_notice()
+    PreemptionNotice.install()  # the notice forgotten: the next request is rank 1's alone
     if rank == 1:
         stops.bad_data(BadDataError("300 of 1000 samples read by rank 1 were bad"))
     try:

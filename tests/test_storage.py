@@ -375,6 +375,56 @@ def test_ray_train_storage_uses_the_pipelines_endpoint_and_region(monkeypatch, v
     assert client == {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-3"}
 
 
+def test_calls_inside_an_operation_share_its_outage_budget(
+    restartable_s3: tuple[LocalS3, StorageConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Budgets compose: a data-path read (which retries for a budget of its own) inside an operation that outlasts
+    outages (an evaluator pass, a checkpoint save) stops at the operation's deadline, its first failure + the
+    budget, plus at most one backoff. The worst case: the operation's quick calls fail until just before its
+    deadline, then its last attempt starts a read; without the shared deadline that read got a whole budget of its
+    own (about twice the budget in all). The store is really down (the server stopped); measured: when each attempt
+    started against the deadline, and the waits before them."""
+    from pipeline.storage import outlasting_outages, retries
+
+    server, storage = restartable_s3
+    budget = 2.0
+    storage = storage.model_copy(update={"retries": 0, "retry_backoff_s": 0.1, "outage_budget_s": budget})
+    url = "s3://restart/object"
+    write_bytes(url, b"x", storage)
+    fs, path = filesystem(url, storage)
+    server.stop()
+    monkeypatch.setattr(retries, "MAX_BACKOFF_S", 0.4)  # the operation's own waits short too
+    waits: list[float] = []
+    real_backoff = retries.backoff_s
+    monkeypatch.setattr(retries, "backoff_s", lambda base, n: waits.append(real_backoff(base, n)) or waits[-1])
+    starts: list[float] = []
+    failed_at: list[float] = []
+    operations = []
+
+    def attempt(call):
+        starts.append(time.monotonic())
+        try:
+            return call()
+        finally:
+            failed_at.append(time.monotonic())
+
+    def operation() -> bytes:
+        operations.append(time.monotonic())
+        if not starts or time.monotonic() < failed_at[0] + budget - 0.5:  # a quick one-off call: fails at once
+            return with_retries(lambda: attempt(lambda: fs.info(path)), what=f"stat {url}", storage=storage,
+                                protocol="s3")
+        return with_retries(lambda: attempt(lambda: fs.cat_file(path)), what=f"read {url}", storage=storage,
+                            protocol="s3", outage=True)  # the data path: retries for a budget of its own
+
+    with pytest.raises(StorageError):
+        outlasting_outages(operation, what="a pass over the store", storage=storage)
+    deadline = failed_at[0] + budget  # the operation's first failure is at or after the first attempt's end
+    assert len(operations) >= 2 and operations[-1] < deadline, "the last attempt of the operation began in time"
+    assert len(starts) > len(operations), "its last attempt's read retried on its own"
+    # No attempt starts later than the deadline plus the wait before it (one backoff) plus the time to notice it.
+    assert starts[-1] <= deadline + max(waits) + 0.5, (starts[-1] - deadline, max(waits))
+
+
 def test_retry_call_stops_at_its_deadline_and_passes_other_errors_through() -> None:
     calls: list[int] = []
 

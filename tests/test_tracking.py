@@ -295,7 +295,7 @@ def test_a_hanging_tracker_never_blocks_the_caller_and_closing_gives_up_after_it
         tracker.close()
     assert "still queued after tracking.close_timeout_s=0.5s" in caplog.text
     backend.release.set()  # the service answers at last: the queued calls go out, in order, then the close
-    tracker._thread.join(30)
+    assert tracker._sender.close(30)  # closing again waits again
     assert backend.calls == [f"scalars {step}" for step in range(1, 11)] + ["close failed=False"]
     assert json.loads((tmp_path / TRACKING_FILE).read_text()) == {"mlflow": {"run_id": "hanging"}}
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pipeline.checkpoint.format import read_checkpoint_config, read_commit, read_weights
 from pipeline.cluster import connect_ray
 from pipeline.config import Config, StorageConfig, validate
 from pipeline.data.format import check_same_classes, read_manifest
@@ -30,10 +31,9 @@ from pipeline.evaluation.baselines import baseline_key, read_cached, write_cache
 from pipeline.evaluation.class_weights import class_prior, class_weights
 from pipeline.evaluation.frequency_thirds import FrequencyThirds
 from pipeline.evaluation.map_at_k import MapAtKResult
-from pipeline.evaluation.thresholds import ThresholdFit
+from pipeline.evaluation.threshold_fit import ThresholdFit
 from pipeline.evaluation.units import MetricUnit, merged_units, metric_units
 from pipeline.models import build_model, preprocess_input
-from pipeline.storage.checkpoints import read_checkpoint_config, read_checkpoint_state, read_commit, saved_weights
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,10 @@ def ray_options(config: Config) -> dict[str, Any]:
 
 
 def load_weights(checkpoint_url: str, config: Config, device: torch.device) -> torch.nn.Module:
-    """The trained model in eval mode, with EMA (`eval.weights=ema`) or raw weights."""
-    state = read_checkpoint_state(checkpoint_url, config.storage, map_location=device)
+    """The trained model in eval mode, with EMA (`eval.weights=ema`) or raw weights (`pipeline.checkpoint`'s policy:
+    EMA asked for and none kept is refused)."""
+    weights = read_weights(checkpoint_url, config.eval.weights, config.storage, map_location=device)
     model = build_model(config).to(device)
-    weights = saved_weights(state, config.eval.weights)
-    if weights is None:
-        raise ValueError(f"{checkpoint_url} has no EMA weights (train.ema_decay was null); use eval.weights=raw")
     model.load_state_dict(weights)
     return model.eval()
 

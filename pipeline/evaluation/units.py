@@ -19,7 +19,7 @@ from pipeline.evaluation.baselines import BaselineScorers
 from pipeline.evaluation.class_weights import class_prior
 from pipeline.evaluation.frequency_thirds import FrequencyThirds
 from pipeline.evaluation.map_metric import MeanAveragePrecisionAtK
-from pipeline.evaluation.thresholds import ThresholdCounts
+from pipeline.evaluation.threshold_fit import ThresholdCounts
 
 if TYPE_CHECKING:
     from pipeline.data.loading import Batch
@@ -124,7 +124,7 @@ UNIT_TYPES = {"map": MapAtKUnit, "baselines": BaselinesUnit, "examples": Example
 
 def metric_units(config: Config, baselines: bool) -> dict[str, MetricUnit]:
     """The units one scoring pass feeds: MAP@K, the report's examples, the per-class decision thresholds
-    (`pipeline.evaluation.thresholds`) and, with `baselines`, the baselines."""
+    (`pipeline.evaluation.threshold_fit`) and, with `baselines`, the baselines."""
     num_classes = config.model.num_classes
     units: dict[str, MetricUnit] = {"map": MapAtKUnit(MeanAveragePrecisionAtK(num_classes, config.eval.k)),
                                     "examples": ExampleKeeper(),

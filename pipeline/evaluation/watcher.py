@@ -20,7 +20,14 @@ run's tracked run at its training step (`eval/map_at_100`, ..., `eval/tail_map_a
 `run` returns.
 
 A pass that fails on an unreachable store is tried again for up to `storage.outage_budget_s` (a long-running
-evaluator outlasts an outage, as training does); the shard reads of the eval data have the same budget.
+evaluator outlasts an outage, as training does); the shard reads of the pass, in this process, share that budget
+(`pipeline.storage.retries`: budgets compose).
+
+Beside training (`start_background_evaluator`, `eval.with_training`): the watcher runs as a Ray actor, so one `ray job
+submit` yields reports. The actor is named after the run (`evaluator-<run.name>`) and reused if it exists, so a
+resubmitted training job does not start a second evaluator. It asks for `ray_options`: 1 CPU, 1 GPU with
+`cluster.use_gpu`, and the custom `eval.resources`; on the infra/ clusters set `eval.resources={evaluator: 1}`, which
+only the evaluator node type offers, or its GPU request may take a training node's GPU.
 """
 
 from __future__ import annotations
@@ -29,23 +36,31 @@ import difflib
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config
-from pipeline.evaluation.class_weights import frequency_classes
-from pipeline.evaluation.evaluator import Evaluation, checkpoint_config, eval_settings, evaluate_checkpoint
-from pipeline.evaluation.frequency_thirds import THIRDS
-from pipeline.evaluation.report import append_record, headline, read_records, write_report
-from pipeline.models.thresholds import thresholds_url, write_thresholds
-from pipeline.storage import StorageError, exists, is_local_url, join_url, list_dir, local_path, outlasting_outages
-from pipeline.storage.checkpoints import (
+from pipeline.checkpoint.format import (
     CheckpointRef,
     committed_checkpoints,
     is_committed,
     scheduled_steps,
     step_dirs,
 )
+from pipeline.cluster import connect_ray
+from pipeline.config import Config, validate
+from pipeline.evaluation.class_weights import frequency_classes
+from pipeline.evaluation.evaluator import (
+    Evaluation,
+    checkpoint_config,
+    eval_settings,
+    evaluate_checkpoint,
+    ray_options,
+)
+from pipeline.evaluation.frequency_thirds import THIRDS
+from pipeline.evaluation.report import append_record, headline, read_records, write_report
+from pipeline.models.thresholds import thresholds_url, write_thresholds
+from pipeline.storage import StorageError, exists, is_local_url, join_url, list_dir, local_path, outlasting_outages
 from pipeline.tracking import Tracker, start_tracking
 
 log = logging.getLogger(__name__)
@@ -323,3 +338,31 @@ def summarize_thirds(record: dict, k: int) -> str:
 def _steps(steps: list[int], shown: int = 10) -> str:
     more = f" and {len(steps) - shown} more" if len(steps) > shown else ""
     return ", ".join(map(str, steps[:shown])) + more
+
+
+# Beside training: the watcher as a Ray actor --------------------------------------------------------------------------
+
+class _Evaluator:
+    def __init__(self, raw_config: dict[str, Any]) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.config = validate(raw_config)
+
+    def run(self, until_step: int) -> int:
+        return len(CheckpointWatcher(self.config.run_dir, self.config).run(until_step=until_step))
+
+
+def start_background_evaluator(config: Config) -> Any:
+    """Start (or find) the run's evaluator actor and set it polling until the final step is evaluated.
+
+    Returns the object ref of its `run` call; `ray.get` it to wait for the last report.
+    """
+    import ray
+
+    if config.data.eval is None:
+        raise ValueError("eval.with_training needs data.eval (the URL of the densely labelled evaluation set)")
+    connect_ray(config)  # the same connection (forwarded environment) that training's launch() then reuses
+    actor_class = ray.remote(**ray_options(config))(_Evaluator)
+    actor = actor_class.options(name=f"evaluator-{config.run.name}", get_if_exists=True).remote(
+        config.model_dump(mode="json"))
+    log.info("evaluator-%s watches %s/checkpoints", config.run.name, config.run_dir)
+    return actor.run.remote(config.train.total_steps)

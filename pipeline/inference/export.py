@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
+from pipeline.checkpoint.format import read_checkpoint_config, run_dir_of, step_dir_name
 from pipeline.config import Config, StorageConfig
 from pipeline.data.loading import ShardStream
-from pipeline.inference.sources import package_from_checkpoint, resolve_checkpoint
+from pipeline.inference.model_source import package_from_checkpoint, resolve_checkpoint
 from pipeline.models import preprocess_input
 from pipeline.models.package import PROGRAM_FILES, ModelPackage, write_package
 from pipeline.models.programs import check_program, export_program, load_program, require_packages
 from pipeline.storage import join_url
-from pipeline.storage.checkpoints import read_checkpoint_config, run_dir_of, step_dir_name
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ File (JSON, `thresholds.json`-like; written with `write_thresholds`, read with `
 
 `thresholds[c]` is the threshold class `c` uses (already the global one where `positives[c] < min_positives`);
 `f1[c]` is the eval-set F1 at it, in-sample (on the images it was fitted on, so optimistic); `held_out_f1[c]` is
-the F1 of thresholds fitted on one half of the eval images and scored on the other (`pipeline.evaluation.thresholds`),
-the estimate of what it does on new images (files written before it was recorded have none).
+the F1 of thresholds fitted on one half of the eval images and scored on the other
+(`pipeline.evaluation.threshold_fit`), the estimate of what it does on new images (files written before it was
+recorded have none).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from pipeline.checkpoint.format import step_dir_name
 from pipeline.config import StorageConfig
 from pipeline.storage import join_url, read_bytes, write_bytes
-from pipeline.storage.checkpoints import step_dir_name
 
 FORMAT = "xception-pipeline-thresholds"
 VERSION = 1

@@ -3,7 +3,8 @@
 Every reader returns a state dict in this model's names (`Xception.state_dict()` keys, PyTorch layouts):
 
 - a run of this project (`read_run_weights`): a checkpoint directory, or a run directory (its latest complete
-  checkpoint, through `pipeline.storage.checkpoints`); the EMA weights by default, the raw ones on request.
+  checkpoint, through `pipeline.checkpoint`); the EMA weights by default, the raw ones on request (a run without
+  EMA weights is refused when they are asked for: `pipeline.checkpoint`'s one policy).
 - Keras' Xception weights (`read_keras_weights`): the files `keras.applications.Xception` loads (the paper author's
   ImageNet model, `xception_weights_tf_dim_ordering_tf_kernels[_notop].h5`: the legacy Keras 2 HDF5 layout, a
   group per layer) and Keras 3's `model.save_weights` layout (`.weights.h5`). Names: `keras_layer_map`.
@@ -18,7 +19,6 @@ otherwise it stays as freshly initialised (the `head_bias` rule); it returns wha
 from __future__ import annotations
 
 import io
-import logging
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -29,13 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.checkpoint import find_checkpoint, read_weights
 from pipeline.config import StorageConfig
 from pipeline.models.xception import is_head
-from pipeline.storage.checkpoints import find_checkpoint, read_checkpoint_state, saved_weights
 from pipeline.storage.files import exists, read_bytes
 from pipeline.storage.paths import absolute_url
-
-log = logging.getLogger(__name__)
 
 SourceKind = Literal["run", "keras", "timm"]
 _PREFIXES: dict[str, SourceKind] = {"run:": "run", "keras:": "keras", "timm:": "timm"}
@@ -113,14 +111,9 @@ def read_run_weights(url: str, storage: StorageConfig | None = None,
     ref = find_checkpoint(url, storage)
     if ref is None:
         check_init_source(f"run:{url}", storage)  # raises, naming what is missing
-    checkpoint = ref.url
-    state = read_checkpoint_state(checkpoint, storage)
-    used, tensors = weights, saved_weights(state, weights)
-    if tensors is None:
-        log.warning("model.init_from=%s: the run kept no EMA (train.ema_decay=null); taking its raw weights", url)
-        used, tensors = "raw", saved_weights(state, "raw")
-    return SourceWeights(dict(tensors), {"kind": "run", "url": url, "checkpoint": checkpoint,
-                                         "step": state["counters"]["step"], "weights": used})
+    tensors = read_weights(ref.url, weights, storage)
+    return SourceWeights(tensors, {"kind": "run", "url": url, "checkpoint": ref.url, "step": ref.step,
+                                   "weights": weights})
 
 
 # Keras ----------------------------------------------------------------------------------------------------------

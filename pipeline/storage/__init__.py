@@ -2,7 +2,7 @@
 
 Modules: `paths` (URL helpers, the S3 endpoint/region), `filesystems` (cached fsspec clients), `errors` (what a
 failure means), `retries` (the project's one retry helper), `files` (the operations), `streams` (a read stream that
-re-opens after a failure mid-read), `checkpoints` (the checkpoint directory layout). The embedded S3 server for
+re-opens after a failure mid-read), `settings` (the `storage` config section). The embedded S3 server for
 local runs and tests is `pipeline.storage.local_s3` (not imported here: importing storage never needs the server);
 `python infra/local_s3.py` runs it in the foreground.
 """

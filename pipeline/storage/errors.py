@@ -12,8 +12,8 @@ import os
 from collections.abc import Iterator
 from typing import Literal
 
-from pipeline.config import StorageConfig
 from pipeline.storage.paths import GCS_PROTOCOLS, S3_PROTOCOLS, is_remote, s3_endpoint
+from pipeline.storage.settings import StorageConfig
 
 ErrorKind = Literal["transient", "auth", "missing", "permanent"]
 

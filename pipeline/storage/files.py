@@ -21,11 +21,11 @@ from typing import BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.config import StorageConfig
 from pipeline.storage.errors import StorageError
 from pipeline.storage.filesystems import filesystem
 from pipeline.storage.paths import S3_PROTOCOLS, join_url, s3_endpoint, url_protocol
 from pipeline.storage.retries import with_retries
+from pipeline.storage.settings import StorageConfig
 from pipeline.storage.streams import ReopeningReader
 
 log = logging.getLogger(__name__)

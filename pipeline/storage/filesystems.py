@@ -13,9 +13,9 @@ import threading
 
 import fsspec
 
-from pipeline.config import StorageConfig
 from pipeline.storage.errors import StorageError
 from pipeline.storage.paths import GCS_PROTOCOLS, S3_PROTOCOLS, is_remote, s3_endpoint, s3_region, url_protocol
+from pipeline.storage.settings import StorageConfig
 
 logger = logging.getLogger(__name__)
 

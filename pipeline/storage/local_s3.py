@@ -44,8 +44,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.config import StorageConfig
 from pipeline.storage.retries import retry_call
+from pipeline.storage.settings import StorageConfig
 
 logger = logging.getLogger(__name__)
 

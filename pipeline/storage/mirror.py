@@ -1,13 +1,13 @@
 """A side upload that never delays its caller: a local directory's files copied to a URL by a background thread.
 
 `DirectoryMirror` is for files a job writes locally and publishes now and then (TensorBoard's event files, which
-cannot be appended to on object storage). `request()` returns at once: one daemon thread uploads the directory's
+cannot be appended to on object storage). `request()` returns at once: a `BackgroundWorker` uploads the directory's
 current files, with a short retry of its own (`SIDE_RETRIES`), newest data winning (a request while an upload runs
-makes one more pass afterwards, never a queue of stale copies). While the store is down the first failure is logged
-once as a WARNING, later ones at DEBUG, and the next request (or `close`) tries again with the then newest files;
-a success after failures is logged once. `close(wait_s)` makes a final pass and waits at most `wait_s` seconds for
-it; then it removes the local directory if it owns it and everything is uploaded, else says where the files are and
-marks the directory kept (`KEPT_MARKER`).
+queues one more pass, a request while one is queued adds nothing: never a queue of stale copies). While the store
+is down the first failure is logged once as a WARNING, later ones at DEBUG, and the next request (or `close`) tries
+again with the then newest files; a success after failures is logged once. `close(wait_s)` makes a final pass and
+waits at most `wait_s` seconds for it; then it removes the local directory if it owns it and everything is
+uploaded, else says where the files are and marks the directory kept (`KEPT_MARKER`).
 
 Staging directories (`staging_directory`) carry their host and process id in their name, because a process that
 is killed (kill -9, Ray ending a frozen or preempted worker, a Ctrl-C that takes the workers down) runs no cleanup:
@@ -24,14 +24,13 @@ import re
 import shutil
 import socket
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-from pipeline.config import StorageConfig
+from pipeline.background import BackgroundWorker
 from pipeline.storage.errors import StorageError
 from pipeline.storage.files import upload_file
 from pipeline.storage.paths import join_url
+from pipeline.storage.settings import StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,43 +87,26 @@ class DirectoryMirror:
         self.owns_dir = owns_dir
         self.storage = (storage or StorageConfig()).model_copy(update={"retries": SIDE_RETRIES})
         self.failures = 0
-        self._wanted = False
-        self._running = False
-        self._closing = False
-        self._condition = threading.Condition()
-        self._thread = threading.Thread(target=self._serve, name=f"upload {what}", daemon=True)
-        self._thread.start()
+        self._passes = BackgroundWorker(f"upload {what}", max_pending=1)  # one pass queued behind the running one
 
     @property
     def pending(self) -> bool:
-        with self._condition:
-            return self._wanted or self._running
+        return self._passes.unfinished > 0
 
     def request(self) -> None:
-        """Ask for a pass over the directory's current files; returns at once."""
-        with self._condition:
-            self._wanted = True
-            self._condition.notify_all()
+        """Ask for a pass over the directory's current files; returns at once (a pass already queued will read the
+        newest files: nothing more is queued)."""
+        self._passes.submit(self._pass, timeout_s=0)
 
     def wait(self, timeout_s: float) -> bool:
-        """Wait until no pass is wanted or running, at most `timeout_s`; True if idle."""
-        deadline = time.monotonic() + timeout_s
-        with self._condition:
-            while self._wanted or self._running:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._condition.wait(left)
-        return True
+        """Wait until no pass is queued or running, at most `timeout_s`; True if idle."""
+        return self._passes.wait(timeout_s)
 
     def close(self, wait_s: float) -> bool:
         """A final pass, waited for up to `wait_s` seconds; the staging directory is removed when everything is
         uploaded. True if the last pass succeeded."""
         self.request()
-        idle = self.wait(wait_s)
-        with self._condition:
-            self._closing = True
-            self._condition.notify_all()
+        idle = self._passes.close(wait_s)
         uploaded = idle and self.failures == 0
         if not idle:
             log.warning("%s: the final upload to %s did not finish within %g s; the files stay in %s", self.what,
@@ -138,21 +120,6 @@ class DirectoryMirror:
             with contextlib.suppress(OSError):
                 Path(self.local_dir, KEPT_MARKER).write_text(f"not all uploaded to {self.remote}\n")
         return uploaded
-
-    def _serve(self) -> None:
-        while True:
-            with self._condition:
-                while not self._wanted and not self._closing:
-                    self._condition.wait()
-                if not self._wanted:
-                    return
-                self._wanted, self._running = False, True
-            try:
-                self._pass()
-            finally:
-                with self._condition:
-                    self._running = False
-                    self._condition.notify_all()
 
     def _pass(self) -> None:
         try:

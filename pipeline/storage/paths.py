@@ -9,7 +9,7 @@ import os
 
 import fsspec
 
-from pipeline.config import StorageConfig
+from pipeline.storage.settings import StorageConfig
 
 S3_PROTOCOLS = frozenset({"s3", "s3a"})
 GCS_PROTOCOLS = frozenset({"gs", "gcs"})

@@ -14,7 +14,12 @@ Auth, missing and other permanent failures raise at once; programming errors pro
 `outlasting_outages` repeats a whole operation of several calls (a checkpoint save) while one of them gives up on
 a transient failure. Its calls share one outage: the first failure of any of them is the WARNING line, and the
 first call that succeeds after it gives the one "storage back after N s" line, N from that first failure (each call
-timing only its own retries reported "back after 2.6 s" for a save that had failed for 34 s). On Ray, the job's
+timing only its own retries reported "back after 2.6 s" for a save that had failed for 34 s). They share one budget
+too: the operation's deadline (its first failure + `storage.outage_budget_s`) reaches every call inside it through
+a context variable, and no retry loop inside (a data-path read's, a nested operation's) waits past it, so budgets
+compose: an operation around calls that retry on their own gives up at its deadline plus at most one backoff, not
+at the sum of the budgets. (The context reaches the calls of the same thread; a DataLoader worker process or a
+prefetch thread keeps its own budget.) On Ray, the job's
 driver prints these lines from every worker; `pipeline.cluster.keep_fault_lines_whole` keeps Ray from holding them
 back.
 
@@ -35,7 +40,6 @@ from typing import TypeVar
 
 import tenacity
 
-from pipeline.config import StorageConfig
 from pipeline.storage.errors import (
     StorageError,
     as_storage_error,
@@ -45,6 +49,7 @@ from pipeline.storage.errors import (
     is_storage_failure,
 )
 from pipeline.storage.paths import is_remote
+from pipeline.storage.settings import StorageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +66,19 @@ def retry_call(
     attempts: int | None = None,
     within_s: float | None = None,
     before_retry: Callable[[int, BaseException, float], None] | None = None,
+    until: Callable[[], bool] | None = None,
 ) -> T:
     """Call `fn` until it returns. An exception `retry_if` accepts is retried after `wait_s(n)` seconds (n: the
-    number of the failed attempt, from 1) until `attempts` calls were made or `within_s` seconds have passed since
-    the first; then, and for any exception `retry_if` refuses, the exception propagates as it is.
-    `before_retry(n, exception, wait)` runs before each wait (for logging or resetting state)."""
+    number of the failed attempt, from 1) until `attempts` calls were made, `within_s` seconds have passed since
+    the first, or `until()` is true (a deadline that is not this loop's own); then, and for any exception
+    `retry_if` refuses, the exception propagates as it is. `before_retry(n, exception, wait)` runs before each
+    wait (for logging or resetting state)."""
     stops = [tenacity.stop_after_attempt(attempts)] if attempts is not None else []
     stops += [tenacity.stop_after_delay(within_s)] if within_s is not None else []
     if not stops:
         raise ValueError("retry_call needs attempts or within_s (it never retries forever)")
+    if until is not None:
+        stops.append(lambda state: until())
 
     def notify(state: tenacity.RetryCallState) -> None:
         if before_retry is not None and state.outcome is not None and state.next_action is not None:
@@ -108,6 +117,7 @@ def with_retries(
     storage = storage or StorageConfig()
     remote = None if protocol is None else is_remote(protocol)
     outage_log = _OutageLog(what, storage, outage)
+    operation = _operation.get()  # inside `outlasting_outages`: its deadline bounds these retries too
 
     def transient(exc: BaseException) -> bool:
         return not isinstance(exc, StorageError) and is_storage_failure(exc) and classify(exc, remote) == "transient"
@@ -127,6 +137,7 @@ def with_retries(
             attempts=None if outage else storage.retries + 1,
             within_s=storage.outage_budget_s if outage else None,
             before_retry=outage_log.retrying,
+            until=None if operation is None else operation.expired,
         )
     except StorageError:
         raise  # already classified by an inner call
@@ -144,10 +155,12 @@ def outlasting_outages(fn: Callable[[], T], *, what: str, storage: StorageConfig
     one of its calls gives up on a transient failure, for up to `storage.outage_budget_s`: a save in the background
     then outlasts an outage of the store as the data path's reads do, instead of failing the run at the next one.
     Its calls share one outage (`_Operation`): one waiting line at the first failure, one recovery line at the
-    first call that succeeds after it, timed from that first failure."""
+    first call that succeeds after it, timed from that first failure; and one deadline, that first failure +
+    `storage.outage_budget_s`, which also ends the retries of every call inside (see the module doc)."""
     storage = storage or StorageConfig()
     outer = _operation.get()
-    operation = outer or _Operation(what)  # an operation inside another is part of the outer one's outage
+    # An operation inside another is part of the outer one's outage, and of its deadline.
+    operation = outer or _Operation(what, storage.outage_budget_s)
 
     def waiting(attempt: int, exc: BaseException, wait: float) -> None:
         operation.failed()  # a call that gave up without retries of its own (storage.retries=0) opens it here
@@ -157,7 +170,7 @@ def outlasting_outages(fn: Callable[[], T], *, what: str, storage: StorageConfig
     token = _operation.set(operation)
     try:
         return retry_call(fn, retry_if=gave_up_on_transient, wait_s=lambda n: backoff_s(MAX_BACKOFF_S, n),
-                          within_s=storage.outage_budget_s, before_retry=waiting)
+                          within_s=storage.outage_budget_s, before_retry=waiting, until=operation.expired)
     finally:
         _operation.reset(token)
 
@@ -165,17 +178,26 @@ def outlasting_outages(fn: Callable[[], T], *, what: str, storage: StorageConfig
 @dataclass
 class _Operation:
     """The outage of an operation that `outlasting_outages` repeats, from the first failure of any of its calls
-    (`since`) to the first call that succeeds after it."""
+    (`since`) to the first call that succeeds after it, and its deadline: `budget_s` after the first failure of
+    the operation (a recovery in between does not renew it)."""
 
     what: str
+    budget_s: float
     since: float | None = None
+    deadline: float | None = None
 
     def failed(self) -> bool:
         """Note a failure; True if it opens the outage (the caller logs the waiting line)."""
         if self.since is not None:
             return False
         self.since = time.monotonic()
+        if self.deadline is None:
+            self.deadline = self.since + self.budget_s
         return True
+
+    def expired(self) -> bool:
+        """Whether the operation's budget is spent: no retry inside it may wait any longer."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def succeeded(self, call: str) -> None:
         if self.since is not None:

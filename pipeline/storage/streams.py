@@ -15,9 +15,9 @@ from typing import BinaryIO
 
 import fsspec
 
-from pipeline.config import StorageConfig
 from pipeline.storage.errors import StorageError, is_storage_failure
 from pipeline.storage.retries import with_retries
+from pipeline.storage.settings import StorageConfig
 
 logger = logging.getLogger(__name__)
 

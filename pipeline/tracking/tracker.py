@@ -2,12 +2,12 @@
 
 A `Tracker` takes scalars, the config and files (`log_scalars`, `log_config`, `log_artifact`) and `close`s; the base
 class does nothing (`tracking.backend=none`). `BackgroundTracker` queues every call and returns at once: one daemon
-thread opens the tracked run (resumes the id in `<run>/tracking.json`, or creates a run and writes its id there) and
-sends the calls in order. A call that fails, a backend that cannot be reached, or a full queue is warned about
-(the first time at once, then at most once a minute with a count) and never raised, so a tracking server that is
-slow or down costs the training loop nothing. While the run cannot be opened, another attempt is made at most
-every `OPEN_RETRY_S` seconds and the calls in between are dropped (counted). `close()` waits up to
-`tracking.close_timeout_s` for what is queued.
+thread (a `BackgroundWorker`) opens the tracked run (resumes the id in `<run>/tracking.json`, or creates a run and
+writes its id there) and sends the calls in order. A call that fails, a backend that cannot be reached, or a full
+queue is warned about (the first time at once, then at most once a minute with a count) and never raised, so a
+tracking server that is slow or down costs the training loop nothing. While the run cannot be opened, another
+attempt is made at most every `OPEN_RETRY_S` seconds and the calls in between are dropped (counted). `close()`
+waits up to `tracking.close_timeout_s` for what is queued.
 
 Names are made valid for both backends by `metric_name` (MLflow allows letters, digits, `_ - . / : space`:
 `map@100` is logged as `map_at_100`), and a config is logged flat (`flat_config`: `train.total_steps` -> `"600"`).
@@ -15,19 +15,18 @@ Names are made valid for both backends by `metric_name` (MLflow allows letters, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import queue
 import re
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from pipeline.config import Config, StorageConfig, TrackingConfig
+from pipeline.background import BackgroundWorker
+from pipeline.config import StorageConfig
 from pipeline.storage import exists, join_url, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
@@ -37,12 +36,6 @@ OPEN_RETRY_S = 60.0  # while the tracked run cannot be opened: how long until th
 WARN_EVERY_S = 60.0  # repeated failures: at most one warning this often
 MAX_PENDING = 1000  # queued calls; beyond this new ones are dropped (a record every train.log_every steps)
 
-Role = Literal["train", "eval"]
-_PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
-
-
-class TrackingUnavailable(ValueError):
-    """The chosen tracking backend's package is not installed (a refused input: the job exits with code 2)."""
 
 
 def metric_name(key: str) -> str:
@@ -123,7 +116,7 @@ class _NotOpen(Exception):
 
 
 class BackgroundTracker(Tracker):
-    """Queues each call for one sender thread (see the module doc); `run_id` once the run is open."""
+    """Queues each call for one sender (a `BackgroundWorker`; see the module doc); `run_id` once the run is open."""
 
     def __init__(self, backend: Backend, name: str, run_dir: str, storage: StorageConfig | None,
                  close_timeout_s: float) -> None:
@@ -133,11 +126,9 @@ class BackgroundTracker(Tracker):
         self.run_id: str | None = None
         self._backend = backend
         self._warn = _RateLimitedWarnings(f"tracking ({name}) for {run_dir}")
-        self._queue: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue(MAX_PENDING)
+        self._sender = BackgroundWorker(f"tracking-{name}", max_pending=MAX_PENDING)
         self._opened, self._closed = False, False
         self._next_open = 0.0
-        self._thread = threading.Thread(target=self._send, name=f"tracking-{name}", daemon=True)
-        self._thread.start()
 
     @property
     def problems(self) -> int:
@@ -162,22 +153,27 @@ class BackgroundTracker(Tracker):
             return
         self._closed = True
         deadline = time.monotonic() + self.close_timeout_s
-        with contextlib.suppress(queue.Full):  # then the join below times out and says so
-            self._queue.put(("close", self._item(lambda: self._backend.close(failed), needs_open=False)),
-                            timeout=self.close_timeout_s)
-            self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
+        # A full queue leaves the close call out: then the wait below times out and says so.
+        self._sender.submit(self._item("close", lambda: self._backend.close(failed), needs_open=False),
+                            timeout_s=self.close_timeout_s)
+        if not self._sender.close(max(0.0, deadline - time.monotonic())):
             log.warning("tracking (%s): %d call(s) were still queued after tracking.close_timeout_s=%gs; giving up "
-                        "on them", self.backend, self._queue.qsize(), self.close_timeout_s)
+                        "on them", self.backend, self._sender.unfinished, self.close_timeout_s)
 
-    def _item(self, call: Callable[[], None], needs_open: bool = True) -> Callable[[], None]:
+    def _item(self, what: str, call: Callable[[], None], needs_open: bool = True) -> Callable[[], None]:
+        """The job for `call`: opens the run first (unless `needs_open` is False: then skipped when not open), and
+        warns about a failure instead of raising it (tracking never fails the caller)."""
         def item() -> None:
-            if needs_open:
-                self._ensure_open()
-            elif not self._opened:
-                return  # nothing to close
-            call()
+            try:
+                if needs_open:
+                    self._ensure_open()
+                elif not self._opened:
+                    return  # nothing to close
+                call()
+            except _NotOpen:
+                self._warn(f"{what} dropped: the tracked run is not open (next attempt within {OPEN_RETRY_S:.0f}s)")
+            except Exception as exc:
+                self._warn(f"{what} failed: {type(exc).__name__}: {exc}")
 
         return item
 
@@ -185,20 +181,8 @@ class BackgroundTracker(Tracker):
         if self._closed:
             log.warning("tracking (%s): %s after close() is ignored", self.backend, what)
             return
-        try:
-            self._queue.put_nowait((what, self._item(call)))
-        except queue.Full:
+        if not self._sender.submit(self._item(what, call), timeout_s=0):
             self._warn(f"{what} dropped: {MAX_PENDING} calls are already waiting for the tracking service")
-
-    def _send(self) -> None:
-        while (entry := self._queue.get()) is not None:
-            what, item = entry
-            try:
-                item()
-            except _NotOpen:
-                self._warn(f"{what} dropped: the tracked run is not open (next attempt within {OPEN_RETRY_S:.0f}s)")
-            except Exception as exc:
-                self._warn(f"{what} failed: {type(exc).__name__}: {exc}")
 
     def _ensure_open(self) -> None:
         if self._opened:
@@ -236,34 +220,3 @@ def read_run_file(run_dir: str, storage: StorageConfig | None = None) -> dict[st
     except json.JSONDecodeError as exc:
         raise ValueError(f"{url} is not JSON ({exc}); remove it to start a new tracked run") from exc
     return entries
-
-
-def require_backend(settings: TrackingConfig) -> None:
-    """Refuse a backend whose package is missing (TrackingUnavailable), before anything starts."""
-    if settings.backend == "none":
-        return
-    package = _PACKAGES[settings.backend]
-    try:
-        __import__(package)
-    except ImportError as exc:
-        raise TrackingUnavailable(f"tracking.backend={settings.backend} needs the {package} package: "
-                                  f"pip install -e '.[tracking]' (or set tracking.backend=none)") from exc
-
-
-def start_tracking(run_dir: str, config: Config, *, role: Role) -> Tracker:
-    """The tracker of `run_dir` as `config.tracking` says: training (`role="train"`, rank 0 only) owns the tracked
-    run's status, the evaluator (`"eval"`) only adds to it. Returns at once; the run is opened in the background."""
-    settings = config.tracking
-    if settings.backend == "none":
-        return Tracker()
-    require_backend(settings)
-    run_name = settings.run_name or config.run.name
-    if settings.backend == "mlflow":
-        from pipeline.tracking.mlflow_backend import MlflowBackend
-
-        backend: Backend = MlflowBackend(settings, run_name, run_dir, primary=role == "train")
-    else:
-        from pipeline.tracking.wandb_backend import WandbBackend
-
-        backend = WandbBackend(settings, run_name, run_dir, primary=role == "train")
-    return BackgroundTracker(backend, settings.backend, run_dir, config.storage, settings.close_timeout_s)

@@ -49,10 +49,6 @@ class ModelEma:
                 shadow.copy_(value)
         self.num_updates += 1
 
-    def copy_to(self, model: nn.Module) -> None:
-        """Load the averaged weights into `model` (e.g. an evaluation copy)."""
-        unwrap(model).load_state_dict(self.shadow)
-
     def state_dict(self) -> dict:
         return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates, "shadow": self.shadow}
 

@@ -6,7 +6,7 @@ GPUs (Ray Train sets up the process group and `ray.train.torch.get_device()`), `
 max_preemption_failures)` so a lost worker or node restarts the whole group, which then resumes from the run's latest
 complete checkpoint. Ray Train's run directory is the run's own (`RunConfig(storage_path=run.storage,
 name=run.name)`), so every committed checkpoint is reported to Ray where it lies, without a second upload:
-`Result.checkpoint` and `ray.train.get_checkpoint()` name it. The `COMMIT` rule (`pipeline.storage.checkpoints`)
+`Result.checkpoint` and `ray.train.get_checkpoint()` name it. The `COMMIT` rule (`pipeline.checkpoint.format`)
 stays the one truth: a restart resumes from the newest checkpoint with a COMMIT, and says so if Ray's differs.
 
 Faults, and how each ends:
@@ -17,7 +17,7 @@ Faults, and how each ends:
   `cluster.stall_timeout_s` the controller declares it dead and restarts the group. The torch process group's own
   timeout (`cluster.collective_timeout_s`) catches a worker that is alive but stuck in a collective.
 - A deterministic stop (`NonFiniteError`, `BadDataError`) is recorded in `<run>/FAILED.json` by rank 0 while every
-  rank returns normally, so Ray Train does not retry it; `launch()` raises it again (`pipeline.train.failure`).
+  rank returns normally, so Ray Train does not retry it; `launch()` raises it again (`pipeline.train.faults`).
 """
 
 from __future__ import annotations
@@ -28,20 +28,25 @@ from typing import Any
 
 import torch
 
+from pipeline.checkpoint.format import latest_checkpoint, read_commit
 from pipeline.cluster import connect_ray
 from pipeline.config import Config, validate
 from pipeline.data.format import check_same_classes, class_fingerprint, read_manifest
 from pipeline.models import build_model
 from pipeline.models.weights import absolute_init_source, check_init_source
 from pipeline.storage import absolute_url, is_local_url, local_path, s3_endpoint, s3_region
-from pipeline.storage.checkpoints import latest_checkpoint, read_commit
 from pipeline.tracking import require_backend
 from pipeline.train.elastic import check_world_sizes, describe_workers, scaling_arguments
-from pipeline.train.failure import DETERMINISTIC_STOPS, clear_failure, raise_recorded_failure, record_failure
+from pipeline.train.faults import (
+    accepting_notices,
+    clear_failure,
+    deterministic_stops,
+    raise_recorded_failure,
+    record_failure,
+)
 from pipeline.train.loop import train
 from pipeline.train.ranks import WorkerContext
 from pipeline.train.ray_internals import Preempted, peer_lost
-from pipeline.train.stopping import accepting_notices
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +75,7 @@ def preflight(config: Config) -> None:
 def train_worker(raw_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker: rank and device from Ray Train's context, then the loop.
 
-    A deterministic stop is recorded, not raised: Ray Train would retry it (see `pipeline.train.failure`). A
+    A deterministic stop is recorded, not raised: Ray Train would retry it (see `pipeline.train.faults`). A
     preemption stop, and a collective that lost its peer (another rank died), are raised in one line: Ray restarts
     the group from the latest checkpoint.
     """
@@ -91,7 +96,7 @@ def train_worker(raw_config: dict[str, Any]) -> None:
     try:
         with accepting_notices():  # from the start: a notice during the restart of a group is one too
             train(config, ctx, report=_ray_reporter(config), poll_drains=ray.train.get_preemption_info)
-    except DETERMINISTIC_STOPS as error:  # every rank stops at the same step; none may raise, or Ray retries
+    except deterministic_stops() as error:  # every rank stops at the same step; none may raise, or Ray retries
         log.error("rank %d: %s", ctx.rank, error)
         if ctx.rank == 0:
             record_failure(config.run_dir, error, config.storage)

@@ -9,20 +9,21 @@ on one process (world_size 1, no process group) and as a Ray Train DDP worker (`
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 
 import torch
 
+from pipeline.checkpoint.checkpointer import Checkpointer
+from pipeline.checkpoint.format import checkpoint_url
 from pipeline.config import Config
 from pipeline.data.format import Manifest, class_fingerprint, read_classes, read_manifest
 from pipeline.data.loading import BadDataError, Batch, ShardStream, to_device
 from pipeline.models import preprocess_input
-from pipeline.storage.checkpoints import checkpoint_url
 from pipeline.train.audit import SampleAudit
-from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.init_from import initialize_from
-from pipeline.train.ranks import WorkerContext, write_rank_info
+from pipeline.train.ranks import WorkerContext, gather_ranks, write_rank_info
 from pipeline.train.ray_internals import Preempted
 from pipeline.train.rng import RankRng
 from pipeline.train.scalars import ScalarWriter
@@ -104,7 +105,9 @@ def train(config: Config, ctx: WorkerContext | None = None, report: Reporter | N
     split = config.batch_split(ctx.world_size)  # the global batch is the same at every (elastic) world size
     loader = ShardStream(config.data.train, config.data, batch_size=split.per_rank, rank=ctx.rank,
                          world_size=ctx.world_size, train=True, storage=storage, num_classes=config.model.num_classes)
-    checkpointer = Checkpointer(config.run_dir, config, storage, ctx=ctx, train_state=state, loader=loader, rng=rng)
+    checkpointer = Checkpointer(config.run_dir, config, storage, rank=ctx.rank, device=ctx.device,
+                                gather=functools.partial(gather_ranks, ctx=ctx), train_state=state, loader=loader,
+                                rng=rng)
     # What the class ids mean, recorded in every COMMIT; the evaluator refuses eval data with other classes.
     classes = class_fingerprint(config.data.train, manifest, storage) if ctx.rank == 0 else None
     audit = SampleAudit(config, ctx, write_at=checkpointer.is_checkpoint_step)

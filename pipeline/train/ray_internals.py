@@ -103,9 +103,9 @@ def quiet_ray_train_logs() -> None:
 
 def install_preemption_handler() -> None:
     """Run on each worker's main thread (point 1)."""
-    from pipeline.train.stopping import install_sigterm_handler
+    from pipeline.train.faults import PreemptionNotice
 
-    if not install_sigterm_handler():
+    if not PreemptionNotice.install():
         log.warning("SIGTERM is not a preemption notice on this worker: not called on its main thread")
 
 

@@ -10,7 +10,8 @@ all-reduce (MAX) of every rank's stop request, after the batch is fetched and be
     through Ray's synchronisation actor (milliseconds), so it is not made every step: the agreement carries a
     second flag, "ask Ray now", raised every `cluster.preemption_poll_s`, and every rank then calls it at the same
     step. Ray's own watcher polls the drains at the same interval.
-  - *SIGTERM* to a worker process (a cloud that signals processes, an operator): the handler only notes it.
+  - *SIGTERM* to a worker process (a cloud that signals processes, an operator): the handler only notes it
+    (`pipeline.train.faults.PreemptionNotice`, where both meanings of SIGTERM are told).
   At the next agreement every rank learns of it, finishes the step whose batch it holds (the loader counts that
   batch as handed out), and rank 0 checkpoints and commits that step. Then every rank waits for the others at a
   barrier (`commit_barrier`): no rank leaves before the commit exists, since Ray ends the whole group as soon as
@@ -29,27 +30,21 @@ called directly in a single process leaves signals alone.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from pipeline.data.loading import BadDataError
+from pipeline.train.faults import PreemptionNotice, preemption_noticed
 from pipeline.train.ranks import WorkerContext, gather_ranks
 from pipeline.train.ray_internals import Preempted
 
 log = logging.getLogger(__name__)
-
-_notice = threading.Event()  # per process: a SIGTERM arrived
-_training = threading.Event()  # per process: a training loop is running (outside it SIGTERM does what it did before)
-
 
 class StopReason(enum.IntEnum):
     """Why the ranks stop; the agreement takes the largest, so a deterministic stop outranks a preemption."""
@@ -57,47 +52,6 @@ class StopReason(enum.IntEnum):
     NONE = 0
     PREEMPTED = 1
     BAD_DATA = 2
-
-
-def install_sigterm_handler() -> bool:
-    """Make SIGTERM a preemption notice (this process's main thread only); whether it was installed.
-
-    Outside a training loop (before it, or while Ray ends a finished worker group), and on a second SIGTERM, the
-    signal goes to the handler there was before (Ray's ends the worker process), so an operator who means "now"
-    still gets it."""
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        if (_notice.is_set() or not _training.is_set()) and callable(previous):
-            previous(signum, frame)
-            return
-        _notice.set()
-        log.warning("SIGTERM received (preemption notice): every rank checkpoints at the next step and stops")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return True
-
-
-@contextlib.contextmanager
-def accepting_notices() -> Iterator[None]:
-    """SIGTERM is a preemption notice from here on, a worker's start-up (restore, init_from, the loader) included:
-    the first step's agreement acts on a notice that came before it (one step, its checkpoint, stop)."""
-    _training.set()
-    try:
-        yield
-    finally:
-        _training.clear()
-
-
-def preemption_noticed() -> bool:
-    return _notice.is_set()
-
-
-def clear_preemption_notice() -> None:
-    """Forget a notice (a new training attempt in the same process, as in tests)."""
-    _notice.clear()
 
 
 # What `ray.train.get_preemption_info()` returns: a `ray.train.PreemptionInfo` or None. Any object with
@@ -128,10 +82,13 @@ class StopAgreement:
         if ctx.world_size > 1 and dist.get_backend() != "gloo":
             # Agree on the CPU over gloo: a device all-reduce would add a host-device sync to every step.
             self._group = dist.new_group(backend="gloo")
-        _training.set()
+        self._sigterm = PreemptionNotice.installed()  # None: train() called directly, signals left alone
+        if self._sigterm is not None:
+            self._sigterm.training.set()
 
     def close(self) -> None:
-        _training.clear()
+        if self._sigterm is not None:
+            self._sigterm.training.clear()
         if self._polls and self.ctx.rank == 0:
             log.info("asked Ray Train for node drains %d times, %.1f ms each (%.3f%% of the training time; "
                      "every %.1f s)", self._polls, 1000 * self._poll_s / self._polls,

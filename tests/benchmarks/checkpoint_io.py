@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.checkpoint.checkpointer import Checkpointer
+from pipeline.checkpoint.format import read_checkpoint
 from pipeline.config import load_config
 from pipeline.models import count_parameters
 from pipeline.storage import read_bytes, write_bytes
-from pipeline.storage.checkpoints import read_checkpoint
 from pipeline.storage.local_s3 import LocalS3
-from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.step import build_train_state
 
 

@@ -34,10 +34,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from learning import _logged_losses  # the script's sibling: TensorBoard's loss curve of a run
 
+from pipeline.checkpoint.format import latest_checkpoint
 from pipeline.config import Config, load_config, validate
 from pipeline.data.demo import prepare_demo_data
 from pipeline.evaluation.evaluator import evaluate_checkpoint
-from pipeline.storage.checkpoints import latest_checkpoint
 from pipeline.train.loop import train
 from pipeline.train.ranks import WorkerContext
 

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.checkpoint.format import committed_checkpoints
 from pipeline.config import Config, load_config, validate
 from pipeline.data.demo import prepare_demo_data
 from pipeline.evaluation.baselines import BaselineScorers
@@ -58,7 +59,6 @@ from pipeline.evaluation.frequency_thirds import FrequencyThirds
 from pipeline.evaluation.map_at_k import MapAtKResult
 from pipeline.evaluation.map_metric import evaluate_map_at_k
 from pipeline.models import build_model
-from pipeline.storage.checkpoints import committed_checkpoints
 from pipeline.train.loop import train
 from pipeline.train.ranks import WorkerContext
 

@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from pipeline.checkpoint.checkpointer import Checkpointer
 from pipeline.config import Config, load_config
 from pipeline.data.format import read_manifest
 from pipeline.data.loading import decode_image, empty_image
 from pipeline.inference.predict import run_prediction
 from pipeline.models import build_model, preprocess_input
 from pipeline.storage import open_read
-from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.step import build_train_state
 
 DEMO = "~/.cache/xception-pipeline/demo/v2-openmoji-160px-seed0-3000-500-catalog100-min3/train"

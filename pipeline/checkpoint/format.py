@@ -12,8 +12,8 @@ Layout under a run directory (any fsspec URL)::
 `COMMIT` publishes a checkpoint: it exists only once its COMMIT marker does. Readers list `step-*` directories and
 take the newest one with a COMMIT, so a writer that dies mid-upload leaves garbage that is ignored (and removed by
 the next writer); `delete_checkpoint` removes the COMMIT marker first, so a partly deleted checkpoint is never
-mistaken for a complete one. Training (`pipeline.train.checkpoint`) writes through this module and the evaluator
-reads through it; neither spells a file name.
+mistaken for a complete one. The `Checkpointer` (`pipeline.checkpoint.checkpointer`) writes through this module;
+the evaluator, prediction, export and `model.init_from` read through it; none spells a file name.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ import torch
 import yaml
 
 from pipeline.config import Config, StorageConfig, config_to_yaml, validate
-from pipeline.storage.files import exists, list_dir, read_bytes, remove, upload_file, write_bytes
-from pipeline.storage.paths import join_url
+from pipeline.storage import exists, join_url, list_dir, read_bytes, remove, upload_file, write_bytes
 
 STATE = "state.pt"
 CONFIG = "config.yaml"
@@ -101,12 +100,30 @@ def is_step_dir(url: str) -> bool:
     return _STEP_DIR.match(url.rstrip("/").rsplit("/", 1)[-1]) is not None
 
 
-def saved_weights(state: dict[str, Any], weights: Literal["ema", "raw"]) -> dict[str, torch.Tensor] | None:
-    """The model weights in a checkpoint's state: the Polyak-averaged (EMA) ones or the raw ones; None for EMA
-    when the run kept none (train.ema_decay=null). What to do then is the caller's policy."""
+Weights = Literal["ema", "raw"]
+
+
+class MissingEmaWeights(ValueError):
+    """The EMA weights were asked for and the run kept none (train.ema_decay=null): see the package's policy."""
+
+
+def pick_weights(state: dict[str, Any], weights: Weights, where: str) -> dict[str, torch.Tensor]:
+    """The model weights in a checkpoint's `state`: the Polyak-averaged (EMA) or the raw ones, under the package's
+    one policy: EMA asked for and none kept is refused (`MissingEmaWeights`, naming `where` and the setting)."""
     if weights == "raw":
         return state["model"]
-    return None if state.get("ema") is None else state["ema"]["shadow"]
+    if state.get("ema") is None:
+        raise MissingEmaWeights(f"{where} has no EMA weights (it was trained with train.ema_decay=null): ask for its "
+                                "raw weights (eval.weights=raw, export.weights=raw, predict.weights=raw, "
+                                "model.init_weights=raw)")
+    return state["ema"]["shadow"]
+
+
+def read_weights(url: str, weights: Weights = "ema", storage: StorageConfig | None = None,
+                 map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The EMA or raw model weights of the checkpoint at `url` (`pick_weights`' policy): what the evaluator,
+    prediction, export and `model.init_from` load."""
+    return dict(pick_weights(read_checkpoint_state(url, storage, map_location), weights, url))
 
 
 def is_checkpoint_step(step: int, every_steps: int, total_steps: int) -> bool:

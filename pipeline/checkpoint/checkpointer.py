@@ -2,27 +2,26 @@
 
 A checkpoint holds every component's `state_dict()` (torchtitan's manner): the train state (model, EMA, optimizer,
 counters), and per rank the data position (`ShardStream`) and the random generators (`RankRng`), gathered across
-ranks in rank order. Rank 0 writes it through `pipeline.storage.checkpoints`, the format's one owner (file names,
-COMMIT publication, layout); every rank restores from the newest committed one.
+ranks in rank order (through the `gather` the training loop passes: its collective). Rank 0 writes it through
+`pipeline.checkpoint.format`, the format's one owner (file names, COMMIT publication, layout); every rank restores
+from the newest committed one.
 
 Background saving: `save()` snapshots the state to CPU tensors synchronously (so training may mutate the live
-tensors right away), then serialises and uploads in a worker thread; `wait()` joins it. At most one upload is in
-flight; a second save waits for the first (bounded memory).
+tensors right away), then serialises and uploads on a `BackgroundWorker`; `wait()` waits for it and raises its
+error in the training loop. At most one upload is in flight; a second save waits for the first (bounded memory).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
-from pipeline.config import Config, StorageConfig
-from pipeline.storage import outlasting_outages, remove
-from pipeline.storage.checkpoints import (
+from pipeline.background import BackgroundWorker
+from pipeline.checkpoint.format import (
     CheckpointRef,
     checkpoint_url,
     committed_checkpoints,
@@ -33,7 +32,8 @@ from pipeline.storage.checkpoints import (
     step_dirs,
     write_checkpoint,
 )
-from pipeline.train.ranks import WorkerContext, gather_ranks
+from pipeline.config import Config, StorageConfig
+from pipeline.storage import outlasting_outages, remove
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +59,20 @@ class Checkpointer:
     """A run's checkpoints: saved by rank 0 at the configured steps, with retention; restored on every rank.
 
     `train_state`, `loader` and `rng` are the components `restore` and `maybe_save` act on (the loop's); `save`,
-    `wait` and `latest` alone need none of them.
+    `wait` and `latest` alone need none of them. `rank`, `device` and `gather` (every rank's value in rank order,
+    collective: `pipeline.train.ranks.gather_ranks`) say where this process sits; the defaults are one process.
     """
 
-    def __init__(self, run_dir: str, config: Config, storage: StorageConfig | None = None, *,
-                 ctx: WorkerContext | None = None, train_state: Stateful | None = None,
-                 loader: Stateful | None = None, rng: Stateful | None = None) -> None:
+    def __init__(self, run_dir: str, config: Config, storage: StorageConfig | None = None, *, rank: int = 0,
+                 device: torch.device | str = "cpu", gather: Callable[[Any], list] = lambda value: [value],
+                 train_state: Stateful | None = None, loader: Stateful | None = None,
+                 rng: Stateful | None = None) -> None:
         self.run_dir = run_dir
         self.config = config
         self.storage = storage
-        self.ctx = ctx or WorkerContext()
+        self.rank, self.device, self.gather = rank, device, gather
         self.train_state, self.loader, self.rng = train_state, loader, rng
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._upload: BackgroundWorker | None = None  # the in-flight background save's
         self.last_save_stall_s = 0.0  # time save() blocked the training loop
         self.last_upload_s = 0.0
         self.saved_step: int | None = None  # the step of the checkpoint restored or saved last
@@ -87,7 +88,7 @@ class Checkpointer:
         ref = self.latest()
         if ref is None:
             return None
-        checkpoint = read_checkpoint(ref.url, self.storage, map_location=self.ctx.device)
+        checkpoint = read_checkpoint(ref.url, self.storage, map_location=self.device)
         self.train_state.load_state_dict(checkpoint["state"])
         if checkpoint["loader"] is not None:
             self.loader.load_state_dict(checkpoint["loader"]["ranks"])
@@ -104,8 +105,8 @@ class Checkpointer:
         if not (self.is_checkpoint_step(step) or (now and step != self.saved_step)):
             return False
         self.saved_step = step  # on every rank: they must agree on the next `now`
-        ranks = gather_ranks((self.loader.state_dict(), self.rng.state_dict()), self.ctx)
-        if self.ctx.rank == 0:
+        ranks = self.gather((self.loader.state_dict(), self.rng.state_dict()))
+        if self.rank == 0:
             self.save(step, {**self.train_state.state_dict(), "rng": [rng for _, rng in ranks]},
                       {"ranks": [loader for loader, _ in ranks]}, extra=extra)
         return True
@@ -120,8 +121,8 @@ class Checkpointer:
         cpu_state = snapshot(state)
         job = lambda: self._write(step, cpu_state, loader_state, extra or {})  # noqa: E731
         if self.config.checkpoint.background:
-            self._thread = threading.Thread(target=self._guarded, args=(job,), name=f"checkpoint-{step}", daemon=True)
-            self._thread.start()
+            self._upload = BackgroundWorker(f"checkpoint-{step}")  # one per save, ended by wait(): no idle thread
+            self._upload.submit(job)
         else:
             job()
         self.last_save_stall_s = time.perf_counter() - start
@@ -137,18 +138,14 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the in-flight upload finishes; re-raise its error here, in the training loop."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"checkpoint upload to {self.run_dir} failed: {error}") from error
-
-    def _guarded(self, job: Callable[[], None]) -> None:
+        if self._upload is None:
+            return
         try:
-            job()
-        except BaseException as exc:  # surfaced by wait() in the training thread
-            self._error = exc
+            self._upload.close()  # a signal's SystemExit or KeyboardInterrupt leaves it in flight, to wait for again
+        except Exception as error:  # the upload's
+            self._upload = None
+            raise RuntimeError(f"checkpoint upload to {self.run_dir} failed: {error}") from error
+        self._upload = None
 
     def _write(self, step: int, state: dict, loader_state: dict | None, extra: dict) -> None:
         start = time.perf_counter()
