@@ -12,8 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = REPO / "infra" / "docs" / "pages"
-# Messages that come from outside the project (the kernel, Ray), not from `pipeline/`.
-EXTERNAL = {"Bus error", "No space left on device", "Missing authentication token"}
+# Messages that come from outside the project (the kernel, Ray), not from `pipeline/`, and the Ray command that
+# prints one.
+EXTERNAL = {"Bus error", "No space left on device", "Missing authentication token", "ray job submit"}
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
