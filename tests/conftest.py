@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -12,6 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Before torch is first imported (conftest loads before the test modules): OpenMP threads that wait for work sleep
+# instead of spinning, here and in every process the tests start (Ray workers, loader workers, jobs), which
+# inherit it. Tests run several processes on 2 cores; spinning threads took the cores the others needed (measured
+# in tests/benchmarks/learning.py: a demo step 1.6 s instead of 7.6 s beside another busy process).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pipeline.config import StorageConfig
 from pipeline.storage.local_s3 import LocalS3
@@ -120,3 +128,110 @@ def restarted_after(server: LocalS3, seconds: float) -> Iterator[None]:
         thread.join()
     if errors:
         raise errors[0]
+
+
+# ------------------------------------------------------------------------------------------ the shared Ray cluster
+
+
+class _SharedRayCluster:
+    """The `ray_cluster` fixture's cluster: started by its first test, kept for the next ones, shut down after the
+    last one that asks for it (`pytest_runtest_teardown` below), since each start and stop of a 3-node cluster
+    costs ~15 s on 2 cores. Between tests it is put back as it was: nodes a test removed are added back, and a
+    test that failed (and may have left a node draining, frozen or gone) gets a new cluster for the next one."""
+
+    WORKER_NODES = 2
+
+    def __init__(self) -> None:
+        self.cluster = None
+        self.temp: str | None = None
+        self.saved_tmpdir: str | None = None
+
+    def acquire(self):
+        """The cluster, healthy, with this process connected to it."""
+        import ray
+        from ray.cluster_utils import Cluster
+
+        if self.cluster is None:
+            # Its own RAY_TMPDIR (short: Ray's socket paths live under it): Ray Train's helper actors otherwise
+            # connect to the newest Ray instance on the machine. Workers and nodes started later inherit it.
+            self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+            self.saved_tmpdir = os.environ.get("RAY_TMPDIR")
+            os.environ["RAY_TMPDIR"] = self.temp
+            self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        while len(self.cluster.worker_nodes) < self.WORKER_NODES:
+            self.cluster.add_node(num_cpus=1)
+        self.cluster.wait_for_nodes()
+        if not ray.is_initialized():
+            ray.init(address=self.cluster.address)
+        return self.cluster
+
+    def after_test(self, failed: bool, keep_connected: bool, needed_later: bool) -> None:
+        """Undo what the test did to the cluster: a new one after a failure or a lost process (a node frozen,
+        drained or killed without `remove_node`), else only nodes added back (by `acquire`) or extra ones removed."""
+        import ray
+
+        if self.cluster is None:
+            return
+        if failed or not self.cluster.remaining_processes_alive():
+            self.shutdown()
+        else:
+            while len(self.cluster.worker_nodes) > self.WORKER_NODES:
+                self.cluster.remove_node(next(iter(self.cluster.worker_nodes)))
+            if not keep_connected:
+                ray.shutdown()  # the next test may start a Ray of its own
+            if not needed_later:
+                self.shutdown()
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+        if self.temp is not None:
+            if self.saved_tmpdir is None:
+                os.environ.pop("RAY_TMPDIR", None)
+            else:
+                os.environ["RAY_TMPDIR"] = self.saved_tmpdir
+            shutil.rmtree(self.temp, ignore_errors=True)
+            self.temp = None
+
+
+_RAY_CLUSTER = _SharedRayCluster()
+
+
+@pytest.fixture
+def ray_cluster(local_s3: LocalS3):
+    """A `ray.cluster_utils.Cluster` of a head without CPUs (Ray Train's controller, no training worker) and two
+    1-CPU worker nodes, this process connected to it, shared by the tests that ask for it (see _SharedRayCluster).
+    A test may add, remove or drain nodes; it gets back exactly two worker nodes at its start. Started after the
+    session's local S3 server, so its processes inherit the S3 settings."""
+    pytest.importorskip("ray")
+    return _RAY_CLUSTER.acquire()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.failed:
+        item.stash[_FAILED] = True
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    result = yield  # the test's own fixtures are torn down by now
+    if "ray_cluster" in item.fixturenames:
+        later = item.session.items[item.session.items.index(item) + 1:]
+        _RAY_CLUSTER.after_test(failed=item.stash.get(_FAILED, False),
+                                keep_connected=nextitem is not None and "ray_cluster" in nextitem.fixturenames,
+                                needed_later=any("ray_cluster" in other.fixturenames for other in later))
+    return result
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _RAY_CLUSTER.shutdown()

@@ -1,6 +1,7 @@
 """Distributed training: DDP correctness (torch gloo), and Ray Train on a 2-node cluster with a killed worker.
 
-Ray tests are few and purposeful (each costs tens of seconds): one 2-node cluster serves both Ray tests.
+Ray tests are few and purposeful (each costs tens of seconds): the session's one Ray cluster (conftest.py's
+`ray_cluster`, shared with test_elastic.py) serves them all.
 """
 
 import contextlib
@@ -100,20 +101,10 @@ def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(tmp_path):
 # ----------------------------------------------------------------------------------------------- Ray Train
 
 
-@pytest.fixture(scope="module")
-def two_node_cluster(local_s3):
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+@pytest.fixture
+def two_node_cluster(ray_cluster):
+    """The session's shared Ray cluster (conftest.py): two 1-CPU worker nodes beside a head without CPUs."""
+    return ray_cluster
 
 
 def _shard_of_key(demo_train: str) -> dict[str, int]:

@@ -4,9 +4,7 @@ a Ray cluster that loses a node and gets it back while a run trains."""
 import functools
 import json
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -192,24 +190,10 @@ def _paced_train_worker(gate: str, raw_config: dict) -> None:
 
 
 @pytest.fixture
-def head_and_two_workers(monkeypatch):
-    """A head node without CPUs (Ray Train's controller, no training worker) and two 1-CPU worker nodes, with
-    their own RAY_TMPDIR: Ray Train's helper actors otherwise connect to the newest Ray instance on the machine."""
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
-    monkeypatch.setenv("RAY_TMPDIR", temp)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    try:
-        yield cluster, nodes
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+def head_and_two_workers(ray_cluster):
+    """The session's shared Ray cluster (conftest.py): a head node without CPUs (Ray Train's controller, no
+    training worker) and two 1-CPU worker nodes."""
+    return ray_cluster, list(ray_cluster.worker_nodes)
 
 
 def _groups(run_dir: str) -> list[tuple[int, int, int, int]]:
