@@ -249,7 +249,7 @@ class weighting {html.escape(latest.config.eval.class_weights)}); {scalars["num_
 (AP normalised by min({k}, positives), as TensorFlow's <code>average_precision_at_k</code>).</p>
 {floor}
 {thirds_table(latest.record(), k)}
-<table><tr>{head}</tr>{rows}</table>
+<div style="overflow-x:auto"><table><tr>{head}</tr>{rows}</table></div>
 {images}
 </body></html>
 """
