@@ -43,9 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = launch(config)
     print(f"training finished at step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}")
     if background is not None:
-        import ray
-
-        ray.get(background)  # the evaluator beside training reports the final checkpoint too
+        background.finish()  # the evaluator beside training reports the final checkpoint too
     if not args.no_eval and config.data.eval:
         print(evaluate_latest(config))
     return 0

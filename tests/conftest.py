@@ -24,6 +24,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # failure and finish waited up to a poll for nothing (the SIGTERM test of test_distributed: 61 s -> 46 s at 0.5 s).
 # Only when it is noticed changes, not what happens; the fault figures in the docs were measured at Ray's default.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The time Ray Train waits for a worker group's placement (not its start-up: the processes start after it). After a
+# node is removed, its controller may still count the node for up to 20 s and ask for a group that cannot be placed;
+# Ray's 60 s (meant for an autoscaler bringing nodes up) then took 60 of test_elastic's 110 s. Placement on the
+# tests' cluster, with room, takes well under a second; a timed-out placement is retried, counting no failure.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
 
 from pipeline.config import StorageConfig
 from pipeline.storage.local_s3 import LocalS3

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from paced_training import paced_runs
 
 from pipeline.checkpoint.format import committed_checkpoints, latest_checkpoint, read_checkpoint, read_commit
 from pipeline.config import load_config
@@ -179,30 +180,45 @@ def _wait_for_checkpoint(config, step: int, not_from: set[int] = frozenset()) ->
     pytest.fail(f"no checkpoint at step {step} or later appeared")
 
 
-def _interrupt_workers_mid_run(config, interrupts, frozen: bool = False) -> tuple[list[dict], list[float], dict]:
-    """Launch; for each `(after_step, victim_rank, interrupt)` in turn, once a checkpoint at `after_step` or later
-    exists (written by a worker group that started after the previous interrupt), call `interrupt(victim)` with the
-    worker record of `victim_rank` (None: the first rank not on this driver's node); then check that the run
-    finished, each time on a new worker group, with every step's samples once. Returns the victims' records (pid,
-    node), when each was interrupted, and what `launch` returned."""
+def _groups(run_dir: str) -> list[str]:
+    return list_dir(join_url(run_dir, "worker_groups"))
+
+
+def _interrupt_workers_mid_run(config, gate, interrupts, frozen: bool = False) -> tuple[list[dict], list[float], dict]:
+    """Launch, paced by `gate` (tests/paced_training.py); for each `(after_step, victim_rank, interrupt)` in turn,
+    allow the run `after_step` steps, and once it has checkpointed there (in a worker group started after the
+    previous interrupt) and waits, call `interrupt(victim)` with the worker record of `victim_rank` (None: the first
+    rank not on this driver's node); then let it on one step at a time (a rank acts on a notice at its next step)
+    until a new worker group starts. Then check that the run finished, each time on a new worker group, with every
+    step's samples once. Returns the victims' records (pid, node), when each was interrupted, and what `launch`
+    returned."""
     import ray
 
     from pipeline.train.launcher import launch
 
+    gate.allow(interrupts[0][0])
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=launch(config)), daemon=True)
     thread.start()
     victims, times = [], []
     try:
-        for after_step, victim_rank, interrupt in interrupts:
+        for index, (after_step, victim_rank, interrupt) in enumerate(interrupts):
+            gate.allow(after_step)
             _wait_for_checkpoint(config, after_step, not_from={v["pid"] for v in victims})
             workers = sorted(_workers(config.run_dir), key=lambda w: w["rank"])
             if victim_rank is None:
                 victims.append(next(w for w in workers if w["node_id"] != ray.get_runtime_context().get_node_id()))
             else:
                 victims.append(workers[victim_rank])
+            started = len(_groups(config.run_dir))
             times.append(time.time())
             interrupt(victims[-1])
+            until = interrupts[index + 1][0] if index + 1 < len(interrupts) else config.train.total_steps
+            deadline = time.time() + 240
+            while len(_groups(config.run_dir)) == started and thread.is_alive() and time.time() < deadline:
+                gate.allow(min(gate.steps + 1, until))
+                time.sleep(0.5)
+        gate.allow(config.train.total_steps)
         thread.join(timeout=400)
     finally:
         with contextlib.suppress(ProcessLookupError):  # a frozen one is never woken; ended by its own pid
@@ -222,14 +238,25 @@ def _signal(sig: signal.Signals):
     return lambda worker: os.kill(worker["pid"], sig)  # a Ray Train worker process this test's cluster started
 
 
-def test_killed_worker_resumes_from_last_checkpoint_and_keeps_the_loader_promise(two_node_cluster, tiny_demo_s3,
-                                                                                 s3_prefix):
+def test_a_killed_then_a_frozen_worker_each_restart_the_group_from_the_last_checkpoint(two_node_cluster,
+                                                                                       tiny_demo_s3, s3_prefix,
+                                                                                       monkeypatch, tmp_path):
+    """Two failures in one run (cluster.max_failures=2), each on a new worker group, each at a checkpointed step:
+    - kill -9 of a worker: its peer's collective fails, and the group restarts from the last checkpoint;
+    - SIGSTOP of a worker: its peer blocks in the gradient all-reduce; Ray Train's health check (bounded by
+      cluster.stall_timeout_s instead of Ray's 600 s) declares it dead and the group restarts from the checkpoint.
+    The loader keeps its promise across both: every step's samples exactly once."""
     from pipeline.train.launcher import prepare
 
-    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "fault", "train.total_steps=12",
-                                 "checkpoint.every_steps=3", "checkpoint.background=false", "cluster.max_failures=2"))
-    _interrupt_workers_mid_run(config, [(3, 1, _signal(signal.SIGKILL))])
-    assert all(w["start_step"] >= 3 for w in _workers(config.run_dir)), "the restart must resume from a checkpoint"
+    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "fault", "train.total_steps=9", "checkpoint.every_steps=3",
+                                 "checkpoint.background=false", "cluster.max_failures=2", "cluster.stall_timeout_s=10"))
+    gate = paced_runs(monkeypatch, tmp_path, steps=3)
+    _, (_, frozen_at), _ = _interrupt_workers_mid_run(
+        config, gate, [(3, 1, _signal(signal.SIGKILL)), (6, 1, _signal(signal.SIGSTOP))], frozen=True)
+    groups = [json.loads(read_bytes(url))["start_step"] for url in _groups(config.run_dir)]
+    assert groups == [0, 3, 6], "each restart resumes from the latest checkpoint"
+    replaced_after = min(w["time"] for w in _workers(config.run_dir)) - frozen_at
+    print(f"frozen worker replaced {replaced_after:.0f} s after SIGSTOP (stall_timeout_s=10; Ray's default 600)")
 
 
 def _check_preempted_and_resumed(config, noticed_at: list[float], result: dict, how: list[str]) -> None:
@@ -249,58 +276,37 @@ def _check_preempted_and_resumed(config, noticed_at: list[float], result: dict, 
               f"{group['time'] - sent:.1f} s after it")
 
 
-def test_sigterm_to_either_rank_checkpoints_every_rank_and_the_restarts_redo_no_step(two_node_cluster,
-                                                                                     tiny_demo_s3, s3_prefix):
-    """Two preemption notices by SIGTERM in one run: to the rank that does not write checkpoints, then (to the new
-    group) to the one that does. Each time the run checkpoints where it is, no rank leaves before the commit, the
-    restart starts there, and it costs no failure (max_failures=0)."""
+def test_preemption_notices_by_sigterm_to_either_rank_and_by_a_node_drain_checkpoint_and_redo_no_step(
+        two_node_cluster, tiny_demo_s3, s3_prefix, monkeypatch, tmp_path):
+    """Three preemption notices in one run, each to a new worker group, none costing a failure (max_failures=0):
+    - SIGTERM to the rank that does not write checkpoints, then to the one that does;
+    - a spot reclaim as the autoscaler or KubeRay's preStop hook announces it: a Ray node drain with a deadline
+      (`ray drain-node`); the ranks learn of it through ray.train.get_preemption_info(), and Ray restarts the group
+      on nodes that are not draining. Then the node goes.
+    Each time the run checkpoints where it is, no rank leaves before the commit, and the restart starts there."""
     from pipeline.train.launcher import prepare
 
-    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "preempted-twice", "train.total_steps=32",
-                                 "checkpoint.every_steps=4", "checkpoint.keep_last=20", "cluster.max_failures=0"))
-    sigterm = _signal(signal.SIGTERM)
-    _, sent, result = _interrupt_workers_mid_run(config, [(4, 1, sigterm), (4, 0, sigterm)])
-    _check_preempted_and_resumed(config, sent, result, ["SIGTERM to rank 1", "SIGTERM to rank 0"])
-
-
-def test_a_node_drained_through_ray_checkpoints_and_the_group_moves_to_other_capacity(two_node_cluster,
-                                                                                      tiny_demo_s3, s3_prefix):
-    """A spot reclaim as the autoscaler or KubeRay's preStop hook announces it: a Ray node drain with a deadline
-    (`ray drain-node`). The ranks learn of it through ray.train.get_preemption_info(), checkpoint, and Ray restarts
-    the group on nodes that are not draining; no failure is spent (max_failures=0). Then the node goes."""
-    from pipeline.train.launcher import prepare
-
-    spare = two_node_cluster.add_node(num_cpus=1)  # the capacity the group moves to
+    spare = two_node_cluster.add_node(num_cpus=1)  # the capacity the group moves to from the drained node
     two_node_cluster.wait_for_nodes()
-    # Notices within about half a second (Ray's watcher and the ranks both every 0.2 s, whatever a poll costs), so
-    # the drain lands well before the run's end on a fast machine too (40 steps: one epoch of the tiny demo).
-    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "drained", "train.total_steps=40",
+    # The drain is noticed within about half a second: Ray's watcher and the ranks both poll every 0.2 s, whatever
+    # a poll costs (the paced run waits between steps meanwhile).
+    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "preempted", "train.total_steps=20",
                                  "checkpoint.every_steps=4", "checkpoint.keep_last=20", "cluster.max_failures=0",
                                  "cluster.preemption_poll_s=0.2", "cluster.preemption_poll_budget=1.0"))
+    gate = paced_runs(monkeypatch, tmp_path, steps=4)
+    sigterm = _signal(signal.SIGTERM)
 
     def drain(worker: dict) -> None:
         subprocess.run(["ray", "drain-node", "--address", two_node_cluster.address, "--node-id", worker["node_id"],
                         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
                         "--deadline-remaining-seconds", "120"], check=True, capture_output=True)
 
-    (victim,), drained_at, result = _interrupt_workers_mid_run(config, [(4, None, drain)])
-    _check_preempted_and_resumed(config, drained_at, result, ["Ray drain"])
-    assert victim["node_id"] not in {w["node_id"] for w in _workers(config.run_dir)}, "moved off the draining node"
-    gone = next(node for node in [*two_node_cluster.worker_nodes, spare] if node.node_id == victim["node_id"])
+    (*_, drained), sent, result = _interrupt_workers_mid_run(config, gate,
+                                                            [(4, 1, sigterm), (8, 0, sigterm), (12, None, drain)])
+    _check_preempted_and_resumed(config, sent, result, ["SIGTERM to rank 1", "SIGTERM to rank 0", "Ray drain"])
+    assert drained["node_id"] not in {w["node_id"] for w in _workers(config.run_dir)}, "moved off the draining node"
+    gone = next(node for node in [*two_node_cluster.worker_nodes, spare] if node.node_id == drained["node_id"])
     two_node_cluster.remove_node(gone)  # the reclaim itself; the module's other tests keep two nodes
-
-
-def test_a_frozen_worker_is_declared_dead_after_the_stall_timeout_and_the_run_goes_on(two_node_cluster,
-                                                                                      tiny_demo_s3, s3_prefix):
-    """SIGSTOP on one worker: its peer blocks in the gradient all-reduce; Ray Train's health check (bounded by
-    cluster.stall_timeout_s instead of Ray's 600 s) declares it dead and the group restarts from the checkpoint."""
-    from pipeline.train.launcher import prepare
-
-    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "stall", "train.total_steps=12",
-                                 "checkpoint.every_steps=4", "cluster.max_failures=1", "cluster.stall_timeout_s=10"))
-    _, (stopped_at,), _ = _interrupt_workers_mid_run(config, [(4, 1, _signal(signal.SIGSTOP))], frozen=True)
-    detected_after = min(w["time"] for w in _workers(config.run_dir)) - stopped_at
-    print(f"stalled worker replaced {detected_after:.0f} s after SIGSTOP (stall_timeout_s=10; Ray's default 600)")
 
 
 def test_evaluator_with_two_ray_workers_counts_each_eval_image_once(two_node_cluster, tiny_demo, tmp_path):

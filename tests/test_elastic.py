@@ -1,19 +1,17 @@
 """Elastic training: the batch split at each world size, the checks for a range, equal results at every size, and
 a Ray cluster that loses a node and gets it back while a run trains."""
 
-import functools
 import json
 import os
-import sys
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from paced_training import paced_runs
 
 from pipeline.checkpoint.format import (
     checkpoint_url,
@@ -172,23 +170,6 @@ def test_two_ranks_train_as_one_rank_that_accumulates(tmp_path):
 # ---------------------------------------------------------------------------------- Ray: shrink and grow back
 
 
-def _paced_train_worker(gate: str, raw_config: dict) -> None:
-    """The real Ray Train worker, except that a step runs only while the step count is below the number in the file
-    `gate`: the test decides where the run is when it removes and adds a node (a 2-core machine's timing cannot)."""
-    import pipeline.train.loop as loop
-    from pipeline.train.launcher import train_worker
-
-    real_step = loop.train_step
-
-    def paced(state, *args, **kwargs):
-        while state.step >= int(Path(gate).read_text()):
-            time.sleep(0.05)
-        return real_step(state, *args, **kwargs)
-
-    loop.train_step = paced
-    train_worker(raw_config)
-
-
 @pytest.fixture
 def head_and_two_workers(ray_cluster):
     """The session's shared Ray cluster (conftest.py): a head node without CPUs (Ray Train's controller, no
@@ -205,15 +186,10 @@ def _groups(run_dir: str) -> list[tuple[int, int, int, int]]:
 @pytest.mark.slow  # a 3-node Ray cluster and three worker groups: about two minutes on 2 cores
 def test_a_run_shrinks_when_a_node_is_lost_and_grows_back_when_one_is_added(head_and_two_workers, tiny_demo,
                                                                             tmp_path, monkeypatch):
-    import ray.cloudpickle
-
     from pipeline.train import launcher
 
     cluster, nodes = head_and_two_workers
-    gate = tmp_path / "allowed-steps"
-    gate.write_text("8")
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
-    monkeypatch.setattr(launcher, "train_worker", functools.partial(_paced_train_worker, str(gate)))
+    gate = paced_runs(monkeypatch, tmp_path, steps=8)  # where the run is when a node goes and comes is the test's
     config = launcher.prepare(load_config("demo", [
         "model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71", "data.loader_workers=1",
         "data.shuffle_buffer=32", f"data.train={tiny_demo.train}", f"data.eval={tiny_demo.eval}",
@@ -246,11 +222,11 @@ def test_a_run_shrinks_when_a_node_is_lost_and_grows_back_when_one_is_added(head
     wait_for("checkpoint 8 with 2 workers", checkpointed(8))
     cluster.remove_node(nodes[1])  # its worker dies with it; the run goes on with the other node's
     wait_for("a restart with 1 worker", lambda: len(_groups(config.run_dir)) == 2)
-    gate.write_text("12")
+    gate.allow(12)
     wait_for("checkpoint 12 with 1 worker", checkpointed(12))
     cluster.add_node(num_cpus=1)
     wait_for("a restart with 2 workers", lambda: len(_groups(config.run_dir)) == 3)
-    gate.write_text("24")
+    gate.allow(24)
     thread.join(timeout=300)
     assert "result" in outcome, f"training did not finish: {outcome}"
     assert (outcome["result"]["step"], outcome["result"]["samples_seen"]) == (24, 24 * 8)

@@ -79,8 +79,9 @@ def test_eval_data_with_other_classes_is_refused(tiny_demo, tmp_path):
 
 def test_the_watching_evaluator_ends_after_the_final_checkpoint_of_a_finished_run(tiny_demo, tmp_path, caplog):
     """Started as the README's journey step 5 says (no --once, no --until-step), it ends by itself: after the
-    checkpoint at train.total_steps, not before."""
-    config = _config(tiny_demo, tmp_path, "train.total_steps=2", "eval.poll_seconds=0.2")
+    checkpoint at train.total_steps, not before. Between polls (600 s here) a `wake` (training has ended) makes it
+    look at once: with nothing new it goes on watching; with the final checkpoint there it evaluates it and ends."""
+    config = _config(tiny_demo, tmp_path, "train.total_steps=2", "eval.poll_seconds=600")
     state = build_train_state(config)
     saver = Checkpointer(config.run_dir, config)
     saver.save(1, state.state_dict())
@@ -92,11 +93,13 @@ def test_the_watching_evaluator_ends_after_the_final_checkpoint_of_a_finished_ru
         deadline = time.monotonic() + 180
         while not read_records(watcher.reports_dir) and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(1.0)  # several more polls: step 1 is not the end
+        watcher.wake()  # a pass with nothing new: step 1 is not the end
+        time.sleep(1.0)
         assert thread.is_alive() and "finished" not in caplog.text
         saver.save(2, state.state_dict())  # the run's last step
-        thread.join(timeout=180)
-    assert not thread.is_alive(), "the evaluator kept watching a finished run"
+        watcher.wake()
+        thread.join(timeout=180)  # far less than the 600 s poll
+    assert not thread.is_alive(), "the evaluator kept watching a finished run, or the wake went unheard"
     assert [e.step for e in results] == [1, 2]
     assert (f"{config.run_dir} finished: its final checkpoint (step 2 = train.total_steps) is evaluated; the "
             "evaluator stops") in caplog.text
@@ -394,10 +397,11 @@ def test_background_evaluator_connects_with_the_forwarded_environment_and_asks_f
                                                                                                    tiny_demo):
     config = load_config("demo", [f"data.eval={tiny_demo.eval}", "cluster.use_gpu=true",
                                   "eval.resources={evaluator: 1}"])
-    assert start_background_evaluator(config) == (config.train.total_steps,)
+    assert start_background_evaluator(config).running == (config.train.total_steps,)
     connect_ray(config)  # what launch() does next: the connection (and its environment) stays the first one
     assert fake_ray.inits == [{"address": None, "runtime_env": {"env_vars": {"AWS_REGION": "eu-west-1"}}}]
-    assert fake_ray.options == [{"num_cpus": 1, "num_gpus": 1, "resources": {"evaluator": 1.0}}]
+    assert fake_ray.options == [{"num_cpus": 1, "num_gpus": 1, "resources": {"evaluator": 1.0},
+                                 "concurrency_groups": {"wake": 1}}]
 
 
 def test_scoring_tasks_ask_for_eval_resources_and_merge_every_image_once(fake_ray, tiny_demo, tmp_path):

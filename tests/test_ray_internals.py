@@ -4,6 +4,7 @@ installed Ray: when a Ray version drops or changes one, the failure names the sy
 
 import importlib
 import logging
+import os
 import pickle
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import ray
+from ray.train.torch import TorchConfig
 
 from pipeline.train import ray_internals
 from pipeline.train.ray_internals import Preempted
@@ -46,6 +48,24 @@ def test_point_2_ray_forwards_the_controller_settings_we_set():
     assert {ray_internals.HEALTH_CHECK_TIMEOUT_ENV, ray_internals.PREEMPTION_POLL_ENV} <= set(forwarded)
     assert ray_internals.controller_environment(60, 5) == {ray_internals.HEALTH_CHECK_TIMEOUT_ENV: "60",
                                                            ray_internals.PREEMPTION_POLL_ENV: "5"}
+
+
+def test_point_2_the_group_shutdown_wait_is_set_in_the_controller_where_ray_reads_it(monkeypatch):
+    """Ray's torch backend reads the wait inside `on_shutdown`, in the controller's process; ours sets it there
+    first, unless the operator has."""
+    import inspect
+
+    ray_backend = TorchConfig().backend_cls
+    name = ray_symbol("ray.train.constants", "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", 2)
+    assert name == ray_internals.GROUP_SHUTDOWN_TIMEOUT_ENV
+    assert "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S" in inspect.getsource(ray_backend.on_shutdown)
+    seen = []
+    monkeypatch.setattr(ray_backend, "on_shutdown", lambda self, group, config: seen.append(os.environ.get(name)))
+    monkeypatch.setattr(os, "environ", {})  # the controller's, without the setting
+    ray_internals.PreemptibleTorchBackend().on_shutdown(None, None)
+    os.environ[name] = "40"
+    ray_internals.PreemptibleTorchBackend().on_shutdown(None, None)
+    assert seen == [str(ray_internals.GROUP_SHUTDOWN_TIMEOUT_S), "40"]
 
 
 def test_point_3_a_raised_preemption_stop_spends_the_preemption_budget_not_the_failure_budget():

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,11 @@ class CheckpointWatcher:
         self._warned: set[tuple[str, int]] = set()  # (why, step): each step is named once per watcher
         self._schedule: tuple[int, Config] | None = None  # (newest checkpoint step, its saved config)
         self._tracker: Tracker | None = None  # opened at the first evaluation, with its resolved config
+        self._woken = threading.Event()
+
+    def wake(self) -> None:
+        """Look again now rather than at the next poll (training has just written its final checkpoint)."""
+        self._woken.set()
 
     def require_run(self, only: str | None = None) -> None:
         """Raise `NoSuchRunError` if nothing exists at the run directory (a started run writes <run>/workers/ before
@@ -207,7 +212,8 @@ class CheckpointWatcher:
                              "evaluator stops (to follow a run resumed with more steps, start it with --until-step N)",
                              self.run_dir, final)
                     return results
-                time.sleep(self.poll_seconds)
+                self._woken.wait(self.poll_seconds)
+                self._woken.clear()
         finally:
             if self._tracker is not None:
                 self._tracker.close()
@@ -346,23 +352,44 @@ class _Evaluator:
     def __init__(self, raw_config: dict[str, Any]) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.config = validate(raw_config)
+        self.watcher = CheckpointWatcher(self.config.run_dir, self.config)
 
     def run(self, until_step: int) -> int:
-        return len(CheckpointWatcher(self.config.run_dir, self.config).run(until_step=until_step))
+        return len(self.watcher.run(until_step=until_step))
+
+    def wake(self) -> None:
+        self.watcher.wake()
 
 
-def start_background_evaluator(config: Config) -> Any:
-    """Start (or find) the run's evaluator actor and set it polling until the final step is evaluated.
+# `wake` runs in a concurrency group of its own, beside a `run` in progress; `run` calls (a resubmitted job's
+# reuse the actor) still run one at a time in the default group.
+_WAKE_GROUP = "wake"
 
-    Returns the object ref of its `run` call; `ray.get` it to wait for the last report.
-    """
+
+class BackgroundEvaluator:
+    """The evaluator actor beside training, and its `run` call."""
+
+    def __init__(self, actor: Any, running: Any) -> None:
+        self.actor, self.running = actor, running
+
+    def finish(self) -> int:
+        """Training has ended: the evaluator looks at once (not up to `eval.poll_seconds` later) and this returns
+        once the final checkpoint is reported, with the number of checkpoints it evaluated."""
+        import ray
+
+        self.actor.wake.options(concurrency_group=_WAKE_GROUP).remote()
+        return ray.get(self.running)
+
+
+def start_background_evaluator(config: Config) -> BackgroundEvaluator:
+    """Start (or find) the run's evaluator actor and set it polling until the final step is evaluated."""
     import ray
 
     if config.data.eval is None:
         raise ValueError("eval.with_training needs data.eval (the URL of the densely labelled evaluation set)")
     connect_ray(config)  # the same connection (forwarded environment) that training's launch() then reuses
-    actor_class = ray.remote(**ray_options(config))(_Evaluator)
+    actor_class = ray.remote(concurrency_groups={_WAKE_GROUP: 1}, **ray_options(config))(_Evaluator)
     actor = actor_class.options(name=f"evaluator-{config.run.name}", get_if_exists=True).remote(
         config.model_dump(mode="json"))
     log.info("evaluator-%s watches %s/checkpoints", config.run.name, config.run_dir)
-    return actor.run.remote(config.train.total_steps)
+    return BackgroundEvaluator(actor, actor.run.remote(config.train.total_steps))

@@ -9,7 +9,9 @@ it (the tested range is pinned in pyproject.toml):
    class is reached through `TorchConfig`'s public property, not imported by its private name.
 2. **Environment variables Ray Train's controller reads**, forwarded from the driver: the worker health-check
    timeout (`cluster.stall_timeout_s`) and how often its preemption watcher polls Ray Core's node drains
-   (`cluster.preemption_poll_s`). Ray exposes neither in `RunConfig`/`FailureConfig`.
+   (`cluster.preemption_poll_s`). Ray exposes neither in `RunConfig`/`FailureConfig`. A third, how long the torch
+   backend waits for the workers to close their process group when a group stops (`GROUP_SHUTDOWN_TIMEOUT_S`), is
+   not forwarded by Ray: the same backend hook as point 1 sets it in the controller's process.
 3. **A stop that Ray's failure policy charges to `FailureConfig.max_preemption_failures`.** Ray counts a worker
    death as a preemption when its `RayActorError.preempted` flag is set (both public). A rank that has
    checkpointed on a preemption notice raises `Preempted`, such an error, so its restart does not spend
@@ -34,6 +36,11 @@ log = logging.getLogger(__name__)
 # Read by Ray Train's controller, which Ray forwards them to from the driver's environment.
 HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"  # Ray's default: 600 s
 PREEMPTION_POLL_ENV = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"  # Ray's default: 5 s
+GROUP_SHUTDOWN_TIMEOUT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"  # Ray's default: 30 s
+# A live worker closes its process group in milliseconds (gloo, measured on the tests' cluster); a frozen one never
+# does, and Ray ends the workers after this wait either way. Ray's 30 s were 30 s more of every stall's recovery,
+# after cluster.stall_timeout_s had already declared the worker dead.
+GROUP_SHUTDOWN_TIMEOUT_S = 5
 
 # The loggers of point 4, by module name (Ray names them after their modules).
 WORKER_ERROR_LOGGER = "ray.train.v2._internal.util"  # "Error in training function:\n<traceback>"
@@ -113,6 +120,11 @@ class PreemptibleTorchBackend(TorchConfig().backend_cls):  # Ray's torch backend
     def on_training_start(self, worker_group: Any, backend_config: Any) -> None:
         super().on_training_start(worker_group, backend_config)
         worker_group.execute(install_preemption_handler)
+
+    def on_shutdown(self, worker_group: Any, backend_config: Any) -> None:
+        """Runs in the controller, which reads the wait from its own environment (an operator's setting wins)."""
+        os.environ.setdefault(GROUP_SHUTDOWN_TIMEOUT_ENV, str(GROUP_SHUTDOWN_TIMEOUT_S))
+        super().on_shutdown(worker_group, backend_config)
 
 
 class PreemptibleTorchConfig(TorchConfig):
