@@ -105,16 +105,35 @@ def tiny_demo_s3(local_s3: LocalS3) -> DemoShards:
     return _write_tiny_demo(f"s3://test/tiny-demo-{uuid.uuid4().hex[:8]}")
 
 
+@pytest.fixture(scope="session")
+def _restartable_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    with LocalS3(tmp_path_factory.mktemp("restartable-s3"), buckets=["restart"]) as server:
+        yield server
+
+
 @pytest.fixture
-def restartable_s3(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[LocalS3, StorageConfig]]:
-    """A private S3 server (bucket "restart") that the test may stop and start again, with storage options that
-    retry long enough (10 attempts, 0.25 s backoff) to ride out a restart of a second or two."""
-    with LocalS3(tmp_path / "restartable-s3", buckets=["restart"]) as server:
-        for name in _AWS_OVERRIDES:
-            monkeypatch.delenv(name, raising=False)
-        for name, value in server.env().items():
-            monkeypatch.setenv(name, value)
-        yield server, server.storage_config().model_copy(update={"retries": 10, "retry_backoff_s": 0.25})
+def restartable_s3(_restartable_server: LocalS3,
+                   monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[LocalS3, StorageConfig]]:
+    """An S3 server of its own (bucket "restart", apart from `local_s3`) that the test may stop, pause and start
+    again, with storage options that retry long enough (10 attempts, 0.25 s backoff) to ride out a restart of a
+    second or two. One server serves every such test (a start and stop cost ~3.5 s): each gets it running and
+    answering, whatever the test before left it as."""
+    from pipeline.storage import filesystem
+
+    server = _restartable_server
+    server.resume()  # a no-op unless a test left it paused
+    server.start()  # a no-op if running
+    for name in _AWS_OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    storage = server.storage_config().model_copy(update={"retries": 10, "retry_backoff_s": 0.25})
+    fs, bucket = filesystem("s3://restart", storage)
+    fs.invalidate_cache()
+    if left := fs.find(bucket):  # an empty bucket, as a server of its own had
+        fs.rm(left)
+    yield server, storage
+    server.resume()
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The real job path: `ray start --head` on 127.0.0.1, then `ray job submit --working-dir . -- python
 jobs/train_multilabel.py ...`, with Ray's token authentication left on (as users run it)."""
 
+import concurrent.futures
 import contextlib
 import os
 import secrets
@@ -28,6 +29,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def concurrently(commands: list[list[str]], env: dict[str, str]) -> list[subprocess.CompletedProcess[str]]:
+    """Run the commands at the same time; their results, in order."""
+    with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda command: subprocess.run(command, capture_output=True, text=True, env=env,
+                                                            timeout=300), commands))
+
+
 def test_help_lists_every_option_with_its_default():
     out = subprocess.run([sys.executable, str(ROOT / "jobs/train_multilabel.py"), "--help"], capture_output=True,
                          text=True, check=True).stdout
@@ -38,16 +46,16 @@ def test_bad_config_and_impossible_launches_are_refused_before_any_cluster_work(
     # RAY_ADDRESS names a port where no cluster listens: reaching for it would fail differently (a traceback)
     env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:9"}
     job = [sys.executable, str(ROOT / "jobs/train_multilabel.py")]
-    run = subprocess.run([*job, "optimizer.nme=sgd"], capture_output=True, text=True, env=env)
-    assert run.returncode == 2
-    assert "unknown config key 'optimizer.nme'" in run.stderr
     data = [f"data.train={tiny_demo.train}", f"data.eval={tiny_demo.eval}"]
-    for overrides, message in [
-        (["model.num_classes=7"], f"set model.num_classes={tiny_demo.num_classes}"),
-        ([f"model.num_classes={tiny_demo.num_classes}", "cluster.num_workers=4", "data.loader_workers=3"],
+    cases = [
+        (["optimizer.nme=sgd"], "unknown config key 'optimizer.nme'"),
+        ([*data, "model.num_classes=7"], f"set model.num_classes={tiny_demo.num_classes}"),
+        ([*data, f"model.num_classes={tiny_demo.num_classes}", "cluster.num_workers=4", "data.loader_workers=3"],
          "ShardSplitError: the dataset has 8 non-empty shards"),
-    ]:
-        run = subprocess.run([*job, *data, *overrides], capture_output=True, text=True, env=env)
+    ]
+    # The jobs run side by side: each spends its seconds importing, on one core.
+    for run, (_, message) in zip(concurrently([[*job, *overrides] for overrides, _ in cases], env), cases,
+                                 strict=True):
         assert run.returncode == 2, run.stderr
         assert message in run.stderr and "Traceback" not in run.stderr
 
@@ -72,16 +80,15 @@ def test_init_weights_that_do_not_fit_the_model_are_refused_before_any_worker_st
                                  "run.name=wider"])
     Checkpointer(wider.run_dir, wider).save(1, build_train_state(wider).state_dict())
     env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:9"}
-    for source, there in [(full_width, (32, 3, 3, 3)), (wider.run_dir, (16, 3, 3, 3))]:
-        started = time.monotonic()
-        run = subprocess.run([sys.executable, str(ROOT / "jobs/train_multilabel.py"), *data,
-                              "model.width_multiplier=0.125", f"run.storage={tmp_path / 'runs'}", "run.name=tiny",
-                              f"model.init_from={source}"], capture_output=True, text=True, env=env)
-        took = time.monotonic() - started
+    sources = [(full_width, (32, 3, 3, 3)), (wider.run_dir, (16, 3, 3, 3))]
+    runs = concurrently([[sys.executable, str(ROOT / "jobs/train_multilabel.py"), *data, "model.width_multiplier=0.125",
+                          f"run.storage={tmp_path / 'runs'}", "run.name=tiny", f"model.init_from={source}"]
+                         for source, _ in sources], env)
+    for run, (_, there) in zip(runs, sources, strict=True):
         assert run.returncode == 2, run.stderr
         assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ValueError: model.init_from="), run.stderr
         assert f"tensor 'entry_flow.conv1.weight' has shape {there} there, (8, 3, 3, 3) in this model" in run.stderr
-        print(f"refused in {took:.1f} s: {run.stderr.strip()}")
+        print(f"refused: {run.stderr.strip()}")
 
 
 def test_ctrl_c_on_the_training_job_prints_interrupted_and_exits_130(tiny_demo, tmp_path):
@@ -151,11 +158,17 @@ def test_ray_job_submit_runs_the_training_job(tiny_demo, tmp_path):
                      # The evaluator beside training polls every 600 s: only the job's wake at the end of training
                      # lets it report the final checkpoint within the submit's timeout.
                      "eval.poll_seconds=600"]
-        submit = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-             "python", "jobs/train_multilabel.py", "--config", "demo", *overrides],
-            env=env, capture_output=True, text=True, timeout=420)
-        logs = submit.stdout + submit.stderr
+        for _ in range(30):
+            submit = subprocess.run(
+                [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                 "python", "jobs/train_multilabel.py", "--config", "demo", *overrides],
+                env=env, capture_output=True, text=True, timeout=420)
+            logs = submit.stdout + submit.stderr
+            # The dashboard answers before the head's job agent is up (seen on a loaded machine): Ray refuses
+            # the submission, creating no job, and says to try again later.
+            if "No available agent to submit job" not in logs:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, logs[-4000:]
         assert "step 2/4" in logs and "step 4/4" in logs, logs[-4000:]
         assert "training finished at step 4" in logs and "MAP@100" in logs, logs[-4000:]

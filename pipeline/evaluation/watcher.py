@@ -25,9 +25,10 @@ evaluator outlasts an outage, as training does); the shard reads of the pass, in
 
 Beside training (`start_background_evaluator`, `eval.with_training`): the watcher runs as a Ray actor, so one `ray job
 submit` yields reports. The actor is named after the run (`evaluator-<run.name>`) and reused if it exists, so a
-resubmitted training job does not start a second evaluator. It asks for `ray_options`: 1 CPU, 1 GPU with
-`cluster.use_gpu`, and the custom `eval.resources`; on the infra/ clusters set `eval.resources={evaluator: 1}`, which
-only the evaluator node type offers, or its GPU request may take a training node's GPU.
+resubmitted training job does not start a second evaluator. When training ends, the job wakes it
+(`BackgroundEvaluator.finish`) to look at once instead of at its next poll. It asks for `ray_options`: 1 CPU, 1 GPU
+with `cluster.use_gpu`, and the custom `eval.resources`; on the infra/ clusters set `eval.resources={evaluator: 1}`,
+which only the evaluator node type offers, or its GPU request may take a training node's GPU.
 """
 
 from __future__ import annotations
