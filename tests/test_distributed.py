@@ -138,37 +138,6 @@ def _workers(run_dir: str) -> list[dict]:
     return [json.loads(read_bytes(url)) for url in list_dir(join_url(run_dir, "workers"))]
 
 
-def test_two_node_ray_training_streams_from_s3_checkpoints_and_reports(two_node_cluster, tiny_demo_s3, s3_prefix,
-                                                                      tmp_path):
-    from pipeline.train.launcher import launch, prepare
-
-    config = prepare(_ray_config(tiny_demo_s3, s3_prefix, "two-node", "train.total_steps=8",
-                                 "checkpoint.every_steps=4"))
-    final = launch(config)
-    assert final["step"] == 8 and final["samples_seen"] == 64
-    assert latest_checkpoint(config.run_dir).step == 8
-    rngs = read_checkpoint(latest_checkpoint(config.run_dir).url)["state"]["rng"]
-    assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"]), "each rank seeds seed + rank"
-    workers = _workers(config.run_dir)
-    assert sorted(w["rank"] for w in workers) == [0, 1]
-    assert len({w["node_id"] for w in workers}) == 2, "the two ranks must run on different nodes"
-    # Loss went down: compare the TensorBoard scalars rank 0 uploaded.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    for url in list_dir(join_url(config.run_dir, "tensorboard")):
-        (tmp_path / url.rsplit("/", 1)[-1]).write_bytes(read_bytes(url))
-    accumulator = EventAccumulator(str(tmp_path))
-    accumulator.Reload()
-    losses = [e.value for e in accumulator.Scalars("loss")]
-    assert len(losses) == 4 and losses[-1] < losses[0]
-    # The data split is by node: disjoint samples, and each rank reads its own shards.
-    samples = _read_samples(config.run_dir)
-    assert sorted(samples) == [0, 1] and all(len(keys) == 32 for keys in samples.values())
-    assert not set(samples[0]) & set(samples[1])
-    owner = _shard_of_key(tiny_demo_s3.train)
-    assert not {owner[k] for k in samples[0]} & {owner[k] for k in samples[1]}
-
-
 def _wait_for_checkpoint(config, step: int, not_from: set[int] = frozenset()) -> None:
     """Until a checkpoint at `step` or later exists and no worker of pid `not_from` (an earlier group) is on record."""
     deadline = time.time() + 240
@@ -283,7 +252,9 @@ def test_preemption_notices_by_sigterm_to_either_rank_and_by_a_node_drain_checkp
     - a spot reclaim as the autoscaler or KubeRay's preStop hook announces it: a Ray node drain with a deadline
       (`ray drain-node`); the ranks learn of it through ray.train.get_preemption_info(), and Ray restarts the group
       on nodes that are not draining. Then the node goes.
-    Each time the run checkpoints where it is, no rank leaves before the commit, and the restart starts there."""
+    Each time the run checkpoints where it is, no rank leaves before the commit, and the restart starts there.
+    It is also the module's plain two-node run (one run's start costs more than its steps): it streams from S3,
+    each rank on its own node with its own seed and its own shards, and reports its losses to TensorBoard."""
     from pipeline.train.launcher import prepare
 
     spare = two_node_cluster.add_node(num_cpus=1)  # the capacity the group moves to from the drained node
@@ -307,6 +278,36 @@ def test_preemption_notices_by_sigterm_to_either_rank_and_by_a_node_drain_checkp
     assert drained["node_id"] not in {w["node_id"] for w in _workers(config.run_dir)}, "moved off the draining node"
     gone = next(node for node in [*two_node_cluster.worker_nodes, spare] if node.node_id == drained["node_id"])
     two_node_cluster.remove_node(gone)  # the reclaim itself; the module's other tests keep two nodes
+    _check_two_ranks_on_two_nodes(config, result, tiny_demo_s3, tmp_path)
+
+
+def _check_two_ranks_on_two_nodes(config, result: dict, demo, tmp_path) -> None:
+    """What any finished two-node run shows: every step's 8 samples, two ranks on two nodes seeded apart, the
+    TensorBoard scalars of every worker group uploaded (each logged step's loss once, the last the final loss), and
+    each rank's samples from shards of its own."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = config.train.total_steps
+    assert result["step"] == steps and result["samples_seen"] == steps * 8
+    rngs = read_checkpoint(latest_checkpoint(config.run_dir).url)["state"]["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"]), "each rank seeds seed + rank"
+    workers = _workers(config.run_dir)
+    assert sorted(w["rank"] for w in workers) == [0, 1]
+    assert len({w["node_id"] for w in workers}) == 2, "the two ranks must run on different nodes"
+    events = tmp_path / "tensorboard"
+    events.mkdir()
+    for url in list_dir(join_url(config.run_dir, "tensorboard")):
+        (events / url.rsplit("/", 1)[-1]).write_bytes(read_bytes(url))
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    scalars = accumulator.Scalars("loss")  # whether it learns is tests/test_learning.py's: 20 steps are noise here
+    logged = steps // config.train.log_every
+    assert len(scalars) == logged and len({e.step for e in scalars}) == logged, "each logged step once, every group"
+    assert scalars[-1].value == pytest.approx(result["loss"]), "the last scalar is the run's final loss"
+    samples = _read_samples(config.run_dir)
+    assert sorted(samples) == [0, 1] and all(len(keys) == steps * 4 for keys in samples.values())
+    owner = _shard_of_key(demo.train)
+    assert not {owner[k] for k in samples[0]} & {owner[k] for k in samples[1]}, "each rank reads its own shards"
 
 
 def test_evaluator_with_two_ray_workers_counts_each_eval_image_once(two_node_cluster, tiny_demo, tmp_path):
