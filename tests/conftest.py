@@ -133,7 +133,6 @@ def restartable_s3(_restartable_server: LocalS3,
     if left := fs.find(bucket):  # an empty bucket, as a server of its own had
         fs.rm(left)
     yield server, storage
-    server.resume()
 
 
 @contextlib.contextmanager

@@ -165,7 +165,6 @@ def _interrupt_workers_mid_run(config, gate, interrupts, frozen: bool = False) -
 
     from pipeline.train.launcher import launch
 
-    gate.allow(interrupts[0][0])
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=launch(config)), daemon=True)
     thread.start()
@@ -234,7 +233,7 @@ def _check_preempted_and_resumed(config, noticed_at: list[float], result: dict, 
     preempted = [ref for ref in committed_checkpoints(config.run_dir)
                  if read_commit(ref.url).get("stopped") == "preempted"]
     assert len(preempted) == len(noticed_at), "one preemption checkpoint per notice, where the ranks stopped"
-    groups = [json.loads(read_bytes(url)) for url in list_dir(join_url(config.run_dir, "worker_groups"))]
+    groups = [json.loads(read_bytes(url)) for url in _groups(config.run_dir)]
     assert [g["start_step"] for g in groups] == [0, *(ref.step for ref in preempted)], \
         "each restart resumes where the ranks stopped"
     assert result["ray_checkpoint"].endswith(f"/{config.run.name}/checkpoints/step-{config.train.total_steps:09d}"), \
