@@ -19,6 +19,7 @@ import typing
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import urldefrag, urlparse
@@ -123,20 +124,43 @@ def browser() -> Iterator[webdriver.Chrome]:
         driver.quit()
 
 
+class _ServedIds(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.ids.update(value for name, value in attrs if name == "id" and value)
+
+
+def served_ids(url: str) -> set[str]:
+    """The ids in the HTML as served, read apart from the browser."""
+    with urllib.request.urlopen(urldefrag(url)[0], timeout=10) as response:
+        parser = _ServedIds()
+        parser.feed(response.read().decode())
+    return parser.ids
+
+
 def rendered(driver: webdriver.Chrome, url: str, attempts: int = 3) -> dict[str, Any]:
     """The page as Chromium renders it; a fetch that fails is tried again, then refused clearly, so a flaky fetch
-    never reads as a broken page. A fetch fails when Selenium says so, or when what Chromium shows is not the page:
-    on a loaded machine Chromium once showed, without an error, a page with no title and no element ids in place
-    of a served page (and of its second fetch) whose HTML has both."""
+    never reads as a broken page. A fetch fails when Selenium says so, or when what Chromium shows is not the whole
+    page: no title, another URL, or an id of the served HTML missing. On a loaded machine Chromium has shown, with
+    no error, a served page with no title and no ids, and served pages cut short (the title and 0 of their ids, or
+    17 of the reference's few hundred)."""
     for attempt in range(attempts):
         try:
             driver.get(url)
             page = driver.execute_async_script(RENDERED)
-            if page["title"] and urldefrag(page["location"])[0] == urldefrag(url)[0]:
+            missing = sorted(served_ids(url) - set(page["ids"]))
+            if page["title"] and urldefrag(page["location"])[0] == urldefrag(url)[0] and not missing:
                 return page
-            failure = f"Chromium showed {page['location']!r}, titled {page['title']!r}, with {len(page['ids'])} ids"
+            failure = (f"Chromium showed {page['location']!r}, titled {page['title']!r}, with {len(page['ids'])} ids"
+                       + (f", {len(missing)} ids of the served HTML missing ({', '.join(missing[:5])})"
+                          if missing else ""))
         except WebDriverException as error:
             failure = error.msg
+        except OSError as error:
+            failure = f"the served HTML could not be read: {error}"
         time.sleep(1 + attempt)
     raise AssertionError(f"{url}: Chromium could not load it in {attempts} attempts: {failure}")
 
@@ -241,15 +265,19 @@ def test_the_checks_see_a_broken_image_link_and_anchor(tmp_path: Path, browser: 
 
 
 def test_a_page_chromium_cannot_fetch_is_refused_clearly(tmp_path: Path, browser: webdriver.Chrome) -> None:
-    """A fetch that fails (here: the server is gone, or what Chromium shows is no page of the site: no title) is
-    tried again, then refused with what Chromium said or showed."""
+    """A fetch that fails (here: the server is gone, or what Chromium shows is not the served page: no title, or an
+    id of the served HTML missing) is tried again, then refused with what Chromium said or showed."""
     (tmp_path / "index.html").write_text('<title>index</title><p id="here">a page</p>')
     (tmp_path / "blank.html").write_text("<p>no title</p>")
+    (tmp_path / "cut.html").write_text('<title>cut</title><p id="kept">x</p><p id="cut">y</p>'
+                                       '<script>document.getElementById("cut").remove()</script>')
     with serving(tmp_path) as base:
         assert rendered(browser, base)["ids"] == ["here"]
         with pytest.raises(AssertionError, match=r"could not load it in 1 attempts: Chromium showed .*blank\.html', "
                                                  r"titled '', with 0 ids"):
             rendered(browser, base + "blank.html", attempts=1)
+        with pytest.raises(AssertionError, match=r"with 1 ids, 1 ids of the served HTML missing \(cut\)"):
+            rendered(browser, base + "cut.html", attempts=1)
     with pytest.raises(AssertionError, match=r"could not load it in 2 attempts: .*ERR_CONNECTION_REFUSED"):
         rendered(browser, base, attempts=2)
 

@@ -110,12 +110,13 @@ def test_tensorboard_uploads_never_wait_for_an_unreachable_store(
 # Rank 0 of a run on object storage, as a Ray worker runs it: SIGTERM is a preemption notice (the handler
 # `pipeline.train.ray_backend` installs), the loop trains until it is stopped.
 _TRAINER = """
-import json, logging, sys
+import faulthandler, json, logging, signal, sys
 from pipeline.config import load_config
 from pipeline.train.loop import train
 from pipeline.train.faults import PreemptionNotice
 
 logging.basicConfig(level=logging.INFO)
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's view into a process that does not end
 PreemptionNotice.install()
 train(load_config("demo", json.loads(sys.argv[1])))
 """
@@ -141,7 +142,13 @@ def _trainer_stopped_by(sig: signal.Signals, tiny_demo, run_storage: str, tmp: P
             time.sleep(0.2)
         staging = list(tmp.glob(f"tensorboard-{socket.gethostname()}-{job.pid}-*"))
         job.send_signal(sig)
-        code = job.wait(timeout=120)
+        try:
+            code = job.wait(timeout=60)  # it takes a few seconds
+        except subprocess.TimeoutExpired:  # every thread's stack into the log, then the log into the failure
+            job.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            stacks = log.read_text()[-12000:]
+            raise AssertionError(f"{sig.name}: the process did not end within 60 s\n{stacks}") from None
     finally:
         if job.poll() is None:
             job.kill()
