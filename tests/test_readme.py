@@ -70,3 +70,13 @@ def test_every_relative_link_of_the_readme_resolves(link: str) -> None:
         assert anchor in readme_anchors(), f"README.md links to #{anchor}, a heading it does not have"
         return
     assert (REPO / path).is_file(), f"README.md links to {path}, which is not a file of the repository"
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    """What a contributor runs is what CI runs: the last line of the README's Test block is `.ci/run`'s last line."""
+    section = (REPO / "README.md").read_text().split("\n## Test\n", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+    assert block, "README.md's Test section has no bash block"
+    command = block.group(1).strip().splitlines()[-1]
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.strip()]
+    assert ci[-1] == command, f".ci/run ends with {ci[-1]!r}, the README's test command is {command!r}"
