@@ -83,6 +83,7 @@ def test_a_package_loads_in_a_process_that_imports_no_training_code(tmp_path):
     script = f"""
 import json, sys, torch
 from pipeline.models.package import read_package
+torch.set_num_threads({torch.get_num_threads()})  # the same kernels as this process: the logits compare bitwise
 model, classes, thresholds, metadata = read_package({url!r})
 with torch.no_grad():
     logits = model(torch.load({str(tmp_path / 'images.pt')!r}))

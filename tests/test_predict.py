@@ -28,6 +28,15 @@ from pipeline.models.thresholds import ClassThresholds, thresholds_url, write_th
 from pipeline.train.step import build_train_state, train_step
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Prediction run in this process (`run_prediction` without Ray) sets torch's thread count for its replica, as
+    each Ray Data replica does in its own process; the tests after these get the count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _config(demo, tmp_path, *overrides):
     return load_config("demo", ["model.width_multiplier=0.125", "model.middle_blocks=1", "data.image_size=71",
                                 f"data.train={demo.train}", f"data.eval={demo.eval}",
