@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -29,6 +30,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Ray's 60 s (meant for an autoscaler bringing nodes up) then took 60 of test_elastic's 110 s. Placement on the
 # tests' cluster, with room, takes well under a second; a timed-out placement is retried, counting no failure.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+# Ctrl-C as a terminal gives it, however the suite was started: a shell starts what it runs in the background with
+# SIGINT ignored, children inherit that, and Python then leaves it ignored (a CI run started with `&` trained on
+# through the SIGINT of test_side_uploads). A Python handler here is reset to the default in every process the tests
+# start, so Python there raises KeyboardInterrupt again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from pipeline.config import StorageConfig
 from pipeline.storage.local_s3 import LocalS3

@@ -117,10 +117,6 @@ from pipeline.train.faults import PreemptionNotice
 
 logging.basicConfig(level=logging.INFO)
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's view into a process that does not end
-# Ctrl-C raises KeyboardInterrupt, as in a terminal, however the test runner was started: a shell ignores SIGINT in
-# the commands it runs in the background, children inherit that, and Python then leaves it ignored (CI run with `&`
-# trained on through this SIGINT).
-signal.signal(signal.SIGINT, signal.default_int_handler)
 PreemptionNotice.install()
 train(load_config("demo", json.loads(sys.argv[1])))
 """
